@@ -1,0 +1,158 @@
+"""Reading Meta-format checkpoints: validate first, then load one rank's slices, resharding.
+
+A checkpoint cut for N ranks loads on M ranks: for each tensor, a rank takes the rows/columns
+of its slice from whichever source shards overlap it. Files are memory-mapped, so a rank reads
+only the bytes of its own slices, never the whole model.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llama.args import ModelArgs
+from llama.layout import IGNORED_KEYS, full_shapes, shard_range, split_dim
+from llama.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint on disk is missing something or does not match its params.json."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    ckpt_dir: Path
+    tokenizer_path: Path
+    shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order
+    args: ModelArgs  # vocab_size resolved, max_seq_len/max_batch_size as asked
+
+
+def inspect_checkpoint(
+    ckpt_dir: str | Path,
+    tokenizer_path: str | Path | None = None,
+    max_seq_len: int = 2048,
+    max_batch_size: int = 32,
+    model_parallel_size: int = 1,
+) -> CheckpointInfo:
+    """Validate a checkpoint directory before anything is allocated; raise CheckpointError."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist (ckpt_dir).")
+    params_path = ckpt_dir / "params.json"
+    if not params_path.is_file():
+        raise CheckpointError(
+            f"{params_path} is missing: a Meta-format checkpoint directory holds params.json and "
+            f"consolidated.NN.pth files."
+        )
+    tok_path = Path(tokenizer_path) if tokenizer_path else ckpt_dir / "tokenizer.model"
+    if not tok_path.is_file():
+        raise CheckpointError(
+            f"tokenizer {tok_path} is missing: pass tokenizer_path pointing at the sentencepiece "
+            f"tokenizer.model that came with the checkpoint."
+        )
+    shards = tuple(sorted(ckpt_dir.glob("consolidated.*.pth")))
+    if not shards:
+        raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}: is this a Meta-format checkpoint?")
+    names = [p.name for p in shards]
+    expected_names = [f"consolidated.{i:02d}.pth" for i in range(len(shards))]
+    if names != expected_names:
+        raise CheckpointError(f"shard files in {ckpt_dir} are {names}; expected {expected_names}.")
+    try:
+        args = ModelArgs.from_json(params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{params_path}: {e}") from None
+    n_words = Tokenizer(tok_path).n_words
+    if args.vocab_size == -1:
+        args.vocab_size = n_words
+    elif args.vocab_size != n_words:
+        raise CheckpointError(
+            f"{params_path} says vocab_size {args.vocab_size} but tokenizer {tok_path} has {n_words} "
+            f"pieces: use the tokenizer that came with this checkpoint."
+        )
+    try:
+        args.validate_for(model_parallel_size)
+    except ValueError as e:
+        raise CheckpointError(f"{ckpt_dir}: {e}") from None
+    _check_shapes(args, shards)
+    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args)
+
+
+def _open(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} as a PyTorch state dict ({type(e).__name__}: {e}).") from None
+
+
+def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> None:
+    n = len(shards)
+    expected = full_shapes(args)
+    totals: dict[str, list[int]] = {}
+    for path in shards:
+        sd = _open(path)
+        missing = sorted(set(expected) - set(sd))
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} tensors the params.json implies, e.g. {missing[:3]}.")
+        unknown = sorted(set(sd) - set(expected) - set(IGNORED_KEYS))
+        if unknown:
+            raise CheckpointError(
+                f"{path} has tensors a Llama model does not have, e.g. {unknown[:3]}: is it a "
+                f"Hugging Face checkpoint? Convert it to Meta's layout first."
+            )
+        for key, full in expected.items():
+            shape = tuple(sd[key].shape)
+            d = split_dim(key)
+            want = full if d is None else tuple(s // n if i == d else s for i, s in enumerate(full))
+            if shape != want:
+                raise CheckpointError(
+                    f"{path}: {key} has shape {list(shape)}, expected {list(want)} for the model in "
+                    f"params.json cut into {n} shard(s). Does params.json belong to these files?"
+                )
+            totals.setdefault(key, []).append(shape[0] if d is None else shape[d])
+
+
+def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """The tensors rank `rank` of `world_size` needs, cut from the N source shards.
+
+    Returned tensors are views into the memory-mapped files where one source shard covers the
+    slice (no copy), else a concatenation of just the overlapping pieces."""
+    n = len(info.shard_paths)
+    sources = [_open(p) for p in info.shard_paths]  # mmap: opening reads no tensor data
+    out: dict[str, torch.Tensor] = {}
+    for key, full in full_shapes(info.args).items():
+        d = split_dim(key)
+        if d is None:
+            out[key] = sources[0][key]
+            continue
+        start, end = shard_range(full[d], rank, world_size)
+        per_src = full[d] // n
+        pieces = []
+        for j in range(start // per_src, (end - 1) // per_src + 1):
+            lo, hi = max(start, j * per_src), min(end, (j + 1) * per_src)
+            pieces.append(sources[j][key].narrow(d, lo - j * per_src, hi - lo))
+        out[key] = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=d)
+    return out
+
+
+def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int) -> None:
+    """Copy rank's slices into `model`'s parameters (any device/dtype), converting as it goes."""
+    t0 = time.perf_counter()
+    state = load_rank_state(info, rank, world_size)
+    params = dict(model.named_parameters())
+    if set(params) != set(state):
+        raise CheckpointError(
+            f"model and checkpoint disagree on parameter names: only in model {sorted(set(params) - set(state))[:3]}, "
+            f"only in checkpoint {sorted(set(state) - set(params))[:3]}."
+        )
+    with torch.no_grad():
+        for key, p in params.items():
+            src = state[key]
+            if tuple(src.shape) != tuple(p.shape):
+                raise CheckpointError(f"{key}: slice shape {list(src.shape)} does not fit parameter {list(p.shape)}.")
+            p.copy_(src)
+    log.info("rank %d/%d: loaded %d tensors from %d shard(s) in %.2fs", rank, world_size, len(state), len(info.shard_paths), time.perf_counter() - t0)

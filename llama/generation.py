@@ -1,0 +1,159 @@
+"""Llama: the reference-compatible single-process API (`from llama import Llama`).
+
+Same names, arguments and results as Meta's reference (shared/REFERENCE.md). Differences:
+gloo on CPU / nccl on CUDA instead of NCCL only; any model_parallel_size the head counts allow
+(the checkpoint is resharded); device and dtype are keyword-only extras.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+import torch.distributed as dist
+
+from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
+from llama.checkpoint import inspect_checkpoint, load_into
+from llama.distributed import (
+    choose_backend,
+    init_model_parallel,
+    init_single_process_group,
+    model_parallel_rank,
+    resolve_device,
+    resolve_dtype,
+)
+from llama.generate import generate_batch
+from llama.kv_cache import KVCache
+from llama.model import Transformer
+from llama.request import GenerationRequest, SamplingParams
+from llama.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]
+    logprobs: list[float]
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: dict
+    tokens: list[str]
+    logprobs: list[float]
+
+
+class Llama:
+    @staticmethod
+    def build(
+        ckpt_dir: str,
+        tokenizer_path: str,
+        max_seq_len: int,
+        max_batch_size: int,
+        model_parallel_size: int | None = None,
+        seed: int = 1,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+    ) -> "Llama":
+        """Load a Meta-format checkpoint. Starts a one-process group when none exists (plain
+        script); under torchrun, the launcher's world is the model-parallel group."""
+        t0 = time.perf_counter()
+        if dist.is_initialized():
+            dev = device
+            if dev is None and torch.cuda.is_available():
+                dev = f"cuda:{dist.get_rank() % torch.cuda.device_count()}"
+            dev = resolve_device(dev)
+        else:
+            dev = resolve_device(device)
+            if torch.distributed.is_torchelastic_launched():
+                dist.init_process_group(choose_backend(dev))  # torchrun's env:// rendezvous
+                if dev.type == "cuda" and dev.index is None:
+                    dev = torch.device(f"cuda:{dist.get_rank() % torch.cuda.device_count()}")
+            else:
+                init_single_process_group(choose_backend(dev))
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        mp = model_parallel_size or dist.get_world_size()
+        info = inspect_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp)
+        init_model_parallel(mp)
+        torch.manual_seed(seed)  # every rank draws the same tokens
+        model = Transformer(info.args, device=dev, dtype=resolve_dtype(dtype, dev))
+        load_into(model, info, model_parallel_rank(), mp)
+        log.info("loaded %s on %s (%s) at model parallel size %d in %.2fs", ckpt_dir, dev, model.dtype, mp, time.perf_counter() - t0)
+        return Llama(model, Tokenizer(info.tokenizer_path))
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cache: KVCache = model.new_cache(model.args.max_batch_size)
+
+    def generate(
+        self,
+        prompt_tokens: list[list[int]],
+        max_gen_len: int,
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> tuple[list[list[int]], list[list[float]] | None]:
+        params = SamplingParams(max_tokens=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo)
+        requests = [GenerationRequest(tuple(int(t) for t in p), params) for p in prompt_tokens]
+        outs = generate_batch(self.model, self.tokenizer, self.cache, requests)
+        out_tokens, out_logprobs = [], []
+        for o in outs:
+            toks, lps = o.token_ids, o.logprobs
+            if echo:
+                toks = o.prompt_tokens + toks
+                lps = (o.prompt_logprobs or []) + (lps or []) if logprobs else None
+                if self.tokenizer.eos_id in toks:  # the reference also cuts an EOS inside the prompt
+                    cut = toks.index(self.tokenizer.eos_id)
+                    toks, lps = toks[:cut], (lps[:cut] if lps is not None else None)
+            out_tokens.append(toks)
+            out_logprobs.append(lps)
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(
+        self,
+        prompts: list[str],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+        echo: bool = False,
+    ) -> list[CompletionPrediction]:
+        if max_gen_len is None:
+            max_gen_len = self.model.args.max_seq_len - 1
+        prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if logprobs:
+            return [
+                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
+                for t, lp in zip(tokens, lps)
+            ]
+        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+
+    def chat_completion(
+        self,
+        dialogs: list[Dialog],
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_gen_len: int | None = None,
+        logprobs: bool = False,
+    ) -> list[ChatPrediction]:
+        if max_gen_len is None:
+            max_gen_len = self.model.args.max_seq_len - 1
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+        unsafe = [has_special_tags(d) for d in dialogs]
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
+        results: list[ChatPrediction] = []
+        for i, t in enumerate(tokens):
+            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
+            item: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
+            if logprobs:
+                item["tokens"] = [self.tokenizer.decode([x]) for x in t]
+                item["logprobs"] = lps[i]
+            results.append(item)
+        return results

@@ -1,0 +1,42 @@
+"""KVCache: the keys and values of every layer for a batch of rows, on the model's device.
+
+Allocated once (static shapes, so a decode step never allocates); rows are batch indices.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        n_layers: int,
+        max_batch_size: int,
+        max_seq_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+
+    def update(
+        self, layer: int, start_pos: int, xk: torch.Tensor, xv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write xk/xv (bsz, seqlen, kv_heads, hd) at start_pos; return the keys/values of
+        rows :bsz over positions 0..start_pos+seqlen."""
+        bsz, seqlen = xk.shape[:2]
+        end = start_pos + seqlen
+        if bsz > self.max_batch_size or end > self.max_seq_len:
+            raise ValueError(
+                f"KV cache holds {self.max_batch_size} rows x {self.max_seq_len} positions; "
+                f"asked for {bsz} rows up to position {end}."
+            )
+        k, v = self.k[layer], self.v[layer]
+        k[:bsz, start_pos:end] = xk
+        v[:bsz, start_pos:end] = xv
+        return k[:bsz, :end], v[:bsz, :end]

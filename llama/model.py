@@ -1,0 +1,197 @@
+"""The Llama Transformer on fairscale's model-parallel layers, one rank's shard of it.
+
+Numbers follow Meta's reference (shared/REFERENCE.md): RMSNorm and softmax in float32,
+rotary embedding on interleaved pairs, grouped-query attention by repeating KV heads.
+The model is built on the device and dtype it is given; it never touches global defaults.
+It needs fairscale's model-parallel state initialised (see llama/distributed.py).
+"""
+from __future__ import annotations
+
+import math
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+from llama.args import ModelArgs
+from llama.kv_cache import KVCache
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    # init_method for fairscale layers: weights come from a checkpoint or the maker.
+    return x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(head_dim: int, end: int, theta: float, device: torch.device) -> torch.Tensor:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    t = torch.arange(end, device=device).float()
+    freqs = torch.outer(t, freqs)  # (end, head_dim/2)
+    return torch.polar(torch.ones_like(freqs), freqs)  # complex64 (end, head_dim/2)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Dims 2i and 2i+1 form one complex number (Meta's interleaved layout).
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bsz, seqlen, heads, hd/2)
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    if freqs_cis.dim() == 2:
+        freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # shared positions
+    else:
+        freqs_cis = freqs_cis.unsqueeze(2)  # (bsz, seqlen, 1, hd/2): a position per row
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (bsz, seqlen, n_kv_heads, hd) -> (bsz, seqlen, n_kv_heads * n_rep, hd)
+    if n_rep == 1:
+        return x
+    bsz, seqlen, n_kv, hd = x.shape
+    return x[:, :, :, None, :].expand(bsz, seqlen, n_kv, n_rep, hd).reshape(bsz, seqlen, n_kv * n_rep, hd)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.layer_id = layer_id
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        freqs_cis: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape  # (bsz, seqlen, dim)
+        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+
+        if cache is not None:
+            keys, values = cache.update(self.layer_id, start_pos, xk, xv)  # (bsz, start_pos+seqlen, kv, hd)
+        else:
+            keys, values = xk, xv
+        keys = repeat_kv(keys, self.n_rep).transpose(1, 2)  # (bsz, heads, cache_len, hd)
+        values = repeat_kv(values, self.n_rep).transpose(1, 2)
+        xq = xq.transpose(1, 2)  # (bsz, heads, seqlen, hd)
+
+        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores + mask  # (seqlen, cache_len) or (bsz, 1, seqlen, cache_len)
+        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
+        out = torch.matmul(scores, values)  # (bsz, heads, seqlen, hd)
+        out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, start_pos, freqs_cis, mask, cache):
+        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """One model-parallel rank's shard. Parameters are allocated uninitialised on `device`:
+    load a checkpoint (llama/checkpoint.py) or initialise them (llama/make_tiny.py)."""
+
+    def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be resolved (from the tokenizer) before building the model.")
+        self.args = args
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # Build on the meta device (no memory, no init work), then allocate once where it runs.
+        with torch.device("meta"):
+            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
+            self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+            self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
+        self.to(dtype)
+        self.to_empty(device=self.device)
+        # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta, self.device)
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """tokens (bsz, seqlen) at positions start_pos.. -> logits (bsz, seqlen, vocab) float32.
+
+        With a cache, keys/values are written at start_pos and attention covers 0..start_pos+seqlen.
+        Without one (training, scoring), start_pos must be 0 and attention is plain causal.
+        """
+        if cache is None and start_pos != 0:
+            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions.")
+        bsz, seqlen = tokens.shape
+        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
+        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
+        mask = None
+        if seqlen > 1:
+            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
+            mask = torch.triu(mask, diagonal=1)
+            # Cached positions before start_pos are all visible.
+            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
+        for layer in self.layers:
+            h = layer(h, start_pos, freqs_cis, mask, cache)
+        h = self.norm(h)
+        return self.output(h).float()
+
+    def new_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> KVCache:
+        first = self.layers[0].attention
+        return KVCache(
+            n_layers=self.args.n_layers,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len or self.args.max_seq_len,
+            n_kv_heads=first.n_local_kv_heads,
+            head_dim=first.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
