@@ -21,7 +21,9 @@ class PromptTooLongError(ValueError):
     pass
 
 
-def check_prompts(requests: list[GenerationRequest], max_seq_len: int, max_batch_size: int) -> None:
+def check_prompts(requests: list[GenerationRequest], max_seq_len: int, max_batch_size: int, vocab_size: int) -> None:
+    """Raise ValueError for a batch the model cannot run. Called on every rank before any
+    collective, so a bad request fails everywhere at once and no rank is left waiting."""
     if not requests:
         raise ValueError("no prompts given.")
     if len(requests) > max_batch_size:
@@ -34,6 +36,9 @@ def check_prompts(requests: list[GenerationRequest], max_seq_len: int, max_batch
                 f"prompt {i} is {len(r.prompt_tokens)} tokens; this model serves at most "
                 f"max_seq_len {max_seq_len} tokens, prompt and generation together. Shorten the prompt."
             )
+        bad = [t for t in r.prompt_tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
 
 
 @torch.inference_mode()
@@ -44,7 +49,7 @@ def generate_batch(
     requests: list[GenerationRequest],
 ) -> list[GenerationOutput]:
     max_seq_len = cache.max_seq_len
-    check_prompts(requests, max_seq_len, cache.max_batch_size)
+    check_prompts(requests, max_seq_len, cache.max_batch_size, model.args.vocab_size)
     device = model.device
     bsz = len(requests)
     params = [r.params for r in requests]
@@ -85,7 +90,8 @@ def generate_batch(
         if shared:
             nxt = sample(logits[:, -1], temps[0], top_ps[0])
         else:
-            nxt = sample_rows(logits[:, -1], temps, top_ps, generators)
+            active = [cur >= n and f is None for n, f in zip(plens, finish)]
+            nxt = sample_rows(logits[:, -1], temps, top_ps, generators, active)
         in_prompt = plen_t > cur
         nxt = torch.where(in_prompt, tokens[:, cur], nxt)
         tokens[:, cur] = nxt

@@ -7,9 +7,12 @@ It needs fairscale's model-parallel state initialised (see llama/distributed.py)
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel.layers import (
@@ -26,6 +29,19 @@ from llama.kv_cache import KVCache
 def _keep(x: torch.Tensor) -> torch.Tensor:
     # init_method for fairscale layers: weights come from a checkpoint or the maker.
     return x
+
+
+@contextlib.contextmanager
+def _skip_fairscale_init() -> Iterator[None]:
+    """fairscale layers build and scatter a full-size master weight on every rank to
+    initialise their shard. Our weights always come from a checkpoint, so that work (and the
+    full-size allocation) is skipped while the model is built."""
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
 
 
 class RMSNorm(nn.Module):
@@ -151,12 +167,15 @@ class Transformer(nn.Module):
         self.args = args
         self.device = torch.device(device)
         self.dtype = dtype
-        # Build on the meta device (no memory, no init work), then allocate once where it runs.
-        with torch.device("meta"):
-            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep)
-            self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        # fairscale allocates its weights with torch.Tensor(...) on the CPU whatever the default
+        # device; each piece is moved to the meta device as soon as it is built, so the host never
+        # holds more than one layer. Then the whole shard is allocated once, where it runs.
+        meta = torch.device("meta")
+        with torch.device("meta"), _skip_fairscale_init():
+            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep).to_empty(device=meta)
+            self.layers = nn.ModuleList(TransformerBlock(i, args).to_empty(device=meta) for i in range(args.n_layers))
             self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep)
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep).to_empty(device=meta)
         self.to(dtype)
         self.to_empty(device=self.device)
         # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).

@@ -33,11 +33,15 @@ def sample_rows(
     temperatures: list[float],
     top_ps: list[float],
     generators: list[torch.Generator | None],
+    active: list[bool] | None = None,
 ) -> torch.Tensor:
-    """logits (bsz, vocab) -> (bsz,), each row with its own settings and RNG."""
+    """logits (bsz, vocab) -> (bsz,), each row with its own settings and RNG.
+
+    Rows not `active` (still inside their prompt) draw nothing, so a seeded row consumes its
+    RNG once per generated token, whatever the other rows' prompt lengths."""
     out = torch.argmax(logits, dim=-1)
     for i, (t, p, g) in enumerate(zip(temperatures, top_ps, generators)):
-        if t > 0:
+        if t > 0 and (active is None or active[i]):
             probs = torch.softmax(logits[i : i + 1] / t, dim=-1)
             out[i] = sample_top_p(probs, p, generator=g)[0, 0]
     return out

@@ -1,0 +1,49 @@
+"""LlamaDeployment: the Serve replica that owns one gang of rank actors and serves HTTP.
+
+The replica sits in bundle 0 of its placement group; its ranks take bundles 1..N. The HTTP
+routes live in deploy/api.py and only see the Engine interface (here, the RankGroup).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+from ray.util import get_current_placement_group
+
+from cluster.config import GangConfig
+from cluster.group import RankGroup
+from deploy.api import build_api
+from llama.checkpoint import inspect_checkpoint
+from llama.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=60, max_ongoing_requests=64)
+@serve.ingress()
+class LlamaDeployment:
+    async def __init__(self, gang: GangConfig, model_id: str):
+        self.gang = gang
+        self.model_id = model_id
+        pg = get_current_placement_group()
+        # Started off the event loop: loading can take minutes on a big model.
+        if pg is None:
+            log.warning("replica has no placement group; reserving one for the ranks alone")
+            self.group = await asyncio.to_thread(RankGroup.start, gang)
+        else:
+            self.group = await asyncio.to_thread(RankGroup.start, gang, pg, 1)
+        info = inspect_checkpoint(gang.ckpt_dir, gang.tokenizer_path, gang.max_seq_len, gang.max_batch_size,
+                                  gang.model_parallel_size)
+        self.tokenizer = Tokenizer(info.tokenizer_path)
+
+    def __serve_build_asgi_app__(self):
+        return build_api(self.group, self.tokenizer, self.model_id, self.gang.max_seq_len)
+
+    async def check_health(self) -> None:
+        await self.group.check_health()
+
+    def __del__(self) -> None:
+        group = getattr(self, "group", None)
+        if group is not None:
+            group.shutdown()

@@ -1,0 +1,32 @@
+"""Shared fixtures: paths to the golden data and tiny checkpoints made on the fly by llama.make_tiny."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).parent / "data"
+GOLDEN_DIR = DATA / "golden"
+GOLDEN_CKPT = GOLDEN_DIR / "ckpt"
+
+
+@pytest.fixture(scope="session")
+def golden() -> dict:
+    """What Meta's reference code returned for the golden checkpoint (see tests/data/golden/README.md)."""
+    return json.loads((GOLDEN_DIR / "reference.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
+    """The same seeded tiny GQA model cut for 1 and 2 ranks, plus a 4-head/4-KV-head model cut
+    for 1 rank (so it can be resharded to 4)."""
+    from llama.make_tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "gqa1": make_tiny(root / "gqa1", shards=1, seed=3, ffn_dim_multiplier=1.3),
+        "gqa2": make_tiny(root / "gqa2", shards=2, seed=3, ffn_dim_multiplier=1.3),
+        "mha1": make_tiny(root / "mha1", shards=1, n_kv_heads=None, seed=5),
+        "mha4": make_tiny(root / "mha4", shards=4, n_kv_heads=None, seed=5),
+    }

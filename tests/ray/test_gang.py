@@ -1,0 +1,127 @@
+"""A gang of rank actors on in-process Ray (CPU, gloo): MP=2 (and 4) against MP=1 and Meta's
+reference, exact greedy tokens; caller mistakes leave the gang healthy; rank failure does not."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from cluster.config import GangConfig
+from cluster.errors import RankFailedError
+from llama.request import GenerationRequest, SamplingParams
+from tests.conftest import GOLDEN_CKPT
+
+
+def _start(ray_local, ckpt, mp: int, **kw):
+    from cluster.group import RankGroup
+
+    cfg = GangConfig(ckpt_dir=str(ckpt), tokenizer_path=None, model_parallel_size=mp, max_seq_len=96,
+                     max_batch_size=6, cpus_per_rank=kw.pop("cpus_per_rank", 1.0), **kw)
+    return RankGroup.start(cfg)
+
+
+def _greedy(prompts: list[list[int]], n: int, logprobs: bool = False) -> list[GenerationRequest]:
+    return [GenerationRequest(tuple(p), SamplingParams(max_tokens=n, temperature=0, logprobs=logprobs)) for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def golden_mp2(ray_local):
+    g = _start(ray_local, GOLDEN_CKPT, 2)
+    yield g
+    g.shutdown()
+
+
+def test_golden_at_mp2_matches_meta_reference(golden_mp2, golden):
+    c = golden["completions"]
+    out = golden_mp2.generate_blocking(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))
+    assert [o.token_ids for o in out] == c["generated_token_ids"]
+    for o, want in zip(out, c["results"]):
+        assert o.text == want["generation"]
+        assert max(abs(a - b) for a, b in zip(o.logprobs, want["logprobs"])) < 1e-4
+
+
+def test_seeded_sampling_same_on_every_rank_and_alone(golden_mp2, golden):
+    c = golden["completions"]
+    reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=40 + i))
+            for i, p in enumerate(c["prompt_token_ids"])]
+    together = golden_mp2.generate_blocking(reqs)
+    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs[:3]]
+    assert [o.token_ids for o in together[:3]] == [o.token_ids for o in alone]
+    assert [o.token_ids for o in together] != c["generated_token_ids"]
+
+
+def test_caller_mistake_is_a_value_error_and_the_gang_survives(golden_mp2, golden):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        golden_mp2.generate_blocking(_greedy([[1] * 200], 4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        asyncio.run(golden_mp2.generate(_greedy([[1, 5000]], 4)))
+    asyncio.run(golden_mp2.check_health())
+    c = golden["completions"]
+    out = golden_mp2.generate_blocking(_greedy(c["prompt_token_ids"][:1], 4))
+    assert out[0].token_ids == c["generated_token_ids"][0][:4]
+
+
+def test_more_requests_than_max_batch_size_are_batched(golden_mp2, golden):
+    c = golden["completions"]
+    prompts = c["prompt_token_ids"] * 2  # 12 > max_batch_size 6
+    out = golden_mp2.generate_blocking(_greedy(prompts, 6))
+    assert [o.token_ids for o in out] == [g[:6] for g in c["generated_token_ids"]] * 2
+
+
+def test_cluster_info_shows_each_rank(golden_mp2):
+    info = asyncio.run(golden_mp2.cluster_info())
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and info["device"] == "cpu"
+    assert [r["rank"] for r in info["ranks"]] == [0, 1]
+    assert len({r["pid"] for r in info["ranks"]}) == 2
+    assert all(r["node_ip"] and r["node_id"] for r in info["ranks"])
+
+
+def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts):
+    """A GQA model cut for 1 rank, served at MP=1 and resharded to MP=2: same tokens, same logprobs."""
+    prompts = [[1, 5], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 100, 7, 9], [1] + list(range(200, 230))]
+    results = {}
+    for mp in (1, 2):
+        g = _start(ray_local, tiny_ckpts["gqa1"], mp)
+        try:
+            results[mp] = g.generate_blocking(_greedy(prompts, 24, logprobs=True))
+        finally:
+            g.shutdown()
+    assert [o.token_ids for o in results[1]] == [o.token_ids for o in results[2]]
+    assert all(len(o.token_ids) == 24 for o in results[1])  # random weights: no EOS expected
+    for a, b in zip(results[1], results[2]):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_mp4_from_one_shard(ray_local, tiny_ckpts):
+    prompts = [[1, 5, 6], [1, 40, 41, 42, 43, 44]]
+    results = {}
+    for mp in (1, 4):
+        g = _start(ray_local, tiny_ckpts["mha1"], mp, cpus_per_rank=0.5)
+        try:
+            results[mp] = [o.token_ids for o in g.generate_blocking(_greedy(prompts, 16))]
+        finally:
+            g.shutdown()
+    assert results[1] == results[4]
+
+
+def test_forcing_nccl_on_cpu_says_what_to_do(ray_local, tiny_ckpts):
+    with pytest.raises(Exception, match="nccl.*(no NCCL|needs CUDA).*gloo"):
+        _start(ray_local, tiny_ckpts["gqa1"], 2, backend="nccl")
+
+
+def test_split_the_heads_do_not_allow_is_a_value_error(ray_local, tiny_ckpts):
+    with pytest.raises(ValueError, match="cannot be split into 4"):
+        _start(ray_local, tiny_ckpts["gqa1"], 4, cpus_per_rank=0.5)
+
+
+def test_a_dead_rank_makes_the_gang_unhealthy(ray_local, tiny_ckpts):
+    g = _start(ray_local, tiny_ckpts["gqa1"], 2)
+    try:
+        asyncio.run(g.check_health())
+        ray_local.kill(g.actors[1])
+        with pytest.raises(RankFailedError):
+            asyncio.run(g.check_health())
+        with pytest.raises(RankFailedError, match="must be replaced"):
+            g.generate_blocking(_greedy([[1, 2]], 2))
+    finally:
+        g.shutdown()
