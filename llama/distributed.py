@@ -24,13 +24,16 @@ class BackendUnavailableError(RuntimeError):
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto'/None -> cuda when there is one, else cpu. 'cuda' without CUDA is an error."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device 'cuda' was asked for but this torch sees no CUDA device "
-            f"(torch {torch.__version__}). Use device: auto or cpu, or install a CUDA build of torch."
-        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                "device 'cuda' was asked for but this torch sees no CUDA device "
+                f"(torch {torch.__version__}). Use device: auto or cpu, or install a CUDA build of torch."
+            )
+        if dev.index is None:  # an explicit index: torch.cuda.set_device and NCCL need one
+            dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
 

@@ -1,0 +1,104 @@
+"""Decode speed of one rank against the memory-bandwidth limit, measured in the same run.
+
+    python bench/decode_speed.py [--dim 2048 --n-layers 16 ...] [--device auto] [--dtype auto]
+
+A decode step must read every weight once, so (weight bytes / copy bandwidth) is the fastest a
+step can be; the ratio printed is that limit over the measured step time (1.0 = at the limit).
+Also prints end-to-end generate_batch tokens/s for batch 1 and 8. Random weights, one process.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from llama.args import ModelArgs
+from llama.distributed import choose_backend, init_model_parallel, init_single_process_group, resolve_device, resolve_dtype
+from llama.generate import generate_batch
+from llama.model import Transformer
+from llama.request import GenerationRequest, SamplingParams
+
+
+class _Tok:  # generate_batch only needs eos_id and decode for stop strings
+    eos_id = -100
+
+    def decode(self, ids: list[int]) -> str:
+        return ""
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes read + written per second by a device-to-device copy."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        dst.copy_(src)
+    _sync(device)
+    return 2 * nbytes * reps / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--n-layers", type=int, default=16)
+    p.add_argument("--n-heads", type=int, default=16)
+    p.add_argument("--n-kv-heads", type=int, default=8)
+    p.add_argument("--vocab-size", type=int, default=32000)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    a = p.parse_args()
+    device = resolve_device(a.device)
+    dtype = resolve_dtype(a.dtype, device)
+    init_single_process_group(choose_backend(device))
+    init_model_parallel(1)
+    args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
+                     vocab_size=a.vocab_size, multiple_of=256, max_seq_len=512, max_batch_size=8)
+    model = Transformer(args, device=device, dtype=dtype)
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.02)
+    weight_bytes = sum(prm.numel() * prm.element_size() for prm in model.parameters())
+    bw = copy_bandwidth(device, min(1 << 30, 4 * weight_bytes))
+    limit_s = weight_bytes / (bw / 2)  # a step reads each weight once: half a copy's traffic
+    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}), dtype {dtype}, "
+          f"{weight_bytes / 1e9:.3f} GB of weights, copy bandwidth {bw / 1e12:.3f} TB/s (read+write)")
+    print(f"bandwidth-limited decode step: {limit_s * 1e3:.3f} ms")
+
+    for bsz in (1, 8):
+        cache = model.new_cache(bsz)
+        prompt = torch.randint(0, a.vocab_size, (bsz, 16), device=device)
+        with torch.inference_mode():
+            model(prompt, 0, cache)
+            tok = prompt[:, -1:]
+            for pos in range(16, 20):  # warm-up
+                model(tok, pos, cache)
+            _sync(device)
+            t0 = time.perf_counter()
+            for pos in range(20, 20 + a.steps):
+                model(tok, pos, cache)
+            _sync(device)
+        step_s = (time.perf_counter() - t0) / a.steps
+        reqs = [GenerationRequest(tuple(prompt[i].tolist()), SamplingParams(max_tokens=a.steps, temperature=0))
+                for i in range(bsz)]
+        t0 = time.perf_counter()
+        out = generate_batch(model, _Tok(), cache, reqs)
+        _sync(device)
+        gen_s = time.perf_counter() - t0
+        n = sum(len(o.token_ids) for o in out)
+        print(f"batch {bsz}: forward-only decode step {step_s * 1e3:.3f} ms = {limit_s / step_s:.3f} of the bandwidth "
+              f"limit; generate_batch {n / gen_s:.1f} tokens/s ({gen_s / a.steps * 1e3:.3f} ms/step incl. sampling, host sync)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""HTTP through Ray Serve with the official openai client: a replica owning a gang of two
+gloo ranks serves the golden checkpoint; answers match Meta's reference token for token, and
+callers' mistakes are OpenAI-shaped 4xx errors that leave every rank running."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from llama.distributed import free_port
+from tests.conftest import GOLDEN_CKPT
+
+MODEL = "llama-golden"
+
+
+@pytest.fixture(scope="module")
+def base_url(ray_local):
+    from ray import serve
+
+    from deploy.app import build_app
+
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "model_parallel_size": 2, "max_seq_len": 96,
+                     "max_batch_size": 6, "device": "cpu"})
+    serve.run(app, name="llama", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(base_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_completions_match_the_reference(client, golden):
+    c = golden["completions"]
+    resp = client.completions.create(model=MODEL, prompt=c["prompts"], max_tokens=c["max_gen_len"], temperature=0,
+                                     extra_body={"return_token_ids": True})
+    assert [ch.index for ch in resp.choices] == list(range(len(c["prompts"])))
+    assert [ch.model_extra["token_ids"] for ch in resp.choices] == c["generated_token_ids"]
+    assert [ch.text for ch in resp.choices] == [r["generation"] for r in c["results"]]
+    assert resp.usage.prompt_tokens == sum(len(p) for p in c["prompt_token_ids"])
+    assert resp.usage.completion_tokens == sum(len(g) for g in c["generated_token_ids"])
+
+
+def test_token_id_prompt_and_logprobs(client, golden):
+    c = golden["completions"]
+    resp = client.completions.create(model=MODEL, prompt=c["prompt_token_ids"][1], max_tokens=8, temperature=0, logprobs=1)
+    lp = resp.choices[0].logprobs
+    want = c["results"][1]["logprobs"][:8]
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs, want)) < 1e-4
+    assert resp.choices[0].finish_reason == "length"
+
+
+def test_chat_matches_the_reference(client, golden):
+    ch = golden["chats"]
+    for dialog, want in zip(ch["dialogs"], ch["results"]):
+        resp = client.chat.completions.create(model=MODEL, messages=dialog, max_tokens=ch["max_gen_len"], temperature=0)
+        assert resp.choices[0].message.content == want["generation"]["content"]
+        assert resp.choices[0].message.role == "assistant"
+
+
+def test_seeded_n_choices_are_reproducible(client):
+    kw = dict(model=MODEL, prompt="hello", max_tokens=6, temperature=1.0, n=3, seed=11)
+    a = [ch.text for ch in client.completions.create(**kw).choices]
+    b = [ch.text for ch in client.completions.create(**kw).choices]
+    assert a == b and len(a) == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"prompt": "a " * 200}, "prompt"),
+        ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "hi", "temperature": -1}, "temperature"),
+        ({"prompt": "hi", "top_p": 1.5}, "top_p"),
+        ({"prompt": [[1, 99999]]}, "prompt"),
+        ({"prompt": "hi", "max_tokens": "many"}, "max_tokens"),
+    ],
+)
+def test_bad_requests_are_400(client, kwargs, param):
+    kwargs.setdefault("max_tokens", 4)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, **kwargs)
+    err = e.value.body
+    assert set(err) >= {"message", "type", "param", "code"} and err["message"]
+    assert param in (err["param"] or "") or param in err["message"]
+
+
+def test_unknown_model_and_malformed_json(client, base_url):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    r = httpx.post(base_url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_ranks_survive_mistakes_and_cluster_shows_two(client, base_url, golden):
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="a " * 500, max_tokens=4)
+    info = httpx.get(base_url + "/cluster").json()
+    assert info["world_size"] == 2 and len(info["ranks"]) == 2 and info["backend"] == "gloo"
+    assert len({r["pid"] for r in info["ranks"]}) == 2
+    assert httpx.get(base_url + "/health").status_code == 200
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    c = golden["completions"]
+    resp = client.completions.create(model=MODEL, prompt=c["prompts"][0], max_tokens=4, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    assert resp.choices[0].model_extra["token_ids"] == c["generated_token_ids"][0][:4]
