@@ -108,3 +108,10 @@ def test_ranks_survive_mistakes_and_cluster_shows_two(client, base_url, golden):
     resp = client.completions.create(model=MODEL, prompt=c["prompts"][0], max_tokens=4, temperature=0,
                                      extra_body={"return_token_ids": True})
     assert resp.choices[0].model_extra["token_ids"] == c["generated_token_ids"][0][:4]
+
+
+def test_echo_matches_the_reference(client, golden):
+    e = golden["completions_echo"]
+    resp = client.completions.create(model=MODEL, prompt=e["prompts"], max_tokens=e["max_gen_len"], temperature=0,
+                                     echo=True)
+    assert [ch.text for ch in resp.choices] == [r["generation"] for r in e["results"]]
