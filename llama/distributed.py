@@ -5,6 +5,9 @@ Everything here acts on a process group someone else created, except
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
+import io
 import logging
 import socket
 
@@ -83,7 +86,19 @@ def init_single_process_group(backend: str) -> None:
     """A world of one, for plain single-process use of the reference API."""
     port = free_port("127.0.0.1")
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", world_size=1, rank=0)
+    destroy_at_exit()
     log.info("started a single-process %s group on port %d", backend, port)
+
+
+def destroy_at_exit() -> None:
+    """Destroy the default group at interpreter exit: a group left for the interpreter to tear
+    down makes torch warn, and gloo ranks can abort at exit under torchrun."""
+
+    def _destroy() -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    atexit.register(_destroy)
 
 
 def init_model_parallel(model_parallel_size: int) -> None:
@@ -98,7 +113,11 @@ def init_model_parallel(model_parallel_size: int) -> None:
         if have != model_parallel_size:
             raise ValueError(f"model parallelism is already initialised with size {have}, not {model_parallel_size}.")
         return
-    fs_init.initialize_model_parallel(model_parallel_size)
+    # fairscale announces each group with print(); keep stdout clean and log it instead.
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+        fs_init.initialize_model_parallel(model_parallel_size)
+    for line in said.getvalue().splitlines():
+        log.debug("fairscale: %s", line.lstrip("> "))
 
 
 def model_parallel_rank() -> int:

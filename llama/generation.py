@@ -18,6 +18,7 @@ from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_t
 from llama.checkpoint import inspect_checkpoint, load_into
 from llama.distributed import (
     choose_backend,
+    destroy_at_exit,
     init_model_parallel,
     init_single_process_group,
     model_parallel_rank,
@@ -70,6 +71,7 @@ class Llama:
             dev = resolve_device(device)
             if torch.distributed.is_torchelastic_launched():
                 dist.init_process_group(choose_backend(dev))  # torchrun's env:// rendezvous
+                destroy_at_exit()
                 if dev.type == "cuda" and dev.index is None:
                     dev = torch.device(f"cuda:{dist.get_rank() % torch.cuda.device_count()}")
             else:

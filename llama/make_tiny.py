@@ -80,7 +80,8 @@ def save_sharded(state: dict[str, torch.Tensor], args_params: dict, out_dir: Pat
             part[key] = t.to(dtype).clone()
         # Meta's files carry the rotary frequencies too; loaders must ignore them.
         hd = args_params["dim"] // args_params["n_heads"]
-        part["rope.freqs"] = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+        theta = args_params.get("rope_theta", 10000.0)
+        part["rope.freqs"] = 1.0 / (theta ** (torch.arange(0, hd, 2).float() / hd))
         torch.save(part, out_dir / f"consolidated.{r:02d}.pth")
 
 

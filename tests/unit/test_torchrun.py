@@ -1,0 +1,20 @@
+"""`from llama import Llama` under torchrun with two processes (model parallel size 2, gloo):
+the golden tokens, and every rank exits cleanly."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def test_torchrun_two_ranks_reproduce_the_reference(tmp_path):
+    out = tmp_path / "result.json"
+    script = Path(__file__).with_name("torchrun_golden.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(out)],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text()) == {"world_size": 2, "rank": 0, "match": True}
