@@ -5,19 +5,31 @@ layer behind this small interface is what lets it be tested without Ray.
 """
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
-from llama.request import GenerationOutput, GenerationRequest
+from llama.request import GenerationOutput, GenerationRequest, StreamDelta
 
 
 class Engine(Protocol):
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """Run one request and yield its deltas as the engine makes them; the last one has a
+        finish_reason ("stop", "length", "timeout" or "abort").
+
+        Raises ValueError before the first delta for a request the model cannot serve, and a
+        cluster.errors.ClusterError if the gang fails (before or during the stream). Closing the
+        iterator early (`aclose()`, or the consuming task being cancelled) cancels the request:
+        the engine frees its slot at the next step."""
+        ...
+
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Run the requests (any number; the engine batches them) and return one output each,
-        in order. Raises ValueError for a request the model cannot serve."""
+        """Run the requests concurrently and return one output each, in order (each a collected
+        stream). Raises as `stream` does."""
         ...
 
     async def cluster_info(self) -> dict:
-        """The gang as JSON-able data: world_size, backend, device, dtype, ranks[...]."""
+        """The gang as JSON-able data: world_size, backend, device, dtype, ranks[...], and the
+        engine's state (slots in use, requests waiting)."""
         ...
 
     async def check_health(self) -> None:

@@ -62,7 +62,7 @@ def generate_batch(
     tokens = torch.full((bsz, total_len), pad, dtype=torch.long, device=device)
     for i, r in enumerate(requests):
         tokens[i, : plens[i]] = torch.tensor(r.prompt_tokens, dtype=torch.long, device=device)
-    want_lp = any(p.logprobs for p in params)
+    want_lp = any(p.logprobs is not None for p in params)
     token_logprobs = torch.zeros((bsz, total_len), dtype=torch.float, device=device) if want_lp else None
 
     # The reference's batch-wide draw (global RNG) when rows agree and none is seeded.
@@ -128,8 +128,8 @@ def generate_batch(
                 token_ids=gen,
                 text=texts[i] if texts[i] is not None else tokenizer.decode(gen),
                 finish_reason=finish[i] or "length",
-                logprobs=lps[i][plens[i] : last[i]] if p.logprobs and lps else None,
-                prompt_logprobs=lps[i][: plens[i]] if p.logprobs and p.echo and lps else None,
+                logprobs=lps[i][plens[i] : last[i]] if p.logprobs is not None and lps else None,
+                prompt_logprobs=lps[i][: plens[i]] if p.logprobs is not None and p.echo and lps else None,
             )
         )
     return outputs

@@ -101,7 +101,8 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        params = SamplingParams(max_tokens=max_gen_len, temperature=temperature, top_p=top_p, logprobs=logprobs, echo=echo)
+        params = SamplingParams(max_tokens=max_gen_len, temperature=temperature, top_p=top_p,
+                                logprobs=0 if logprobs else None, echo=echo)
         requests = [GenerationRequest(tuple(int(t) for t in p), params) for p in prompt_tokens]
         outs = generate_batch(self.model, self.tokenizer, self.cache, requests)
         out_tokens, out_logprobs = [], []

@@ -1,5 +1,9 @@
 """What one generation asks for and what it returns: plain dataclasses that cross process
-boundaries (replica -> driver -> ranks) unchanged."""
+boundaries (replica -> driver -> ranks, and back) unchanged.
+
+A request's results arrive as a stream of StreamDeltas (the continuous engine) or as one
+GenerationOutput (the static batch loop, or a stream collected with `collect`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,34 +11,70 @@ from typing import Literal
 
 from llama.sampling import validate_sampling
 
+MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's chat limit)
+
+# (token id, logprob) of the most likely tokens at one position, most likely first.
+TopLogprobs = list[tuple[int, float]]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int  # generated tokens at most (the prompt does not count)
     temperature: float = 0.6  # 0 is greedy
     top_p: float = 0.9
-    # Seeds a per-request RNG so the draw does not depend on what else is in the batch, and so
-    # every rank draws the same token. None uses the process RNG (the reference's behaviour).
+    top_k: int = 0  # sample among the k most likely tokens only; 0 means no limit
+    # Seeds a per-request RNG so the draw depends neither on what else is in the batch nor on the
+    # model-parallel size. None: the engine draws a seed (the static loop uses the process RNG,
+    # the reference's behaviour).
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
-    logprobs: bool = False  # return the log-probability of each token
-    echo: bool = False  # also return the prompt's logprobs (when logprobs is set)
+    # None: no logprobs. k >= 0: each token's logprob (of the model's distribution, before
+    # temperature) and the k most likely alternatives at its position.
+    logprobs: int | None = None
+    echo: bool = False  # also return the prompt tokens' logprobs (when logprobs is set)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}.")
         validate_sampling(self.temperature, self.top_p)
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 means no limit), got {self.top_k!r}.")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty.")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} alternatives, got {self.logprobs}.")
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     prompt_tokens: tuple[int, ...]
     params: SamplingParams
+    # Seconds the request may spend in the engine, from its arrival at the driver; past it the
+    # request ends at the next step boundary with finish_reason "timeout". None: no limit.
+    timeout_s: float | None = None
 
 
-FinishReason = Literal["stop", "length"]
+# "stop": EOS or a stop string. "length": max_tokens or max_seq_len. The engine adds "timeout"
+# (deadline passed) and "abort" (cancelled by the caller); the HTTP layer turns both into errors.
+FinishReason = Literal["stop", "length", "timeout", "abort"]
+
+
+@dataclass(frozen=True)
+class StreamDelta:
+    """What one request produced in one or more engine steps. The concatenation of a stream's
+    deltas is the request's GenerationOutput (see `collect`)."""
+
+    token_ids: list[int]  # generated since the previous delta (EOS is never included)
+    # Text since the previous delta. Text is held back while it could still be the start of a stop
+    # string or the first bytes of an unfinished character, so it may lag token_ids.
+    text: str
+    logprobs: list[float] | None = None  # one per token_ids entry, when requested
+    top_logprobs: list[TopLogprobs] | None = None  # one list of k alternatives per token_ids entry
+    finish_reason: FinishReason | None = None  # set on a stream's last delta only
+    # On the first delta only, when echo and logprobs are set: one per prompt token (the first
+    # prompt token has 0.0 and no alternatives: nothing predicts it).
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[TopLogprobs] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,7 +82,26 @@ class GenerationOutput:
     prompt_tokens: list[int]
     token_ids: list[int]  # generated ids, cut before EOS; up to the stop string's last token
     text: str  # decoded generated text, cut before a stop string
-    finish_reason: FinishReason  # "stop": EOS or a stop string; "length": max_tokens or max_seq_len
+    finish_reason: FinishReason
     logprobs: list[float] | None = None  # one per token_ids entry
     prompt_logprobs: list[float] | None = None  # one per prompt token (the first is 0.0), when echo
+    top_logprobs: list[TopLogprobs] | None = None  # one per token_ids entry, when logprobs is set
+    prompt_top_logprobs: list[TopLogprobs] | None = None  # one per prompt token, when echo
     extra: dict = field(default_factory=dict)
+
+
+def collect(prompt_tokens: list[int], deltas: list[StreamDelta]) -> GenerationOutput:
+    """Join a finished stream's deltas into one output."""
+    if not deltas or deltas[-1].finish_reason is None:
+        raise ValueError("collect() needs a finished stream: its last delta has a finish_reason.")
+    want_lp = deltas[0].logprobs is not None
+    return GenerationOutput(
+        prompt_tokens=list(prompt_tokens),
+        token_ids=[t for d in deltas for t in d.token_ids],
+        text="".join(d.text for d in deltas),
+        finish_reason=deltas[-1].finish_reason,
+        logprobs=[x for d in deltas for x in (d.logprobs or [])] if want_lp else None,
+        prompt_logprobs=deltas[0].prompt_logprobs,
+        top_logprobs=[x for d in deltas for x in (d.top_logprobs or [])] if want_lp else None,
+        prompt_top_logprobs=deltas[0].prompt_top_logprobs,
+    )
