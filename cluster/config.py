@@ -10,7 +10,8 @@ class GangConfig:
     tokenizer_path: str | None  # None -> ckpt_dir/tokenizer.model
     model_parallel_size: int
     max_seq_len: int = 512
-    max_batch_size: int = 8
+    max_batch_size: int = 8  # the engine's slots: sequences decoding at once
+    prefill_chunk: int = 64  # prompt tokens run per engine step at most, so decoding never stalls long
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     backend: str | None = None  # None -> nccl on CUDA, gloo on CPU
@@ -19,4 +20,5 @@ class GangConfig:
     placement_strategy: str = "PACK"  # Ray placement group strategy for a gang we create ourselves
     placement_timeout_s: float = 300.0  # waiting for the cluster to have room for the gang
     init_timeout_s: float = 600.0  # process-group rendezvous and checkpoint loading
-    call_timeout_s: float = 600.0  # one generate call on the gang
+    call_timeout_s: float = 600.0  # one engine step (a collective) longer than this is a hung gang
+    request_timeout_s: float | None = None  # a request's deadline in the engine; None: no limit

@@ -1,16 +1,18 @@
 """RankGroup: a gang of N rank actors that acts as one model.
 
-Creates the actors on their placement-group bundles, has them meet at rank 0's address, and
-fans each batch out to every rank; rank 0's outputs are the answer. Batches run one at a time
-(ranks must see them in the same order). Any rank failure makes the whole gang unhealthy: it
-is replaced, never repaired in place.
+Creates the actors on their placement-group bundles and has them meet at rank 0's address.
+Each request is one Ray call to rank 0 (the driver), whose engine batches it with the others
+continuously and streams its tokens back; the other ranks follow the driver's step plans. Any
+rank failure makes the whole gang unhealthy: it is replaced, never repaired in place.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from dataclasses import asdict
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict, replace
 
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -20,11 +22,11 @@ from cluster.config import GangConfig
 from cluster.errors import RankFailedError
 from cluster.placement import acquire, plan_bundles, want_gpu
 from cluster.rank import RankActor, RankInfo, RankState
-from llama.request import GenerationOutput, GenerationRequest
+from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
 log = logging.getLogger(__name__)
 
-_RemoteRank = ray.remote(concurrency_groups={"control": 2})(RankActor)
+_RemoteRank = ray.remote(concurrency_groups={"control": 4})(RankActor)
 
 
 class RankGroup:
@@ -36,7 +38,6 @@ class RankGroup:
         self.infos = infos
         self.placement = placement
         self._owns_placement = owns_placement
-        self._lock = asyncio.Lock()  # one batch at a time, in the same order on every rank
         self._failed: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -90,51 +91,74 @@ class RankGroup:
             remove_placement_group(self.placement)
 
     # ------------------------------------------------------------------ generation
-    def _chunks(self, requests: list[GenerationRequest]) -> list[list[GenerationRequest]]:
-        b = self.config.max_batch_size
-        return [requests[i : i + b] for i in range(0, len(requests), b)]
-
     def _check_usable(self) -> None:
         if self._failed:
             raise RankFailedError(f"this gang failed earlier ({self._failed}) and must be replaced.")
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Outputs for any number of requests, in order, batched up to max_batch_size."""
-        outputs: list[GenerationOutput] = []
-        async with self._lock:
-            for chunk in self._chunks(requests):
-                self._check_usable()
-                refs = [a.generate.remote(chunk) for a in self.actors]
+    def _prepare(self, request: GenerationRequest) -> GenerationRequest:
+        self._check_usable()
+        if request.timeout_s is None and self.config.request_timeout_s is not None:
+            request = replace(request, timeout_s=self.config.request_timeout_s)
+        return request
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        """One request through the driver: one Ray call, its tokens streamed back. Closing the
+        iterator early aborts the request (its slot is freed at the driver's next step)."""
+        request = self._prepare(request)
+        request_id = uuid.uuid4().hex
+        driver = self.actors[0]
+        refs = driver.submit.remote(request_id, request)
+        finished = False
+        try:
+            async for ref in refs:
                 try:
-                    results = await asyncio.wait_for(asyncio.gather(*refs), timeout=self.config.call_timeout_s)
+                    deltas = await ref
                 except Exception as e:
-                    raise self._classify(e, refs) from e
-                outputs.extend(results[0])
-        return outputs
+                    finished = True  # the driver's generator has ended
+                    raise self._classify(e) from e
+                for d in deltas:
+                    finished = finished or d.finish_reason is not None
+                    yield d
+        except ray.exceptions.RayError as e:
+            finished = True
+            raise self._classify(e) from e
+        finally:
+            if not finished:
+                driver.abort.remote(request_id)
+
+    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        """Outputs for any number of requests, in order; they run concurrently in the engine."""
+
+        async def one(r: GenerationRequest) -> GenerationOutput:
+            return collect(list(r.prompt_tokens), [d async for d in self.stream(r)])
+
+        tasks = [asyncio.ensure_future(one(r)) for r in requests]
+        try:
+            return await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()  # on a failure, the other requests are aborted too
 
     def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """The same as generate, for synchronous callers (scripts, tests)."""
-        outputs: list[GenerationOutput] = []
-        for chunk in self._chunks(requests):
-            self._check_usable()
-            refs = [a.generate.remote(chunk) for a in self.actors]
+        prepared = [self._prepare(r) for r in requests]
+        streams = [self.actors[0].submit.remote(uuid.uuid4().hex, r) for r in prepared]
+        outputs = []
+        for r, refs in zip(prepared, streams):
             try:
-                results = ray.get(refs, timeout=self.config.call_timeout_s)
+                deltas = [d for ref in refs for d in ray.get(ref)]
             except Exception as e:
-                raise self._classify(e, refs) from e
-            outputs.extend(results[0])
+                raise self._classify(e) from e
+            outputs.append(collect(list(r.prompt_tokens), deltas))
         return outputs
 
-    def _classify(self, e: Exception, refs: list) -> Exception:
-        """A ValueError raised on the ranks is the caller's mistake (raised on every rank before
-        any collective, so the gang is fine); anything else breaks the gang."""
-        if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e, ValueError):
-            ray.wait(refs, num_returns=len(refs), timeout=30)  # every rank raised the same
-            return e.cause if isinstance(e.cause, ValueError) else e
-        if isinstance(e, (asyncio.TimeoutError, ray.exceptions.GetTimeoutError)):
-            self._failed = f"a generate call took longer than {self.config.call_timeout_s:.0f}s"
-        else:
-            self._failed = f"{type(e).__name__}: {e}"
+    def _classify(self, e: BaseException) -> BaseException:
+        """A ValueError raised on the driver is the caller's mistake (raised before the request
+        entered the engine, so the gang is fine); anything else breaks the gang."""
+        cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+        if isinstance(cause, ValueError):
+            return cause
+        self._failed = f"{type(cause).__name__}: {cause}"
         return RankFailedError(f"the gang failed during generation: {self._failed}")
 
     # ------------------------------------------------------------------ health and info
@@ -148,7 +172,12 @@ class RankGroup:
 
     async def cluster_info(self) -> dict:
         s = self.states[0]
+        try:
+            engine = await asyncio.wait_for(self.actors[0].load.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - the page still shows the ranks
+            engine = {"error": f"{type(e).__name__}: {e}"}
         return {
+            "engine": engine,
             "world_size": len(self.infos),
             "backend": s.backend,
             "device": s.device,

@@ -1,15 +1,19 @@
 """RankActor: one model-parallel rank in its own process (a Ray actor).
 
 Each actor joins the gang's process group (nccl on CUDA, gloo on CPU), initialises fairscale's
-model parallelism, loads its own slices of the checkpoint and then runs every generate call in
-lockstep with the other ranks. Control calls (ping, info) run in their own concurrency group
-so they answer while a generate call computes.
+model parallelism and loads its own slices of the checkpoint. Then rank 0 runs the engine (the
+driver: scheduler, sampling, step plans) and every other rank follows the driver's plans, each
+on a thread of its own, so the actor's event loop stays free: `submit` streams tokens back, and
+control calls (ping, info, load, abort) answer while a step computes.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,11 +22,14 @@ import torch
 import torch.distributed as dist
 
 from cluster.config import GangConfig
+from cluster.lockstep import PlanChannel, follow
 from llama.checkpoint import inspect_checkpoint, load_into
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
-from llama.generate import generate_batch
+from llama.engine import Engine, EngineConfig
 from llama.model import Transformer
-from llama.request import GenerationOutput, GenerationRequest
+from llama.request import GenerationRequest, StreamDelta
+from llama.runner import ModelRunner
+from llama.step_plan import StepPlan
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -54,28 +61,58 @@ class RankActor:
         self.rank = rank
         self.world_size = config.model_parallel_size
         self.model: Transformer | None = None
+        self.engine: Engine | None = None  # rank 0 only
+        self.channel: PlanChannel | None = None
+        self._stop = threading.Event()
+        self._loop: threading.Thread | None = None
+        self._loop_error: BaseException | None = None
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
 
     # ------------------------------------------------------------------ control
     @ray.method(concurrency_group="control")
-    def info(self) -> RankInfo:
+    async def info(self) -> RankInfo:
         ctx = ray.get_runtime_context()
         device = str(self.model.device) if self.model is not None else "unloaded"
         return RankInfo(self.rank, ctx.get_node_id(), ray.util.get_node_ip_address(), os.getpid(), device,
                         tuple(str(g) for g in ray.get_gpu_ids()))
 
     @ray.method(concurrency_group="control")
-    def ping(self) -> int:
+    async def ping(self) -> int:
+        """Raises when this rank's loop has ended (a failed step, a lost driver)."""
+        if self._loop_error is not None:
+            raise RuntimeError(f"rank {self.rank}'s loop failed: {self._loop_error!r}")
+        if self._loop is not None and not self._loop.is_alive() and not self._stop.is_set():
+            raise RuntimeError(f"rank {self.rank}'s loop has ended")
         return self.rank
 
     @ray.method(concurrency_group="control")
-    def rendezvous_address(self) -> tuple[str, int]:
+    async def rendezvous_address(self) -> tuple[str, int]:
         """Rank 0's node IP and a free port on it, where every rank meets."""
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
-    # ------------------------------------------------------------------ compute
-    def setup(self, master_addr: str, master_port: int) -> RankState:
+    @ray.method(concurrency_group="control")
+    async def load(self) -> dict:
+        """The driver's slots, queue and step counters (rank 0), plus its plan-broadcast cost."""
+        out = self.engine.load() if self.engine is not None else {}
+        if self.channel is not None:
+            out.update(plans_sent=self.channel.sent, plan_send_s=self.channel.send_s)
+        return out
+
+    @ray.method(concurrency_group="control")
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            self.engine.abort(request_id)
+
+    # ------------------------------------------------------------------ setup
+    async def setup(self, master_addr: str, master_port: int) -> RankState:
+        # Off the event loop: joining the group and loading the shard take long on big models.
+        state = await asyncio.to_thread(self._setup, master_addr, master_port)
+        self._loop = threading.Thread(target=self._run_loop, name=f"rank{self.rank}-loop", daemon=True)
+        self._loop.start()
+        return state
+
+    def _setup(self, master_addr: str, master_port: int) -> RankState:
         t0 = time.perf_counter()
         cfg = self.config
         device = resolve_device(cfg.device)
@@ -91,27 +128,67 @@ class RankActor:
             timeout=timedelta(seconds=cfg.init_timeout_s),
         )
         init_model_parallel(self.world_size)
+        if self.world_size > 1:
+            capacity = StepPlan.capacity(cfg.max_batch_size, cfg.prefill_chunk)
+            self.channel = PlanChannel(capacity, timeout_s=cfg.call_timeout_s)
         info = inspect_checkpoint(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, self.world_size)
         dtype = resolve_dtype(cfg.dtype, device)
         model = Transformer(info.args, device=device, dtype=dtype)
         load_into(model, info, self.rank, self.world_size)
-        torch.manual_seed(cfg.seed)  # unseeded draws stay identical on every rank
-        self.tokenizer = Tokenizer(info.tokenizer_path)
-        self.cache = model.new_cache(cfg.max_batch_size)
+        engine_config = EngineConfig(max_slots=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
+                                     prefill_chunk=cfg.prefill_chunk, seed=cfg.seed)
+        if self.rank == 0:
+            publish = self.channel.publish if self.channel is not None else None
+            self.engine = Engine(model, Tokenizer(info.tokenizer_path), engine_config, publish=publish)
+        else:
+            self.runner = ModelRunner(model, model.new_cache(engine_config.max_slots, engine_config.max_seq_len))
         self.model = model
         load_s = time.perf_counter() - t0
         log.info("joined %s group of %d at %s:%d, loaded on %s (%s) in %.2fs",
                  backend, self.world_size, master_addr, master_port, device, dtype, load_s)
         return RankState(backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."), load_s=load_s)
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput] | None:
-        """Run one batch in lockstep with the other ranks. Only rank 0 returns the outputs
-        (every rank computes the same ones); the others return None to save the transfer."""
-        if self.model is None:
-            raise RuntimeError(f"rank {self.rank} is not set up.")
-        out = generate_batch(self.model, self.tokenizer, self.cache, requests)
-        return out if self.rank == 0 else None
+    def _run_loop(self) -> None:
+        try:
+            if self.engine is not None:
+                self.engine.run(self._stop)
+            else:
+                follow(self.runner, self.channel)
+        except BaseException as e:  # noqa: BLE001 - kept for ping, which makes the gang unhealthy
+            self._loop_error = e
+            log.exception("rank %d loop failed", self.rank)
 
-    def shutdown(self) -> None:
+    # ------------------------------------------------------------------ requests (rank 0)
+    async def submit(self, request_id: str, request: GenerationRequest) -> AsyncIterator[list[StreamDelta]]:
+        """One request, streamed: yields lists of deltas (all that arrived since the last yield),
+        the last ending with a finish_reason. Raises ValueError at once for a request the model
+        cannot serve. If the caller goes away first, the request is aborted."""
+        if self.engine is None:
+            raise RuntimeError(f"rank {self.rank} is not the driver; send requests to rank 0.")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
+        self.engine.submit(request_id, request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+        finished = False
+        try:
+            while not finished:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                deltas = []
+                for item in items:
+                    if isinstance(item, BaseException):
+                        finished = True
+                        raise item
+                    deltas.append(item)
+                    finished = finished or item.finish_reason is not None
+                yield deltas
+        finally:
+            if not finished:
+                self.engine.abort(request_id)
+
+    async def shutdown(self) -> None:
+        self._stop.set()
+        if self._loop is not None:
+            await asyncio.to_thread(self._loop.join, 10)
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -19,7 +19,8 @@ class AppArgs(BaseModel):
     tokenizer_path: str | None = Field(None, description="tokenizer.model; None means ckpt_dir/tokenizer.model")
     model_parallel_size: int = Field(2, ge=1, le=64)
     max_seq_len: int = Field(256, ge=2)
-    max_batch_size: int = Field(8, ge=1)
+    max_batch_size: int = Field(8, ge=1, description="the engine's slots: sequences decoding at once")
+    prefill_chunk: int = Field(64, ge=1, description="prompt tokens run per engine step at most")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     backend: Literal["nccl", "gloo"] | None = None
@@ -28,7 +29,8 @@ class AppArgs(BaseModel):
     replica_cpus: float = Field(1.0, gt=0, description="CPUs for the replica's own bundle (bundle 0)")
     placement_timeout_s: float = Field(300.0, gt=0)
     init_timeout_s: float = Field(600.0, gt=0)
-    call_timeout_s: float = Field(600.0, gt=0)
+    call_timeout_s: float = Field(600.0, gt=0, description="one engine step longer than this is a hung gang")
+    request_timeout_s: float | None = Field(None, gt=0, description="a request's deadline in the engine")
 
     @model_validator(mode="after")
     def _tokenizer_needs_ckpt(self) -> "AppArgs":
@@ -51,4 +53,6 @@ class AppArgs(BaseModel):
             placement_timeout_s=self.placement_timeout_s,
             init_timeout_s=self.init_timeout_s,
             call_timeout_s=self.call_timeout_s,
+            prefill_chunk=self.prefill_chunk,
+            request_timeout_s=self.request_timeout_s,
         )

@@ -7,6 +7,8 @@ logits (gathered) and identical RNG use, every rank picks the same tokens.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,10 @@ def generate_batch(
     tokenizer: Tokenizer,
     cache: KVCache,
     requests: list[GenerationRequest],
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[GenerationOutput]:
+    """Run a static batch to the end. `on_token(row, token)` is called for each generated
+    token as it is picked (the benchmark times first tokens with it)."""
     max_seq_len = cache.max_seq_len
     check_prompts(requests, max_seq_len, cache.max_batch_size, model.args.vocab_size)
     device = model.device
@@ -107,6 +112,8 @@ def generate_batch(
                 finish[i] = "stop"
                 continue
             last[i] = cur + 1
+            if on_token is not None:
+                on_token(i, tok)
             if params[i].stop:
                 text = tokenizer.decode(tokens[i, plens[i] : last[i]].tolist())
                 hits = [text.find(s) for s in params[i].stop if s in text]

@@ -1,4 +1,4 @@
-"""KVCache: the keys and values of every layer for a batch of rows, on the model's device.
+"""KVCache: the keys and values of every layer for a batch of rows (or slots), on the model's device.
 
 Allocated once (static shapes, so a decode step never allocates); rows are batch indices.
 """
@@ -40,3 +40,14 @@ class KVCache:
         k[:bsz, start_pos:end] = xk
         v[:bsz, start_pos:end] = xv
         return k[:bsz, :end], v[:bsz, :end]
+
+    # ---- slots: the continuous engine gives each running sequence one row (llama/runner.py)
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
+        """Packed keys/values xk, xv (T, kv_heads, hd) of tokens at (slots[i], positions[i])."""
+        self.k[layer][slots, positions] = xk
+        self.v[layer][slots, positions] = xv
+
+    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (len(slots), length, kv_heads, hd) of positions 0..length-1 of the slots."""
+        return self.k[layer][slots, :length], self.v[layer][slots, :length]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
@@ -24,6 +25,9 @@ from torch import nn
 
 from llama.args import ModelArgs
 from llama.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from llama.runner import PackedBatch
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -131,6 +135,29 @@ class Attention(nn.Module):
         return self.wo(out)
 
 
+    def forward_packed(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """x (T, dim): a step's segments packed into one sequence (llama/runner.py);
+        freqs_cis (T, hd/2): each token's rotation at its own position."""
+        T = x.shape[0]
+        xq = self.wq(x).view(1, T, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(1, T, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(T, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq = xq[0]  # (T, heads, hd)
+        cache.write(self.layer_id, batch.token_slots, batch.positions, xk[0], xv)
+        out = torch.empty_like(xq)  # (T, heads, hd)
+        for g in batch.groups:
+            keys, values = cache.gather(self.layer_id, g.slots, g.kv_len)  # (G, K, kv, hd)
+            keys = repeat_kv(keys, self.n_rep).transpose(1, 2)  # (G, heads, K, hd)
+            values = repeat_kv(values, self.n_rep).transpose(1, 2)
+            q = xq[g.query_index].transpose(1, 2)  # (G, heads, L, hd)
+            scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim) + g.mask
+            scores = F.softmax(scores.float(), dim=-1).type_as(q)
+            o = torch.matmul(scores, values).transpose(1, 2)  # (G, L, heads, hd)
+            out[g.query_index[g.valid]] = o[g.valid]
+        return self.wo(out.view(T, -1))
+
+
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -201,6 +228,19 @@ class Transformer(nn.Module):
         for layer in self.layers:
             h = layer(h, start_pos, freqs_cis, mask, cache)
         h = self.norm(h)
+        return self.output(h).float()
+
+    def forward_packed(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """One engine step (llama/runner.py): packed tokens (T,) at their own positions and slots
+        -> logits (R, vocab) float32 for the packed indices batch.logit_index only."""
+        h = self.tok_embeddings(batch.tokens)  # (T, dim)
+        freqs_cis = self.freqs_cis[batch.positions]  # (T, hd/2): each token at its own position
+        for layer in self.layers:
+            h = h + layer.attention.forward_packed(layer.attention_norm(h), freqs_cis, batch, cache)
+            h = h + layer.feed_forward(layer.ffn_norm(h))
+        if batch.logit_index.numel() == 0:  # every rank skips the output's all-gather alike
+            return torch.empty((0, self.args.vocab_size), device=self.device)
+        h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
         return self.output(h).float()
 
     def new_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> KVCache:

@@ -1,7 +1,9 @@
-"""Sampling: temperature, top-p (nucleus) and greedy, as Meta's reference does them.
+"""Sampling: temperature, top-k, top-p (nucleus) and greedy, and logprobs.
 
-Each row may carry its own temperature, top_p and torch.Generator (for seeded requests);
-rows without a generator draw from the global RNG, which keeps the reference's numbers.
+Top-p is done as Meta's reference does it. Each row may carry its own settings and
+torch.Generator (seeded requests); rows without a generator draw from the global RNG, which
+keeps the reference's numbers in the static loop. The engine gives every sampled request a
+generator, so its draws depend on nothing else in the batch.
 """
 from __future__ import annotations
 
@@ -45,6 +47,35 @@ def sample_rows(
             probs = torch.softmax(logits[i : i + 1] / t, dim=-1)
             out[i] = sample_top_p(probs, p, generator=g)[0, 0]
     return out
+
+
+def sample_one(
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+) -> int:
+    """logits (vocab,) -> one token id. top_k (when > 0) keeps the k most likely tokens, then
+    top_p is applied to their renormalised probabilities (vLLM's order). One multinomial draw
+    from `generator` per call, whatever the distribution."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if 0 < top_k < probs.shape[-1]:
+        kept, idx = torch.topk(probs, top_k)  # sorted, most likely first
+        kept = kept / kept.sum()
+        choice = sample_top_p(kept[None], top_p, generator)[0, 0]
+        return int(idx[choice])
+    return int(sample_top_p(probs[None], top_p, generator)[0, 0])
+
+
+def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """logits (R, vocab), chosen (R,) -> the chosen tokens' logprobs and the k most likely
+    (token, logprob) per row, of the model's own distribution (before temperature), float32."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    chosen_lp = lsm.gather(-1, chosen[:, None])[:, 0].tolist()
+    if k == 0:
+        return chosen_lp, [[] for _ in chosen_lp]
+    top_lp, top_id = torch.topk(lsm, k, dim=-1)
+    tops = [list(zip(ids, lps)) for ids, lps in zip(top_id.tolist(), top_lp.tolist())]
+    return chosen_lp, tops
 
 
 def validate_sampling(temperature: float, top_p: float) -> None:

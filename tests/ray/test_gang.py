@@ -1,5 +1,7 @@
 """A gang of rank actors on in-process Ray (CPU, gloo): MP=2 (and 4) against MP=1 and Meta's
-reference, exact greedy tokens; caller mistakes leave the gang healthy; rank failure does not."""
+reference, exact greedy tokens; the driver's continuous engine streams concurrent requests,
+answers control calls while it computes, and frees the slot of a stream its caller drops;
+caller mistakes leave the gang healthy; rank failure does not."""
 from __future__ import annotations
 
 import asyncio
@@ -15,13 +17,14 @@ from tests.conftest import GOLDEN_CKPT
 def _start(ray_local, ckpt, mp: int, **kw):
     from cluster.group import RankGroup
 
-    cfg = GangConfig(ckpt_dir=str(ckpt), tokenizer_path=None, model_parallel_size=mp, max_seq_len=96,
-                     max_batch_size=6, cpus_per_rank=kw.pop("cpus_per_rank", 1.0), **kw)
+    kw = {"max_batch_size": 6, "cpus_per_rank": 1.0, "prefill_chunk": 16, **kw}
+    cfg = GangConfig(ckpt_dir=str(ckpt), tokenizer_path=None, model_parallel_size=mp, max_seq_len=96, **kw)
     return RankGroup.start(cfg)
 
 
 def _greedy(prompts: list[list[int]], n: int, logprobs: bool = False) -> list[GenerationRequest]:
-    return [GenerationRequest(tuple(p), SamplingParams(max_tokens=n, temperature=0, logprobs=logprobs)) for p in prompts]
+    lp = 0 if logprobs else None
+    return [GenerationRequest(tuple(p), SamplingParams(max_tokens=n, temperature=0, logprobs=lp)) for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +71,41 @@ def test_more_requests_than_max_batch_size_are_batched(golden_mp2, golden):
     assert [o.token_ids for o in out] == [g[:6] for g in c["generated_token_ids"]] * 2
 
 
+def test_concurrent_streams_give_the_tokens_each_gives_alone(golden_mp2, golden):
+    c = golden["completions"]
+    prompts = [(p + p[1:] * k)[:60] for k, p in enumerate(c["prompt_token_ids"])]  # 2..60 tokens
+    reqs = [_greedy([p], 6 + 4 * i)[0] for i, p in enumerate(prompts)]
+    together = asyncio.run(golden_mp2.generate(reqs))  # 6 concurrent Ray calls into one engine
+    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
+def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(golden_mp2):
+    import ray
+
+    async def go():
+        it = golden_mp2.stream(_greedy([[1, 45, 74]], 90)[0])
+        first = await it.__anext__()
+        assert first.token_ids
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.gather(*[a.ping.remote() for a in golden_mp2.actors])  # while it decodes
+        ping_s = asyncio.get_running_loop().time() - t0
+        load = await golden_mp2.actors[0].load.remote()
+        await it.aclose()  # the caller goes away
+        return ping_s, load
+
+    ping_s, load = asyncio.run(go())
+    assert ping_s < 5 and load["running"] == 1
+    for _ in range(100):
+        load = ray.get(golden_mp2.actors[0].load.remote())
+        if load["free_slots"] == load["slots"]:
+            break
+        import time
+
+        time.sleep(0.05)
+    assert load["free_slots"] == load["slots"] and load["running"] == 0
+
+
 def test_cluster_info_shows_each_rank(golden_mp2):
     info = asyncio.run(golden_mp2.cluster_info())
     assert info["world_size"] == 2 and info["backend"] == "gloo" and info["device"] == "cpu"
@@ -90,6 +128,24 @@ def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts
     assert all(len(o.token_ids) == 24 for o in results[1])  # random weights: no EOS expected
     for a, b in zip(results[1], results[2]):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+
+
+def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local, tiny_ckpts):
+    prompts = [[1] + list(range(10 + 7 * i, 14 + 11 * i)) for i in range(8)]
+    reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=7 + i))
+            for i, p in enumerate(prompts)]
+    results = {}
+    for mp in (1, 2):
+        g = _start(ray_local, tiny_ckpts["gqa2"], mp, max_batch_size=8)
+        try:
+            batch = asyncio.run(g.generate(reqs))
+            alone = [g.generate_blocking([r])[0] for r in reqs[:3]]
+        finally:
+            g.shutdown()
+        assert [o.token_ids for o in alone] == [o.token_ids for o in batch[:3]]
+        results[mp] = [o.token_ids for o in batch]
+    assert results[1] == results[2]
+    assert len({tuple(t) for t in results[1]}) == 8
 
 
 def test_mp4_from_one_shard(ray_local, tiny_ckpts):

@@ -1,0 +1,266 @@
+"""Engine: serves many requests at once with iteration-level (continuous) batching.
+
+The driver's engine owns the scheduler and the sampling. Each step it builds a StepPlan,
+hands it to `publish` (which sends it to the other model-parallel ranks; None when there are
+none), runs the plan on its own shard, samples the sequences that need a token and sends each
+its delta. Requests, cancellations and deadlines enter between steps, so every rank sees them
+at the same step boundary. `submit` and `abort` may be called from any thread; `step` and
+`run` belong to the engine's own thread.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from llama.detokenizer import TextStream
+from llama.generate import check_prompts
+from llama.model import Transformer
+from llama.request import FinishReason, GenerationRequest
+from llama.runner import ModelRunner
+from llama.sampling import logprobs_of, sample_one
+from llama.scheduler import Scheduler
+from llama.sequence import Sequence, Sink
+from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailedError(RuntimeError):
+    """A step failed (a collective broke, a rank died): the engine stops and must be replaced."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int  # sequences decoding at once: the KV cache's rows
+    max_seq_len: int  # prompt and generation together, per sequence
+    prefill_chunk: int = 64  # prompt tokens run per step at most, over all prefilling sequences
+    seed: int = 1  # seeds the RNG that draws a seed for each sampled request that brings none
+    heartbeat_s: float = 1.0  # an idle driver still sends a plan this often, so followers' waits never time out
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_tokens: int = 0  # decode inputs run (one per decoding sequence per step)
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    step_s: float = 0.0  # wall time inside steps that ran a forward
+    publish_s: float = 0.0  # of which: sending the plan to the other ranks
+    forward_s: float = 0.0  # of which: this rank's forward
+    sample_s: float = 0.0  # of which: sampling, logprobs, detokenising, emitting
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        publish: Callable[[StepPlan], None] | None = None,
+    ):
+        if config.max_seq_len > model.args.max_seq_len:
+            raise ValueError(f"engine max_seq_len {config.max_seq_len} exceeds the model's {model.args.max_seq_len}.")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.publish = publish
+        self.runner = ModelRunner(model, model.new_cache(config.max_slots, config.max_seq_len))
+        self.scheduler = Scheduler(config.max_slots, config.prefill_chunk)
+        self.stats = EngineStats()
+        self.failure: BaseException | None = None
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()  # guards the inbox, shared with submitting threads
+        self._new: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._wake = threading.Event()
+        self._by_id: dict[str, Sequence] = {}  # engine thread only
+        self._freed: list[int] = []  # slots given back since the last plan
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; its deltas go to `sink` from the engine thread. Raises ValueError
+        for a request the model cannot serve (nothing is queued then)."""
+        check_prompts([request], self.config.max_seq_len, self.config.max_slots, self.model.args.vocab_size)
+        p = request.params
+        gen = None
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else self._rng.randrange(2**63)
+            gen = torch.Generator(device=self.model.device).manual_seed(seed)
+        seq = Sequence(request_id, request, sink, TextStream(self.tokenizer, p.stop), gen)
+        with self._lock:
+            if self.failure is not None:
+                raise EngineFailedError(f"the engine failed earlier ({self.failure!r}) and must be replaced.")
+            self._new.append(seq)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it ends (finish_reason "abort") at the next step boundary."""
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    def load(self) -> dict:
+        """Slots and queue, for health pages and tests (read without the engine's lock: approximate)."""
+        return {"slots": self.config.max_slots, "free_slots": self.scheduler.free_slots,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                **asdict(self.stats)}
+
+    # ------------------------------------------------------------------ engine thread
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set, then tell the other ranks to leave their loops too."""
+        try:
+            while not stop.is_set():
+                if self.step():
+                    continue
+                if not self._wake.wait(self.config.heartbeat_s) and self.publish is not None:
+                    self._send(StepPlan((), (), tuple(self._take_freed())))
+                self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - any failure ends the engine; the streams are told
+            self._fail(e)
+            raise
+        finally:
+            if self.failure is None and self.publish is not None:
+                self._send(StepPlan((), (), stop=True))
+
+    def step(self) -> bool:
+        """One iteration. Returns False when there was nothing to run."""
+        self._intake()
+        work = self.scheduler.schedule()
+        if not work:
+            return False
+        t0 = time.perf_counter()
+        segments, tokens = [], []
+        for seq, n in work:
+            if seq.prefilling:
+                done = seq.computed + n == seq.prompt_len
+                want_all = seq.prompt_logprobs is not None
+                mode = LOGITS_ALL if want_all else (LOGITS_LAST if done else LOGITS_NONE)
+            else:
+                mode = LOGITS_LAST
+            segments.append(Segment(seq.slot, seq.computed, n, mode))
+            tokens.extend(seq.next_input(n))
+        plan = StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()))
+        self._send(plan)
+        t1 = time.perf_counter()
+        logits = self.runner.execute(plan)  # (R, vocab)
+        t2 = time.perf_counter()
+        self._sample(work, plan, logits)
+        t3 = time.perf_counter()
+        s = self.stats
+        s.steps += 1
+        s.step_s += t3 - t0
+        s.publish_s += t1 - t0
+        s.forward_s += t2 - t1
+        s.sample_s += t3 - t2
+        return True
+
+    def _send(self, plan: StepPlan) -> None:
+        if self.publish is not None:
+            self.publish(plan)
+
+    def _take_freed(self) -> list[int]:
+        freed, self._freed = self._freed, []
+        return freed
+
+    def _intake(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in new:
+            if seq.request_id in self._by_id:
+                seq.sink(ValueError(f"request id {seq.request_id!r} is already running; ids must be unique."))
+                continue
+            self._by_id[seq.request_id] = seq
+            self.scheduler.add(seq)
+        now = time.monotonic()
+        for seq in list(self._by_id.values()):
+            if seq.request_id in aborts:
+                self._finish(seq, "abort")
+            elif seq.deadline is not None and now >= seq.deadline:
+                self._finish(seq, "timeout")
+
+    def _finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "",
+                logprobs: list[float] | None = None, top: list | None = None) -> None:
+        seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top)
+        del self._by_id[seq.request_id]
+        slot = self.scheduler.remove(seq)
+        if slot is not None:
+            self._freed.append(slot)
+        self.stats.finished += 1
+
+    def _sample(self, work: list[tuple[Sequence, int]], plan: StepPlan, logits: torch.Tensor) -> None:
+        row = 0
+        due: list[tuple[Sequence, int]] = []  # sequences that get a token now, and their logits row
+        for (seq, n), seg in zip(work, plan.segments):
+            if seg.length == 1 and not seq.prefilling:
+                self.stats.decode_tokens += 1
+            else:
+                self.stats.prefill_tokens += n
+            if seg.logits == LOGITS_ALL:
+                self._prompt_logprobs(seq, logits[row : row + n], seg.start)
+                row += n
+            elif seg.logits == LOGITS_LAST:
+                row += 1
+            seq.computed += n
+            if seg.logits != LOGITS_NONE and not seq.prefilling:
+                due.append((seq, row - 1))
+        if not due:
+            return
+        chosen = [
+            sample_one(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator) for s, r in due
+        ]
+        wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
+        lps: dict[int, tuple[float, list]] = {}
+        if wants:
+            k = max(due[i][0].params.logprobs for i in wants)
+            rows = torch.tensor([due[i][1] for i in wants], device=logits.device)
+            ids = torch.tensor([chosen[i] for i in wants], device=logits.device)
+            chosen_lp, tops = logprobs_of(logits[rows], ids, k)
+            for j, i in enumerate(wants):
+                lps[i] = (chosen_lp[j], tops[j][: due[i][0].params.logprobs])
+        for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
+            lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
+            if tok == self.tokenizer.eos_id:
+                self._finish(seq, "stop")  # EOS ends the sequence and is not returned
+                continue
+            seq.tokens.append(tok)
+            self.stats.generated_tokens += 1
+            text = seq.text.push(tok)
+            if seq.text.stopped:
+                self._finish(seq, "stop", [tok], text, lp, top)
+            elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.config.max_seq_len:
+                self._finish(seq, "length", [tok], text, lp, top)
+            else:
+                seq.emit([tok], text, None, lp, top)
+
+    def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, start: int) -> None:
+        """rows (n, vocab): logits at positions start..start+n-1; each predicts the next prompt
+        token (the last row of the prompt predicts the first generated one: sampled instead)."""
+        targets = seq.tokens[start + 1 : min(start + 1 + rows.shape[0], seq.prompt_len)]
+        if not targets:
+            return
+        k = seq.params.logprobs or 0
+        lp, top = logprobs_of(rows[: len(targets)], torch.tensor(targets, device=rows.device), k)
+        seq.prompt_logprobs.extend(lp)
+        seq.prompt_top.extend(top)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.failure = e
+            new, self._new = self._new, []
+        err = EngineFailedError(f"the engine failed: {type(e).__name__}: {e}")
+        log.error("engine failed: %r", e)
+        for seq in list(self._by_id.values()) + new:
+            try:
+                seq.sink(err)
+            except Exception:  # noqa: BLE001 - a sink must not stop the others being told
+                log.exception("sink of %s failed", seq.request_id)
+        self._by_id.clear()

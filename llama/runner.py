@@ -1,0 +1,105 @@
+"""ModelRunner: runs one StepPlan through this rank's shard of the model, on its slot KV cache.
+
+Every rank runs the same plan. A plan's segments are packed into one sequence of tokens, so the
+linear layers (and their collectives) run once per step whatever the mix of decodes and
+prefill chunks; attention runs per group of alike segments (all decodes together, all prefill
+chunks together), each segment against its own slot's cached positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama.kv_cache import KVCache
+from llama.model import Transformer
+from llama.step_plan import LOGITS_ALL, LOGITS_LAST, StepPlan
+
+
+@dataclass
+class AttentionGroup:
+    """Segments that attend together: rows padded to the longest segment (length L) and to the
+    longest cached span (K)."""
+
+    query_index: torch.Tensor  # (G, L) packed index of each row's queries; padding repeats index 0
+    valid: torch.Tensor  # (G, L) bool: False on padding
+    slots: torch.Tensor  # (G,) the rows' cache slots
+    kv_len: int  # K: keys gathered per row
+    mask: torch.Tensor  # (G, 1, L, K) additive: 0 where key position <= query position, else -inf
+
+
+@dataclass
+class PackedBatch:
+    tokens: torch.Tensor  # (T,) input tokens of every segment, packed
+    positions: torch.Tensor  # (T,) the position of each
+    token_slots: torch.Tensor  # (T,) the cache slot of each
+    groups: list[AttentionGroup]
+    logit_index: torch.Tensor  # (R,) packed indices whose logits the plan asks for
+
+
+def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> AttentionGroup:
+    """segments: (packed offset, slot, start, length)."""
+    L = max(s[3] for s in segments)
+    K = max(s[2] + s[3] for s in segments)
+    G = len(segments)
+    offs = torch.tensor([s[0] for s in segments], dtype=torch.long)
+    starts = torch.tensor([s[2] for s in segments], dtype=torch.long)
+    lens = torch.tensor([s[3] for s in segments], dtype=torch.long)
+    j = torch.arange(L)
+    valid = j[None, :] < lens[:, None]  # (G, L)
+    query_index = torch.where(valid, offs[:, None] + j[None, :], 0)
+    qpos = starts[:, None] + j[None, :]  # (G, L)
+    visible = torch.arange(K)[None, None, :] <= qpos[:, :, None]  # (G, L, K)
+    mask = torch.zeros((G, L, K)).masked_fill_(~visible, float("-inf"))
+    return AttentionGroup(
+        query_index=query_index.to(device),
+        valid=valid.to(device),
+        slots=torch.tensor([s[1] for s in segments], dtype=torch.long, device=device),
+        kv_len=K,
+        mask=mask.unsqueeze(1).to(device),
+    )
+
+
+def pack(plan: StepPlan, device: torch.device) -> PackedBatch:
+    positions: list[int] = []
+    token_slots: list[int] = []
+    logit_index: list[int] = []
+    decodes, prefills = [], []
+    off = 0
+    for s in plan.segments:
+        positions.extend(range(s.start, s.start + s.length))
+        token_slots.extend([s.slot] * s.length)
+        if s.logits == LOGITS_ALL:
+            logit_index.extend(range(off, off + s.length))
+        elif s.logits == LOGITS_LAST:
+            logit_index.append(off + s.length - 1)
+        (decodes if s.length == 1 else prefills).append((off, s.slot, s.start, s.length))
+        off += s.length
+    groups = [_group(g, device) for g in (decodes, prefills) if g]
+    return PackedBatch(
+        tokens=torch.tensor(plan.tokens, dtype=torch.long, device=device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        groups=groups,
+        logit_index=torch.tensor(logit_index, dtype=torch.long, device=device),
+    )
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: KVCache):
+        self.model = model
+        self.cache = cache
+        self.active: set[int] = set()  # slots holding a sequence, as the plans have said
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
+        self.active.difference_update(plan.freed)
+        for s in plan.segments:
+            # A plan that continues a slot nobody started would read another request's keys.
+            assert s.start == 0 or s.slot in self.active, f"plan continues slot {s.slot}, which holds no sequence"
+            assert s.start + s.length <= self.cache.max_seq_len, "plan runs past max_seq_len"
+            self.active.add(s.slot)
+        if plan.idle:
+            return torch.empty((0, self.model.args.vocab_size))
+        return self.model.forward_packed(pack(plan, self.model.device), self.cache)

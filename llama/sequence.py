@@ -1,0 +1,77 @@
+"""Sequence: one request's state inside the engine, from submission until its last delta.
+
+It holds the prompt and generated tokens, how many of them are in its KV-cache slot, its own
+RNG, its incremental detokeniser, and the callback that carries its deltas out.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from llama.detokenizer import TextStream
+from llama.request import FinishReason, GenerationRequest, StreamDelta, TopLogprobs
+
+# Receives a sequence's deltas, or the exception that ended it. Called on the engine's thread.
+Sink = Callable[[StreamDelta | BaseException], None]
+
+
+class Sequence:
+    def __init__(
+        self,
+        request_id: str,
+        request: GenerationRequest,
+        sink: Sink,
+        text: TextStream,
+        generator: torch.Generator | None,
+    ):
+        self.request_id = request_id
+        self.request = request
+        self.params = request.params
+        self.sink = sink
+        self.text = text
+        self.generator = generator
+        self.tokens: list[int] = list(request.prompt_tokens)  # prompt, then generated
+        self.prompt_len = len(self.tokens)
+        self.computed = 0  # leading tokens whose keys/values are in the slot
+        self.slot: int | None = None
+        self.deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
+        self.abort_requested = False
+        self.started_streaming = False
+        want = self.params.logprobs is not None and self.params.echo
+        # Nothing predicts the first prompt token: 0.0 and no alternatives, as the reference does.
+        self.prompt_logprobs: list[float] | None = [0.0] if want else None
+        self.prompt_top: list[TopLogprobs] | None = [[]] if want else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < self.prompt_len
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+    def next_input(self, n: int) -> list[int]:
+        return self.tokens[self.computed : self.computed + n]
+
+    def emit(
+        self,
+        token_ids: list[int],
+        text: str,
+        finish: FinishReason | None,
+        logprobs: list[float] | None = None,
+        top: list[TopLogprobs] | None = None,
+    ) -> None:
+        first = not self.started_streaming
+        self.started_streaming = True
+        want = self.params.logprobs is not None
+        self.sink(StreamDelta(
+            token_ids=token_ids,
+            text=text,
+            logprobs=(logprobs or []) if want else None,
+            top_logprobs=(top or []) if want else None,
+            finish_reason=finish,
+            prompt_logprobs=self.prompt_logprobs if first else None,
+            prompt_top_logprobs=self.prompt_top if first else None,
+        ))

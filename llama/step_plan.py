@@ -1,0 +1,75 @@
+"""StepPlan: everything a rank needs to run one engine step, and its wire form.
+
+The driver decides each step (which slots run, their input tokens and positions, which slots
+were freed) and sends the plan to every other rank; all ranks then run the same forward. The
+plan travels as one fixed-size int64 tensor, so a step costs one small broadcast, no pickling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# What a segment needs back from the forward (only the driver reads logits, but every rank
+# computes the same rows: the output layer's all-gather is a collective).
+LOGITS_NONE = 0  # a prefill chunk that is not the prompt's last: nothing to sample yet
+LOGITS_LAST = 1  # sample the next token from the segment's last position
+LOGITS_ALL = 2  # every position (prompt logprobs for echo) and sample from the last
+
+_HEADER = 4  # kind, n_segments, n_tokens, n_freed
+_KIND_STEP, _KIND_STOP = 1, 2
+
+
+@dataclass(frozen=True)
+class Segment:
+    slot: int  # the KV-cache slot (row) this sequence owns
+    start: int  # position of the segment's first token; positions < start are already cached
+    length: int  # tokens in this segment: 1 for a decode, up to the chunk budget for a prefill
+    logits: int  # LOGITS_NONE | LOGITS_LAST | LOGITS_ALL
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    segments: tuple[Segment, ...]
+    tokens: tuple[int, ...]  # the segments' input tokens, packed in segment order
+    freed: tuple[int, ...] = ()  # slots given back since the previous plan (finished, cancelled, failed)
+    stop: bool = False  # the driver is shutting down: leave the loop
+
+    @property
+    def idle(self) -> bool:
+        return not self.segments
+
+    def logit_rows(self) -> int:
+        return sum(s.length if s.logits == LOGITS_ALL else (1 if s.logits == LOGITS_LAST else 0) for s in self.segments)
+
+    @staticmethod
+    def capacity(max_slots: int, prefill_chunk: int) -> int:
+        """int64s in the wire tensor: header, 4 per segment (one per slot at most), the tokens
+        (one per decoding slot plus the prefill budget), the freed slots."""
+        return _HEADER + 4 * max_slots + (max_slots + prefill_chunk) + max_slots
+
+    def to_tensor(self, capacity: int) -> torch.Tensor:
+        kind = _KIND_STOP if self.stop else _KIND_STEP
+        body = [kind, len(self.segments), len(self.tokens), len(self.freed)]
+        for s in self.segments:
+            body += [s.slot, s.start, s.length, s.logits]
+        body += list(self.tokens) + list(self.freed)
+        if len(body) > capacity:
+            raise AssertionError(f"step plan of {len(body)} ints exceeds its capacity {capacity}")
+        out = torch.zeros(capacity, dtype=torch.int64)
+        out[: len(body)] = torch.tensor(body, dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> "StepPlan":
+        kind, n_seg, n_tok, n_freed = t[:_HEADER].tolist()
+        if kind == _KIND_STOP:
+            return cls((), (), stop=True)
+        if kind != _KIND_STEP:
+            raise RuntimeError(f"received a malformed step plan (kind {kind}): the driver and this rank disagree")
+        end = _HEADER + 4 * n_seg + n_tok + n_freed
+        vals = t[_HEADER:end].tolist()
+        segs = tuple(Segment(*vals[4 * i : 4 * i + 4]) for i in range(n_seg))
+        toks = tuple(vals[4 * n_seg : 4 * n_seg + n_tok])
+        freed = tuple(vals[4 * n_seg + n_tok :])
+        return cls(segs, toks, freed)
