@@ -1,6 +1,6 @@
 """Continuous batching against one-batch-at-a-time, on the same model, machine and workload.
 
-    python bench/continuous_batching.py [--requests 48 --rate 6 --max-batch 8] [--mp2]
+    python bench/continuous_batching.py [--requests 96 --rate 40 --max-batch 8] [--mp2]
 
 An open-loop workload: requests arrive at Poisson times (seeded), with varied prompt and output
 lengths, greedy. The same arrivals are served in this process (MP=1) by
@@ -177,8 +177,8 @@ def run_mp2(ckpt: str, arrivals: list[Arrival], max_batch: int, max_seq_len: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a Meta-format checkpoint; default: random weights in the demo model's shape")
-    p.add_argument("--requests", type=int, default=48)
-    p.add_argument("--rate", type=float, default=6.0, help="mean arrivals per second (Poisson)")
+    p.add_argument("--requests", type=int, default=96)
+    p.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second (Poisson); the default is more than the static path sustains")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--prefill-chunk", type=int, default=64)
@@ -198,7 +198,7 @@ def main() -> None:
         from llama.make_tiny import make_tiny
 
         ckpt = str(make_tiny(tempfile.mkdtemp(prefix="bench-ckpt-"), shards=2, dim=256, n_layers=4, n_heads=8,
-                             n_kv_heads=4, vocab_size=1024, multiple_of=64, seed=0))
+                             n_kv_heads=4, vocab_size=512, multiple_of=64, seed=0))
     init_single_process_group("gloo")
     init_model_parallel(1)
     info = inspect_checkpoint(ckpt, None, a.max_seq_len, a.max_batch, 1)

@@ -1,14 +1,14 @@
-"""The OpenAI-compatible HTTP API (non-streaming) in front of an Engine.
+"""The OpenAI-compatible HTTP API in front of an Engine.
 
 build_api turns each HTTP request into one list of GenerationRequests (one per prompt and
-choice), makes one engine.generate call, and shapes the outputs as OpenAI does. It needs no
-Ray: the Serve deployment passes its RankGroup as the engine, the unit tests pass a fake.
+choice). Without stream, it makes one engine.generate call and shapes the outputs as OpenAI
+does; with stream=true, deploy/sse.py runs one engine stream per choice and sends chunks. It
+needs no Ray: the Serve deployment passes its RankGroup as the engine, the unit tests a fake.
 """
 from __future__ import annotations
 
 import logging
 import random
-import re
 import time
 import uuid
 
@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from deploy.engine import Engine
-from deploy.errors import UNAVAILABLE, APIError, error_response, install_error_handlers
+from deploy.errors import UNAVAILABLE, APIError, error_response, install_error_handlers, unfinished_error
+from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from deploy.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -29,19 +30,18 @@ from deploy.schemas import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    TokenLogprob,
-    Usage,
     OpenAIRequest,
+    Usage,
 )
+from deploy.sse import ChoiceStreams, EventStream, StreamSpec, chat_stream, completion_stream
 from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
-from llama.request import GenerationOutput, GenerationRequest, SamplingParams
+from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
 MAX_CHOICES = 64  # prompts x n in one HTTP request; bounds one engine call
 _SEED_MODULUS = 2**63  # per-choice seeds wrap here, so they stay valid int64 and torch seeds
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte-fallback pieces
 
 
 def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: int) -> FastAPI:
@@ -49,8 +49,8 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
     install_error_handlers(app)  # before the routes: it sets the route class they are built with
     started = int(time.time())
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest) -> CompletionResponse:
+    @app.post("/v1/completions", response_model=CompletionResponse)
+    async def completions(body: CompletionRequest) -> CompletionResponse | EventStream:
         _check_model(body.model, model_id)
         # Counted before encoding, so an oversized request costs no tokenizer time.
         single = isinstance(body.prompt, str) or (bool(body.prompt) and isinstance(body.prompt[0], int))
@@ -67,8 +67,14 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
         requests = [
             GenerationRequest(tuple(tokens), params)
             for tokens, _ in prompts
-            for params in _choice_params(body, body.max_tokens, want_logprobs, body.echo)
+            for params in _choice_params(body, body.max_tokens, body.logprobs, body.echo)
         ]
+        cmpl_id, n_prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(len(t) for t, _ in prompts)
+        if body.stream:
+            streams = await ChoiceStreams.open(engine, requests)
+            spec = _stream_spec(body, cmpl_id, model_id, "POST /v1/completions", n_prompt_tokens, want_logprobs)
+            echo = [prompts[k // body.n] for k in range(len(requests))] if body.echo else None
+            return completion_stream(streams, tokenizer, spec, echo)
         outputs = await _generate(engine, requests)
         choices = []
         for k, out in enumerate(outputs):
@@ -80,13 +86,11 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
                 finish_reason=out.finish_reason,
                 token_ids=out.token_ids if body.return_token_ids else None,
             ))
-        return CompletionResponse(
-            id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_id, choices=choices,
-            usage=_usage(sum(len(t) for t, _ in prompts), outputs),
-        )
+        return CompletionResponse(id=cmpl_id, created=int(time.time()), model=model_id, choices=choices,
+                                  usage=_usage(n_prompt_tokens, outputs))
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse:
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
         _check_model(body.model, model_id)
         if body.n > MAX_CHOICES:
             raise APIError(400, f"This request asks for {body.n} choices; at most {MAX_CHOICES} fit in one "
@@ -102,26 +106,37 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
             max_tokens = max_seq_len - len(tokens)  # as many as fit, like the reference's max_gen_len
         else:
             _check_length(len(tokens), max_tokens, max_seq_len, "the messages", param="messages")
-        if has_special_tags(dialog):
-            # Meta's reference answers such a dialog with a fixed error text instead of running it.
-            outputs = [GenerationOutput(tokens, [], UNSAFE_ERROR, "stop", [] if body.logprobs else None)] * body.n
+        # logprobs=true: the chosen tokens' logprobs, and top_logprobs alternatives (none if not given)
+        n_alternatives = (body.top_logprobs or 0) if body.logprobs else None
+        requests = [GenerationRequest(tuple(tokens), p) for p in _choice_params(body, max_tokens, n_alternatives, False)]
+        # Meta's reference answers a dialog with special tags with a fixed error text instead of running it.
+        refused = has_special_tags(dialog)
+        no_lp = [] if body.logprobs else None
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            if refused:
+                streams = ChoiceStreams.finished([StreamDelta([], UNSAFE_ERROR, no_lp, no_lp, "stop")] * body.n)
+            else:
+                streams = await ChoiceStreams.open(engine, requests)
+            spec = _stream_spec(body, chat_id, model_id, "POST /v1/chat/completions", len(tokens), body.logprobs)
+            return chat_stream(streams, tokenizer, spec)
+        if refused:
+            outputs = [GenerationOutput(tokens, [], UNSAFE_ERROR, "stop", no_lp, top_logprobs=no_lp)] * body.n
         else:
-            params = _choice_params(body, max_tokens, body.logprobs, echo=False)
-            outputs = await _generate(engine, [GenerationRequest(tuple(tokens), p) for p in params])
+            outputs = await _generate(engine, requests)
         choices = [
             ChatChoice(
                 index=k,
                 message=AssistantMessage(content=out.text),
-                logprobs=_chat_logprobs(out, tokenizer) if body.logprobs else None,
+                logprobs=ChatLogprobs(content=chat_logprobs(tokenizer, out.token_ids, out.logprobs or [],
+                                                             out.top_logprobs)) if body.logprobs else None,
                 finish_reason=out.finish_reason,
                 token_ids=out.token_ids if body.return_token_ids else None,
             )
             for k, out in enumerate(outputs)
         ]
-        return ChatCompletionResponse(
-            id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=model_id, choices=choices,
-            usage=_usage(len(tokens), outputs),
-        )
+        return ChatCompletionResponse(id=chat_id, created=int(time.time()), model=model_id, choices=choices,
+                                      usage=_usage(len(tokens), outputs))
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -199,9 +214,10 @@ def _echo_text(out: GenerationOutput, prompt_text: str, tokenizer: Tokenizer) ->
     return tokenizer.decode([t for t in out.prompt_tokens if t != tokenizer.bos_id] + out.token_ids)
 
 
-def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: bool, echo: bool) -> list[SamplingParams]:
+def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, echo: bool) -> list[SamplingParams]:
     """One SamplingParams per choice. Every sampled choice carries a seed, drawn here when the
-    caller gave none: each model-parallel rank then draws the same tokens from its own RNG."""
+    caller gave none: each model-parallel rank then draws the same tokens from its own RNG.
+    `logprobs`: None for none, else how many alternatives per token (SamplingParams.logprobs)."""
     if body.seed is not None:
         seeds: list[int | None] = [(body.seed + j) % _SEED_MODULUS for j in range(body.n)]
     elif body.temperature > 0:
@@ -209,8 +225,8 @@ def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: bool, echo: b
     else:
         seeds = [None] * body.n  # greedy: nothing to draw
     return [
-        SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=s,
-                       stop=body.stop_strings(), logprobs=logprobs, echo=echo)
+        SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                       seed=s, stop=body.stop_strings(), logprobs=logprobs, echo=echo)
         for s in seeds
     ]
 
@@ -218,7 +234,17 @@ def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: bool, echo: b
 async def _generate(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationOutput]:
     outputs = await engine.generate(requests)
     assert len(outputs) == len(requests), f"engine returned {len(outputs)} outputs for {len(requests)} requests"
+    for out in outputs:
+        if out.finish_reason in ("timeout", "abort"):
+            raise unfinished_error(out.finish_reason)
     return outputs
+
+
+def _stream_spec(body: OpenAIRequest, id: str, model_id: str, where: str, prompt_tokens: int,
+                 logprobs: bool) -> StreamSpec:
+    return StreamSpec(id=id, created=int(time.time()), model=model_id, where=where, prompt_tokens=prompt_tokens,
+                      include_usage=body.stream_options is not None and body.stream_options.include_usage,
+                      logprobs=logprobs, return_token_ids=body.return_token_ids)
 
 
 # ---- engine -> response ---------------------------------------------------------------------
@@ -231,46 +257,14 @@ def _usage(prompt_tokens: int, outputs: list[GenerationOutput]) -> Usage:
 
 
 def _completion_logprobs(out: GenerationOutput, tokenizer: Tokenizer, echo: bool, prompt_text: str) -> CompletionLogprobs:
-    """Pieces decoded one token at a time (the reference's "tokens"); offsets add up piece
-    lengths from the start of the choice's text, restarting at len(prompt_text) for the
-    generation since the pieces of a string prompt need not add up to the string."""
-    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
-    tokens: list[str] = []
-    logprobs: list[float | None] = []
-    offsets: list[int] = []
-    if echo:
-        assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_tokens)
-        pos = 0
-        for k, (t, lp) in enumerate(zip(out.prompt_tokens, out.prompt_logprobs)):
-            tokens.append(tokenizer.decode([t]))
-            logprobs.append(None if k == 0 else lp)  # nothing predicts the first token
-            offsets.append(pos)
-            pos += len(tokens[-1])
-    pos = len(prompt_text) if echo else 0
-    for t, lp in zip(out.token_ids, out.logprobs):
-        tokens.append(tokenizer.decode([t]))
-        logprobs.append(lp)
-        offsets.append(pos)
-        pos += len(tokens[-1])
-    return CompletionLogprobs(tokens=tokens, token_logprobs=logprobs, top_logprobs=None, text_offset=offsets)
-
-
-def _chat_logprobs(out: GenerationOutput, tokenizer: Tokenizer) -> ChatLogprobs:
-    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
-    return ChatLogprobs(content=[
-        TokenLogprob(token=tokenizer.decode([t]), logprob=lp, bytes=_token_bytes(tokenizer, t))
-        for t, lp in zip(out.token_ids, out.logprobs)
-    ])
-
-
-def _token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
-    """The token's own UTF-8 bytes: a byte-fallback piece is one raw byte (its decoded text alone
-    is U+FFFD) and a word-initial piece keeps its space, so a client that joins the bytes gets
-    the text back (with the leading space that decoding drops)."""
-    if token_id in (tokenizer.bos_id, tokenizer.eos_id):
-        return []
-    piece = tokenizer.id_to_piece(token_id)
-    m = _BYTE_PIECE.fullmatch(piece)
-    if m:
-        return [int(m.group(1), 16)]
-    return list(piece.replace("\u2581", " ").encode("utf-8"))  # U+2581 is sentencepiece's space
+    """Offsets add up piece lengths from the start of the choice's text, restarting at
+    len(prompt_text) for the generation since the pieces of a string prompt need not add up to
+    the string."""
+    assert out.logprobs is not None
+    generated = completion_logprobs(tokenizer, out.token_ids, out.logprobs, out.top_logprobs,
+                                    offset=len(prompt_text) if echo else 0)
+    if not echo:
+        return generated
+    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_tokens)
+    return joined(prompt_logprobs(tokenizer, out.prompt_tokens, out.prompt_logprobs, out.prompt_top_logprobs),
+                  generated)

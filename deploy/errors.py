@@ -4,9 +4,11 @@
 
 A caller's mistake (APIError, a request that fails validation, any ValueError, including one
 the engine raises through Ray) is a 4xx that says what to change; a failed gang (ClusterError)
-is a 503, which clients retry; anything else is a 500. Failures are logged here, and a
-500 never quotes an exception's text, which may contain the prompt. Nothing a caller sends
-makes an exception leave the app.
+is a 503, which clients retry; a request the engine stopped (finish_reason "timeout" or
+"abort") is a 504 or 503; anything else is a 500. Failures are logged here, and a 500 never
+quotes an exception's text, which may contain the prompt. Nothing a caller sends makes an
+exception leave the app. A stream that fails after its first byte sends the same body as one
+server-sent event (deploy/sse.py).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ logger = logging.getLogger(__name__)
 INVALID_REQUEST = "invalid_request_error"
 INTERNAL = "internal_error"
 UNAVAILABLE = "service_unavailable_error"
+TIMEOUT = "timeout_error"
 
 
 class APIError(Exception):
@@ -47,8 +50,17 @@ class APIError(Exception):
         self.code = code
         self.type = type
 
+    def body(self) -> dict[str, dict[str, str | None]]:
+        return error_body(self.message, self.type, self.param, self.code)
+
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, self.type, self.param, self.code)
+        return JSONResponse(status_code=self.status, content=self.body())
+
+
+def error_body(
+    message: str, type: str = INVALID_REQUEST, param: str | None = None, code: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def error_response(
@@ -59,8 +71,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(status_code=status, content=body, headers=headers)
+    return JSONResponse(status_code=status, content=error_body(message, type, param, code), headers=headers)
 
 
 def user_message(e: BaseException) -> str:
@@ -71,25 +82,32 @@ def user_message(e: BaseException) -> str:
     return str(cause if isinstance(cause, BaseException) else e)
 
 
-def cluster_error(e: ClusterError, request: Request) -> JSONResponse:
-    logger.error("%s %s: the gang failed: %s", request.method, request.url.path, e)
-    return error_response(
-        503,
-        f"The model's workers failed ({type(e).__name__}); this replica will be replaced. Retry shortly.",
-        UNAVAILABLE,
-    )
-
-
-def internal_error(e: BaseException, request: Request) -> JSONResponse:
+def as_api_error(e: BaseException, where: str) -> APIError:
+    """Any exception as the error its caller gets; `where` ("POST /v1/completions") goes to the
+    log when the failure is the server's."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ValueError):  # a caller's mistake, ours or the engine's to detect
+        return APIError(400, user_message(e))
+    if isinstance(e, ClusterError):
+        logger.error("%s: the gang failed: %s", where, e)
+        return APIError(503, f"The model's workers failed ({type(e).__name__}); this replica will be replaced. "
+                             f"Retry shortly.", type=UNAVAILABLE)
     # The traceback goes to the log for the operator; the caller gets the type name only, since
     # an exception's text may quote the prompt.
-    logger.error("%s %s failed", request.method, request.url.path, exc_info=e)
-    return error_response(
-        500,
-        f"The server had an error while processing your request ({type(e).__name__}). "
-        f"The operator can find the traceback in the server log.",
-        INTERNAL,
-    )
+    logger.error("%s failed", where, exc_info=e)
+    return APIError(500, f"The server had an error while processing your request ({type(e).__name__}). "
+                         f"The operator can find the traceback in the server log.", type=INTERNAL)
+
+
+def unfinished_error(finish_reason: str) -> APIError:
+    """The error for a request the engine ended without finishing it (see llama.request.FinishReason)."""
+    if finish_reason == "timeout":
+        return APIError(504, "The request took longer than this server's request timeout and was stopped. Lower "
+                             "max_tokens (or n), or ask the operator to raise request_timeout_s.", type=TIMEOUT)
+    assert finish_reason == "abort", f"not an unfinished request: finish_reason {finish_reason!r}"
+    return APIError(503, "The request was cancelled in the engine before it finished (the replica may be shutting "
+                         "down). Retry shortly.", type=UNAVAILABLE)
 
 
 # ---- request validation (pydantic) ----------------------------------------------------------
@@ -144,12 +162,8 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except (APIError, RequestValidationError, StarletteHTTPException):
                 raise  # the handlers installed below answer these
-            except ValueError as e:  # a caller's mistake, ours or the engine's to detect
-                return error_response(400, user_message(e))
-            except ClusterError as e:
-                return cluster_error(e, request)
             except Exception as e:
-                return internal_error(e, request)
+                return as_api_error(e, f"{request.method} {request.url.path}").response()
 
         return guarded
 
@@ -179,7 +193,7 @@ async def _http_error(request: Request, e: Exception) -> Response:
 
 async def _unhandled(request: Request, e: Exception) -> Response:
     # Last resort for failures outside a route (middleware); OpenAIRoute catches the rest.
-    return internal_error(e, request)
+    return as_api_error(e, f"{request.method} {request.url.path}").response()
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -48,6 +48,20 @@ Stop = Annotated[
 ]
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False  # one last chunk with the usage of the whole request, before [DONE]
+    continuous_usage_stats: bool = False  # vLLM's: usage on every chunk; not implemented
+
+    @field_validator("continuous_usage_stats")
+    @classmethod
+    def _no_continuous_usage(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("continuous_usage_stats is not supported by this server; use include_usage for the "
+                             "usage of the whole request in a last chunk, or leave it out")
+        return v
+
+
 class OpenAIRequest(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
@@ -64,20 +78,30 @@ class OpenAIRequest(BaseModel):
     stop: Stop = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's range (int64)
     stream: bool = False
+    stream_options: StreamOptions | None = None
     user: str | None = None  # accepted and ignored: we keep no per-user state
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    stream_options: dict[str, Any] | None = None
+    # vLLM's extension: sample among the k most likely tokens. 0 or -1 (vLLM's spelling) is no limit.
+    top_k: int = 0
     # Our extension: the generated token ids on each choice, so callers can compare runs exactly.
     return_token_ids: bool = False
 
-    @field_validator("stream")
+    @field_validator("stream_options")
     @classmethod
-    def _no_streaming(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("streaming is not supported yet; send stream=false or leave it out")
+    def _options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
         return v
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_or_off(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError(f"top_k must be a positive number of tokens to sample among, or 0 or -1 for no limit; "
+                             f"got {v}")
+        return max(v, 0)
 
     @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
@@ -187,7 +211,10 @@ class Usage(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]  # each token decoded on its own, as Meta's reference does
     token_logprobs: list[float | None]  # None for the first prompt token (nothing predicts it)
-    top_logprobs: list[dict[str, float]] | None = None  # not computed
+    # Per token, the most likely tokens' text -> logprob: the request's `logprobs` of them, plus the
+    # chosen token when it is not among them (OpenAI's "up to logprobs+1"). None for the first
+    # prompt token. Tokens whose text is the same (e.g. two that decode to "") share one key.
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]  # character offset of each token in the choice's text
 
 
@@ -209,11 +236,14 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
-class TokenLogprob(BaseModel):
+class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int]  # the token's UTF-8 bytes, so clients can rebuild split characters
-    top_logprobs: list[dict[str, Any]] = []  # not computed
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the request's top_logprobs most likely tokens, most likely first
 
 
 class ChatLogprobs(BaseModel):
@@ -240,6 +270,48 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+# ---- stream chunks (stream=true): one per server-sent event ----------------------------------
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str  # new text since this choice's previous chunk
+    logprobs: CompletionLogprobs | None  # for the tokens of this chunk
+    finish_reason: Literal["stop", "length"] | None  # on the choice's last chunk only
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]  # one choice per chunk; none in the usage chunk
+    usage: Usage | None = None  # sent (null but in the last chunk) only with stream_options.include_usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)  # first chunk only
+    content: str | None = Field(None, exclude_if=lambda v: v is None)  # absent in the last chunk
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

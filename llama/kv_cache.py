@@ -48,6 +48,12 @@ class KVCache:
         self.k[layer][slots, positions] = xk
         self.v[layer][slots, positions] = xv
 
-    def gather(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values (len(slots), length, kv_heads, hd) of positions 0..length-1 of the slots."""
+    def gather(
+        self, layer: int, slots: torch.Tensor, length: int, slot_range: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (len(slots), length, kv_heads, hd) of positions 0..length-1 of the slots:
+        a view when they are the consecutive slot_range, else a copy."""
+        if slot_range is not None:
+            a, b = slot_range
+            return self.k[layer][a:b, :length], self.v[layer][a:b, :length]
         return self.k[layer][slots, :length], self.v[layer][slots, :length]

@@ -8,7 +8,6 @@ It needs fairscale's model-parallel state initialised (see llama/distributed.py)
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -82,14 +81,6 @@ def apply_rotary_emb(
     return xq_out.type_as(xq), xk_out.type_as(xk)
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    # (bsz, seqlen, n_kv_heads, hd) -> (bsz, seqlen, n_kv_heads * n_rep, hd)
-    if n_rep == 1:
-        return x
-    bsz, seqlen, n_kv, hd = x.shape
-    return x[:, :, :, None, :].expand(bsz, seqlen, n_kv, n_rep, hd).reshape(bsz, seqlen, n_kv * n_rep, hd)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
@@ -122,15 +113,13 @@ class Attention(nn.Module):
             keys, values = cache.update(self.layer_id, start_pos, xk, xv)  # (bsz, start_pos+seqlen, kv, hd)
         else:
             keys, values = xk, xv
-        keys = repeat_kv(keys, self.n_rep).transpose(1, 2)  # (bsz, heads, cache_len, hd)
-        values = repeat_kv(values, self.n_rep).transpose(1, 2)
-        xq = xq.transpose(1, 2)  # (bsz, heads, seqlen, hd)
-
-        scores = torch.matmul(xq, keys.transpose(2, 3)) / math.sqrt(self.head_dim)
-        if mask is not None:
-            scores = scores + mask  # (seqlen, cache_len) or (bsz, 1, seqlen, cache_len)
-        scores = F.softmax(scores.float(), dim=-1).type_as(xq)
-        out = torch.matmul(scores, values)  # (bsz, heads, seqlen, hd)
+        # The reference's repeat_kv + matmul + float32 softmax, as one fused call: SDPA maps head h
+        # to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
+        out = F.scaled_dot_product_attention(
+            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (bsz, heads|kv, len, hd)
+            attn_mask=mask,  # (seqlen, cache_len) or None for one new token
+            enable_gqa=self.n_rep > 1,
+        )  # (bsz, heads, seqlen, hd)
         out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
         return self.wo(out)
 
@@ -147,14 +136,12 @@ class Attention(nn.Module):
         cache.write(self.layer_id, batch.token_slots, batch.positions, xk[0], xv)
         out = torch.empty_like(xq)  # (T, heads, hd)
         for g in batch.groups:
-            keys, values = cache.gather(self.layer_id, g.slots, g.kv_len)  # (G, K, kv, hd)
-            keys = repeat_kv(keys, self.n_rep).transpose(1, 2)  # (G, heads, K, hd)
-            values = repeat_kv(values, self.n_rep).transpose(1, 2)
+            keys, values = cache.gather(self.layer_id, g.slots, g.kv_len, g.slot_range)  # (G, K, kv, hd)
             q = xq[g.query_index].transpose(1, 2)  # (G, heads, L, hd)
-            scores = torch.matmul(q, keys.transpose(2, 3)) / math.sqrt(self.head_dim) + g.mask
-            scores = F.softmax(scores.float(), dim=-1).type_as(q)
-            o = torch.matmul(scores, values).transpose(1, 2)  # (G, L, heads, hd)
-            out[g.query_index[g.valid]] = o[g.valid]
+            # Grouped-query attention without repeating the keys, as in forward.
+            o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=g.mask,
+                                               enable_gqa=self.n_rep > 1)  # (G, heads, L, hd)
+            out[g.query_index[g.valid]] = o.transpose(1, 2)[g.valid]
         return self.wo(out.view(T, -1))
 
 

@@ -24,6 +24,7 @@ class AttentionGroup:
     query_index: torch.Tensor  # (G, L) packed index of each row's queries; padding repeats index 0
     valid: torch.Tensor  # (G, L) bool: False on padding
     slots: torch.Tensor  # (G,) the rows' cache slots
+    slot_range: tuple[int, int] | None  # (first, end) when the slots are consecutive: a view, no copy
     kv_len: int  # K: keys gathered per row
     mask: torch.Tensor  # (G, 1, L, K) additive: 0 where key position <= query position, else -inf
 
@@ -39,6 +40,9 @@ class PackedBatch:
 
 def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> AttentionGroup:
     """segments: (packed offset, slot, start, length)."""
+    segments = sorted(segments, key=lambda s: s[1])  # by slot: often a run of consecutive slots
+    slots = [s[1] for s in segments]
+    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
     L = max(s[3] for s in segments)
     K = max(s[2] + s[3] for s in segments)
     G = len(segments)
@@ -54,7 +58,8 @@ def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> A
     return AttentionGroup(
         query_index=query_index.to(device),
         valid=valid.to(device),
-        slots=torch.tensor([s[1] for s in segments], dtype=torch.long, device=device),
+        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
         kv_len=K,
         mask=mask.unsqueeze(1).to(device),
     )

@@ -3,6 +3,8 @@ gloo ranks serves the golden checkpoint; answers match Meta's reference token fo
 callers' mistakes are OpenAI-shaped 4xx errors that leave every rank running."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -115,3 +117,48 @@ def test_echo_matches_the_reference(client, golden):
     resp = client.completions.create(model=MODEL, prompt=e["prompts"], max_tokens=e["max_gen_len"], temperature=0,
                                      echo=True)
     assert [ch.text for ch in resp.choices] == [r["generation"] for r in e["results"]]
+
+
+def test_streaming_completions_and_chat_match_the_reference(client, golden):
+    c = golden["completions"]
+    for prompt, want in zip(c["prompts"][:3], c["results"]):
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=c["max_gen_len"], temperature=0,
+                                                stream=True, stream_options={"include_usage": True}))
+        assert len(chunks) > 2 and chunks[-1].usage.completion_tokens > 0 and not chunks[-1].choices
+        assert "".join(ch.choices[0].text for ch in chunks[:-1]) == want["generation"]
+        assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    ch = golden["chats"]
+    stream = client.chat.completions.create(model=MODEL, messages=ch["dialogs"][0], max_tokens=ch["max_gen_len"],
+                                            temperature=0, stream=True)
+    parts = [k.choices[0].delta.content or "" for k in stream if k.choices]
+    assert "".join(parts) == ch["results"][0]["generation"]["content"]
+
+
+def test_streamed_n_choices_equal_the_non_streamed_ones(client):
+    kw = dict(model=MODEL, prompt="hello", max_tokens=8, temperature=1.0, n=3, seed=5)
+    whole = [ch.text for ch in client.completions.create(**kw).choices]
+    texts = ["", "", ""]
+    for chunk in client.completions.create(stream=True, **kw):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == whole
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, base_url, golden):
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 80, "temperature": 0, "stream": True}
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(x.startswith("data: {") for x in got)
+        engine = httpx.get(base_url + "/cluster").json()["engine"]
+        assert engine["running"] == 1  # still decoding when we leave
+    for _ in range(200):
+        engine = httpx.get(base_url + "/cluster").json()["engine"]
+        if engine["free_slots"] == engine["slots"] and engine["running"] == 0:
+            break
+        time.sleep(0.05)
+    assert engine["free_slots"] == engine["slots"] and engine["running"] == 0
+    c = golden["completions"]
+    resp = client.completions.create(model=MODEL, prompt=c["prompts"][0], max_tokens=4, temperature=0,
+                                     extra_body={"return_token_ids": True})
+    assert resp.choices[0].model_extra["token_ids"] == c["generated_token_ids"][0][:4]

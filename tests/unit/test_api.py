@@ -2,9 +2,11 @@
 openai client where a client would go, and raw HTTP where the client cannot send the mistake."""
 from __future__ import annotations
 
-import logging
+import asyncio
+import dataclasses
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,10 @@ from starlette.testclient import TestClient
 
 from cluster.errors import RankFailedError
 from deploy.api import build_api
+from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
 from llama.make_tiny import make_tiny
-from llama.request import GenerationOutput, GenerationRequest
+from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 from llama.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
@@ -24,21 +27,52 @@ MAX_SEQ_LEN = 128
 
 
 class FakeEngine:
-    """Generates the prompt back (BOS dropped), then EOS; cuts at stop strings as the real loop
-    does. Records every call so tests can check how HTTP fields became SamplingParams."""
+    """Generates the prompt back (BOS dropped), then EOS, one token per delta; cuts at stop strings
+    as the real engine does. `generate` collects streams, as the real one does. Records every
+    request and every stream closed before its end, so tests can check how HTTP fields became
+    SamplingParams and that the HTTP layer cancels what it started."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
-        self.calls: list[list[GenerationRequest]] = []
+        self.calls: list[list[GenerationRequest]] = []  # one list per generate call
+        self.streamed: list[GenerationRequest] = []  # every stream call, in order
+        self.cancelled: list[GenerationRequest] = []  # streams closed (aclose or cancellation) before their end
         self.fail: dict[str, Exception] = {}  # method name -> what it raises
+        # stream call number -> (deltas sent first, then: raise this, or end with this finish_reason)
+        self.faults: dict[int, tuple[int, Exception | str]] = {}
 
     async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         self.calls.append(requests)
         if "generate" in self.fail:
             raise self.fail["generate"]
-        return [self._one(r) for r in requests]
 
-    def _one(self, r: GenerationRequest) -> GenerationOutput:
+        async def one(r: GenerationRequest) -> GenerationOutput:
+            return collect(list(r.prompt_tokens), [d async for d in self.stream(r)])
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        number = len(self.streamed)
+        self.streamed.append(request)
+        after, fault = self.faults.get(number, (None, None))
+        ended = False  # the last delta has gone out: closing the stream now cancels nothing
+        try:
+            for k, delta in enumerate(self._deltas(request)):
+                await asyncio.sleep(0)  # a step: other streams (and the HTTP side) run meanwhile
+                if k == after and isinstance(fault, Exception):
+                    raise fault
+                if k == after:
+                    delta = StreamDelta([], "", [] if delta.logprobs is not None else None, finish_reason=fault)
+                ended = delta.finish_reason is not None
+                yield delta
+                if ended:
+                    return
+        except (GeneratorExit, asyncio.CancelledError):
+            if not ended:
+                self.cancelled.append(request)
+            raise
+
+    def _deltas(self, r: GenerationRequest) -> list[StreamDelta]:
         p = r.params
         script = [t for t in r.prompt_tokens if t != self.tok.bos_id]
         gen, finish = script[: p.max_tokens], ("stop" if len(script) < p.max_tokens else "length")
@@ -49,15 +83,30 @@ class FakeEngine:
             if hits:
                 gen, text, finish = gen[:k], partial[: min(hits)], "stop"
                 break
-        return GenerationOutput(
-            prompt_tokens=list(r.prompt_tokens),
-            token_ids=gen,
-            text=text,
-            finish_reason=finish,
-            logprobs=[-(k + 1) / 10 for k in range(len(gen))] if p.logprobs else None,
-            prompt_logprobs=[0.0] + [-(k + 1) / 100 for k in range(len(r.prompt_tokens) - 1)]
-            if p.logprobs and p.echo else None,
-        )
+        want_lp = p.logprobs is not None
+        deltas, sent = [], 0
+        for k, t in enumerate(gen):
+            last = k == len(gen) - 1
+            upto = len(text) if last else min(len(self.tok.decode(gen[: k + 1])), len(text))
+            lp = -(k + 1) / 10
+            deltas.append(StreamDelta(
+                token_ids=[t], text=text[sent:upto], logprobs=[lp] if want_lp else None,
+                top_logprobs=[self._alternatives(t, p.logprobs)] if want_lp else None,
+                finish_reason=finish if last else None,
+            ))
+            sent = upto
+        if not deltas:
+            deltas.append(StreamDelta([], "", [] if want_lp else None, [] if want_lp else None, finish))
+        if want_lp and p.echo:
+            n = len(r.prompt_tokens)
+            deltas[0] = dataclasses.replace(
+                deltas[0], prompt_logprobs=[0.0] + [-(k + 1) / 100 for k in range(n - 1)],
+                prompt_top_logprobs=[[]] + [self._alternatives(t, p.logprobs) for t in r.prompt_tokens[1:]])
+        return deltas
+
+    def _alternatives(self, token: int, k: int) -> list[tuple[int, float]]:
+        """k alternatives, most likely first, never the chosen token (so OpenAI's "+1" shows)."""
+        return [((token + j + 1) % self.tok.n_words, -(j + 1) / 1000) for j in range(k)]
 
     async def cluster_info(self) -> dict:
         if "cluster_info" in self.fail:
@@ -80,9 +129,12 @@ def engine(tok: Tokenizer) -> FakeEngine:
 
 
 @pytest.fixture
-def http(engine: FakeEngine, tok: Tokenizer) -> TestClient:
+def http(engine: FakeEngine, tok: Tokenizer) -> Iterator[TestClient]:
     # The TestClient re-raises any exception that leaves the app: none may, not even for a 500.
-    return TestClient(build_api(engine, tok, MODEL, MAX_SEQ_LEN))
+    # Entered, it keeps one event loop for all requests: what a request leaves running stays
+    # visible instead of being cancelled with a loop of its own.
+    with TestClient(build_api(engine, tok, MODEL, MAX_SEQ_LEN)) as client:
+        yield client
 
 
 @pytest.fixture
@@ -110,7 +162,7 @@ def test_completion_string_prompt(client: openai.OpenAI, engine: FakeEngine, tok
     assert req.prompt_tokens == tuple(tok.encode("hello world", bos=True, eos=False))
     p = req.params
     # OpenAI's defaults, not the reference's 0.6 / 0.9; a server-drawn seed since temperature > 0.
-    assert (p.max_tokens, p.temperature, p.top_p, p.stop, p.logprobs, p.echo) == (16, 1.0, 1.0, (), False, False)
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.stop, p.logprobs, p.echo) == (16, 1.0, 1.0, 0, (), None, False)
     assert isinstance(p.seed, int) and 0 <= p.seed < 2**31
 
 
@@ -158,17 +210,24 @@ def test_completion_echo(client: openai.OpenAI) -> None:
     assert r.choices[0].text == "hihi"
 
 
-def test_completion_logprobs(client: openai.OpenAI, engine: FakeEngine) -> None:
+def test_completion_logprobs(client: openai.OpenAI, engine: FakeEngine, tok: Tokenizer) -> None:
     r = client.completions.create(model=MODEL, prompt="hello", max_tokens=3, logprobs=0)
     lp = r.choices[0].logprobs
     assert lp.tokens == ["", "h", "el"]  # each token decoded alone, as the reference does
     assert lp.token_logprobs == [-0.1, -0.2, -0.3]
     assert lp.text_offset == [0, 0, 1]
-    assert lp.top_logprobs is None
-    assert (engine.calls[0][0].params.logprobs, engine.calls[0][0].params.echo) == (True, False)
+    # logprobs=0: no alternatives, only the chosen token (vLLM's answer; OpenAI's "up to logprobs+1")
+    assert lp.top_logprobs == [{"": -0.1}, {"h": -0.2}, {"el": -0.3}]
+    assert (engine.calls[0][0].params.logprobs, engine.calls[0][0].params.echo) == (0, False)
+    r = client.completions.create(model=MODEL, prompt="hello", max_tokens=2, logprobs=2)
+    # The fake's two alternatives are the next ids (267 "e" after 266 "▁"), the chosen token last.
+    assert r.choices[0].logprobs.top_logprobs == [
+        {tok.decode([267]): -0.001, tok.decode([268]): -0.002, "": -0.1},
+        {tok.decode([277]): -0.001, tok.decode([278]): -0.002, "h": -0.2}]
+    assert engine.calls[1][0].params.logprobs == 2
 
 
-def test_completion_logprobs_with_echo(client: openai.OpenAI, engine: FakeEngine) -> None:
+def test_completion_logprobs_with_echo(client: openai.OpenAI, engine: FakeEngine, tok: Tokenizer) -> None:
     r = client.completions.create(model=MODEL, prompt="hi hi", max_tokens=2, logprobs=1, echo=True)
     c = r.choices[0]
     assert c.text == "hi hi h"
@@ -177,7 +236,11 @@ def test_completion_logprobs_with_echo(client: openai.OpenAI, engine: FakeEngine
     # The pieces of "hi hi" add up to 4 characters (spaces decode to ""); the generation
     # still starts at len("hi hi").
     assert c.logprobs.text_offset == [0, 0, 0, 1, 2, 2, 3, 5, 5]
-    assert engine.calls[0][0].params.echo is True
+    # Nothing predicts the first prompt token: no alternatives (null), as its logprob.
+    tops = c.logprobs.top_logprobs
+    assert tops[0] is None and [len(t) for t in tops[1:]] == [2] * 8  # one alternative + the token itself
+    assert tops[2] == {"h": -0.02, tok.decode([277]): -0.001}
+    assert (engine.calls[0][0].params.echo, engine.calls[0][0].params.logprobs) == (True, 1)
 
 
 def test_completion_return_token_ids(client: openai.OpenAI, tok: Tokenizer) -> None:
@@ -193,6 +256,12 @@ def test_completion_stop_mapping(client: openai.OpenAI, engine: FakeEngine) -> N
     assert [engine.calls[0][0].params.stop, engine.calls[1][0].params.stop] == [("wor",), ("x", "ld")]
 
 
+def test_top_k_passes_through(client: openai.OpenAI, engine: FakeEngine) -> None:
+    client.completions.create(model=MODEL, prompt="hi", extra_body={"top_k": 5})
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], extra_body={"top_k": -1})
+    assert [c[0].params.top_k for c in engine.calls] == [5, 0]  # vLLM's -1 (no limit) is our 0
+
+
 # ---- chat -----------------------------------------------------------------------------------
 
 
@@ -203,7 +272,7 @@ def test_chat_system_and_user(client: openai.OpenAI, engine: FakeEngine, tok: To
     [[req]] = engine.calls
     assert req.prompt_tokens == tuple(prompt)
     p = req.params
-    assert (p.max_tokens, p.temperature, p.top_p, p.logprobs, p.echo) == (MAX_SEQ_LEN - len(prompt), 1.0, 1.0, False, False)
+    assert (p.max_tokens, p.temperature, p.top_p, p.logprobs, p.echo) == (MAX_SEQ_LEN - len(prompt), 1.0, 1.0, None, False)
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion" and r.model == MODEL
     [c] = r.choices
     assert (c.index, c.message.role, c.finish_reason, c.logprobs) == (0, "assistant", "stop", None)
@@ -224,13 +293,22 @@ def test_chat_multi_turn_parts_and_limits(client: openai.OpenAI, engine: FakeEng
     assert [(q.params.max_tokens, q.params.seed) for q in engine.calls[1]] == [(7, None)]
 
 
-def test_chat_logprobs_and_token_ids(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+def test_chat_logprobs_and_token_ids(client: openai.OpenAI, engine: FakeEngine, tok: Tokenizer) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3,
                                        logprobs=True, top_logprobs=2, extra_body={"return_token_ids": True})
     c = r.choices[0]
-    assert [(t.token, t.logprob, t.bytes, t.top_logprobs) for t in c.logprobs.content] == [
-        ("", -0.1, [32], []), ("[", -0.2, [0x5B], []), ("I", -0.3, [73], [])]  # "▁", "<0x5B>", "I"
+    assert [(t.token, t.logprob, t.bytes) for t in c.logprobs.content] == [
+        ("", -0.1, [32]), ("[", -0.2, [0x5B]), ("I", -0.3, [73])]  # "▁", "<0x5B>", "I"
     assert c.message.content == "[I" and c.token_ids == [266, 94, 312]
+    # exactly top_logprobs alternatives per token (the fake's: the next ids), with their bytes
+    assert [[(a.token, a.logprob, a.bytes) for a in t.top_logprobs] for t in c.logprobs.content] == [
+        [(tok.decode([i]), -(j + 1) / 1000, token_bytes(tok, i)) for j, i in enumerate((t + 1, t + 2))]
+        for t in (266, 94, 312)]
+    assert engine.calls[0][0].params.logprobs == 2
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, logprobs=True)
+    assert [t.top_logprobs for t in r.choices[0].logprobs.content] == [[], []]
+    assert engine.calls[1][0].params.logprobs == 0  # logprobs=true without top_logprobs: no alternatives
 
 
 def test_chat_special_tags_are_refused_without_running(client: openai.OpenAI, engine: FakeEngine, tok: Tokenizer) -> None:
@@ -266,134 +344,6 @@ def test_health_and_cluster(http: TestClient, engine: FakeEngine) -> None:
     assert err["message"] == "The model is not ready to serve: RankFailedError: rank 1 did not answer"
     engine.fail["cluster_info"] = RuntimeError("boom")
     assert error_of(http.get("/cluster"), 500)["type"] == "internal_error"
-
-
-# ---- errors ---------------------------------------------------------------------------------
-
-CTX = "This model's maximum context length is 128 tokens. However, "
-
-
-@pytest.mark.parametrize("body, status, param, message", [
-    ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "The model `gpt-4` does not exist; this server serves `tiny-llama`."),
-    ({"prompt": "hi"}, 400, "model", "Missing required parameter: 'model'."),
-    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens",
-     "Invalid value for 'max_tokens': Input should be greater than or equal to 1."),
-    ({"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "max_tokens",
-     "Invalid value for 'max_tokens': Input should be a valid integer."),
-    ({"model": MODEL, "prompt": "hi", "temperature": -0.1}, 400, "temperature", None),
-    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p", None),
-    ({"model": MODEL, "prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
-    ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n", None),
-    ({"model": MODEL, "prompt": ["a", "b"], "n": 33}, 400, "n",
-     "This request asks for 66 choices (2 prompt(s) x n=33); at most 64 fit in one request. Lower n or split the "
-     "prompts across requests."),
-    ({"model": MODEL, "prompt": []}, 400, "prompt", "prompt must not be empty: send a string or at least one token id."),
-    ({"model": MODEL, "prompt": [[1], []]}, 400, "prompt", "prompt 1 is an empty token list: send at least one token id."),
-    ({"model": MODEL, "prompt": [1, 320]}, 400, "prompt", "prompt 0 has token id 320; this model's ids are 0..319."),
-    ({"model": MODEL, "prompt": [-1]}, 400, "prompt", "prompt 0 has token id -1; this model's ids are 0..319."),
-    ({"model": MODEL, "prompt": [1, "a"]}, 400, "prompt", "Invalid value for 'prompt': expected a string, a list of "
-     "strings, a list of token ids or a list of token-id lists."),
-    ({"model": MODEL, "prompt": [1] * 120, "max_tokens": 10}, 400, "prompt", CTX + "you requested 130 tokens (120 in "
-     "the prompt, 10 for the completion). Please reduce the length of the prompt or of the completion (max_tokens)."),
-    ({"model": MODEL, "prompt": [1] * 128}, 400, "prompt", CTX + "the prompt is 128 tokens, which leaves no room for "
-     "the completion. Please reduce the length of the prompt."),
-    ({"model": MODEL, "prompt": ["hi", "x" * 130]}, 400, "prompt", None),
-    ({"model": MODEL, "prompt": "hi", "stream": True}, 400, "stream",
-     "Invalid value for 'stream': streaming is not supported yet; send stream=false or leave it out."),
-    ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
-    ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, "stop", None),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", None),
-    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty", None),
-    ({"model": MODEL, "prompt": "hi", "tools": []}, 400, "tools", "Unrecognized request argument supplied: tools."),
-])
-def test_completion_errors(http: TestClient, engine: FakeEngine, body: dict, status: int, param: str,
-                           message: str | None) -> None:
-    err = error_of(http.post("/v1/completions", json=body), status)
-    assert (err["type"], err["param"]) == ("invalid_request_error", param)
-    if message is not None:
-        assert err["message"] == message
-    assert engine.calls == []
-    assert err["code"] == {404: "model_not_found"}.get(status, "context_length_exceeded" if "context" in
-                                                      err["message"] else None)
-
-
-@pytest.mark.parametrize("extra, param, message", [
-    ({"messages": []}, "messages", None),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content", None),
-    ({"max_tokens": 110}, "messages", CTX + "you requested 129 tokens (19 in the messages, 110 for the completion). "
-     "Please reduce the length of the prompt or of the completion (max_tokens)."),
-    ({"messages": [{"role": "user", "content": "x" * 130}]}, "messages", None),
-    ({"top_logprobs": 2}, "top_logprobs", "Invalid value for 'top_logprobs': top_logprobs needs logprobs=true."),
-    ({"logprobs": 1}, "logprobs", "Invalid value for 'logprobs': Input should be a valid boolean."),
-    ({"stream": True}, "stream", None),
-    ({"n": 65}, "n", "This request asks for 65 choices; at most 64 fit in one request. Lower n."),
-])
-def test_chat_errors(http: TestClient, engine: FakeEngine, extra: dict, param: str, message: str | None) -> None:
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}
-    err = error_of(http.post("/v1/chat/completions", json=body), 400)
-    assert (err["type"], err["param"]) == ("invalid_request_error", param)
-    if message is not None:
-        assert err["message"] == message
-    assert engine.calls == []
-
-
-@pytest.mark.parametrize("content, message", [
-    (b'{"model": "tiny-llama", "prompt": ', "We could not parse the JSON body of your request (Expecting value). "
-                                            "Send a JSON object."),
-    (b"", "The request body is empty: send a JSON object with the request's parameters."),
-    (b"[1, 2]", "The request body must be a JSON object with the request's parameters: Input should be a valid "
-                "dictionary or object to extract fields from."),
-])
-def test_malformed_json(http: TestClient, content: bytes, message: str) -> None:
-    r = http.post("/v1/completions", content=content, headers={"content-type": "application/json"})
-    assert error_of(r, 400)["message"] == message
-
-
-def test_unknown_route_and_method(http: TestClient) -> None:
-    assert error_of(http.get("/v1/nothing"), 404)["message"] == "Invalid URL (GET /v1/nothing)."
-    assert error_of(http.get("/v1/completions"), 405)["message"] == "Method GET is not allowed for /v1/completions."
-
-
-def test_client_sees_openai_errors(client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="hi", stream=True)
-    with pytest.raises(openai.NotFoundError):
-        client.completions.create(model="davinci-002", prompt="hi")
-
-
-class FakeRayTaskError(Exception):
-    """Like Ray's: str() is the remote traceback, .cause the original exception."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__("Traceback (most recent call last): ... ray internals ...")
-        self.cause = cause
-
-
-def test_engine_value_errors_are_400(client: openai.OpenAI, http: TestClient, engine: FakeEngine) -> None:
-    engine.fail["generate"] = ValueError("32 prompts in one batch; this model was built for max_batch_size 8.")
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="hi")
-    assert error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}), 400)["message"] == (
-        "32 prompts in one batch; this model was built for max_batch_size 8.")
-    # Ray re-raises a remote ValueError as a class that is both RayTaskError and ValueError.
-    ray_style = type("RayTaskError(ValueError)", (FakeRayTaskError, ValueError), {})
-    engine.fail["generate"] = ray_style(ValueError("prompt 0 is empty: send at least one token."))
-    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-    assert error_of(r, 400)["message"] == "prompt 0 is empty: send at least one token."
-
-
-def test_engine_failures_are_5xx_without_prompt_text(http: TestClient, engine: FakeEngine,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
-    engine.fail["generate"] = RuntimeError("CUDA error while running 'my secret prompt'")
-    with caplog.at_level(logging.ERROR, logger="deploy.errors"):
-        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "my secret prompt"})
-    err = error_of(r, 500)
-    assert err["type"] == "internal_error" and "RuntimeError" in err["message"] and "secret" not in r.text
-    assert any(rec.exc_info for rec in caplog.records)  # the traceback is in the log for the operator
-    engine.fail["generate"] = RankFailedError("the gang failed during generation: rank 1 died")
-    err = error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}), 503)
-    assert err["message"] == "The model's workers failed (RankFailedError); this replica will be replaced. Retry shortly."
 
 
 def test_api_does_not_import_ray() -> None:
