@@ -52,6 +52,8 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     finished: int = 0
+    aborted: int = 0  # of which: cancelled by their callers
+    timed_out: int = 0  # of which: past their deadline
     step_s: float = 0.0  # wall time inside steps that ran a forward
     publish_s: float = 0.0  # of which: sending the plan to the other ranks
     forward_s: float = 0.0  # of which: this rank's forward
@@ -176,13 +178,13 @@ class Engine:
             aborts, self._aborts = self._aborts, set()
         for seq in new:
             if seq.request_id in self._by_id:
-                seq.sink(ValueError(f"request id {seq.request_id!r} is already running; ids must be unique."))
+                seq.deliver(ValueError(f"request id {seq.request_id!r} is already running; ids must be unique."))
                 continue
             self._by_id[seq.request_id] = seq
             self.scheduler.add(seq)
         now = time.monotonic()
         for seq in list(self._by_id.values()):
-            if seq.request_id in aborts:
+            if seq.request_id in aborts or seq.abort_requested:
                 self._finish(seq, "abort")
             elif seq.deadline is not None and now >= seq.deadline:
                 self._finish(seq, "timeout")
@@ -195,6 +197,8 @@ class Engine:
         if slot is not None:
             self._freed.append(slot)
         self.stats.finished += 1
+        self.stats.aborted += reason == "abort"
+        self.stats.timed_out += reason == "timeout"
 
     def _sample(self, work: list[tuple[Sequence, int]], plan: StepPlan, logits: torch.Tensor) -> None:
         row = 0
@@ -259,8 +263,5 @@ class Engine:
         err = EngineFailedError(f"the engine failed: {type(e).__name__}: {e}")
         log.error("engine failed: %r", e)
         for seq in list(self._by_id.values()) + new:
-            try:
-                seq.sink(err)
-            except Exception:  # noqa: BLE001 - a sink must not stop the others being told
-                log.exception("sink of %s failed", seq.request_id)
+            seq.deliver(err)
         self._by_id.clear()

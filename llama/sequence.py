@@ -5,6 +5,7 @@ RNG, its incremental detokeniser, and the callback that carries its deltas out.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ import torch
 
 from llama.detokenizer import TextStream
 from llama.request import FinishReason, GenerationRequest, StreamDelta, TopLogprobs
+
+log = logging.getLogger(__name__)
 
 # Receives a sequence's deltas, or the exception that ended it. Called on the engine's thread.
 Sink = Callable[[StreamDelta | BaseException], None]
@@ -66,7 +69,7 @@ class Sequence:
         first = not self.started_streaming
         self.started_streaming = True
         want = self.params.logprobs is not None
-        self.sink(StreamDelta(
+        self.deliver(StreamDelta(
             token_ids=token_ids,
             text=text,
             logprobs=(logprobs or []) if want else None,
@@ -75,3 +78,11 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs if first else None,
             prompt_top_logprobs=self.prompt_top if first else None,
         ))
+
+    def deliver(self, item: StreamDelta | BaseException) -> None:
+        """A sink that fails (its caller is gone) ends this request at the next step, never the engine."""
+        try:
+            self.sink(item)
+        except Exception:  # noqa: BLE001
+            log.warning("request %s: its delta could not be delivered; aborting it", self.request_id, exc_info=True)
+            self.abort_requested = True

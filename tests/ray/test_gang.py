@@ -83,6 +83,8 @@ def test_concurrent_streams_give_the_tokens_each_gives_alone(golden_mp2, golden)
 def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(golden_mp2):
     import ray
 
+    aborted = ray.get(golden_mp2.actors[0].load.remote())["aborted"]
+
     async def go():
         it = golden_mp2.stream(_greedy([[1, 45, 74]], 90)[0])
         first = await it.__anext__()
@@ -104,6 +106,7 @@ def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(gold
 
         time.sleep(0.05)
     assert load["free_slots"] == load["slots"] and load["running"] == 0
+    assert load["aborted"] == aborted + 1  # freed by the abort, not by running to its end
 
 
 def test_cluster_info_shows_each_rank(golden_mp2):
@@ -181,3 +184,56 @@ def test_a_dead_rank_makes_the_gang_unhealthy(ray_local, tiny_ckpts):
             g.generate_blocking(_greedy([[1, 2]], 2))
     finally:
         g.shutdown()
+
+
+def test_a_request_admitted_midway_at_mp2_gives_its_tokens_alone(golden_mp2, golden):
+    c = golden["completions"]
+    long_req, late_req = _greedy([c["prompt_token_ids"][0]], 40)[0], _greedy([c["prompt_token_ids"][2]], 12)[0]
+
+    async def go():
+        first = golden_mp2.stream(long_req)
+        got = [await first.__anext__() for _ in range(3)]  # the first request is decoding
+        late = await golden_mp2.generate([late_req])
+        got += [d async for d in first]
+        return got, late[0]
+
+    got, late = asyncio.run(go())
+    assert late.token_ids == golden_mp2.generate_blocking([late_req])[0].token_ids
+    assert [t for d in got for t in d.token_ids] == golden_mp2.generate_blocking([long_req])[0].token_ids
+
+
+def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
+    import random
+
+    rng = random.Random(3)
+    prompts = golden["completions"]["prompt_token_ids"]
+
+    async def one(i: int):
+        p = SamplingParams(max_tokens=rng.randrange(1, 8), temperature=0 if i % 2 else 0.7, seed=i,
+                           stop=("e",) if i % 5 == 0 else (), logprobs=2 if i % 7 == 0 else None, echo=i % 7 == 0)
+        req = GenerationRequest(tuple(prompts[i % len(prompts)]), p, timeout_s=0.0 if i % 13 == 0 else None)
+        if i % 4 == 0:  # the caller leaves after its first delta
+            it = golden_mp2.stream(req)
+            await it.__anext__()
+            await it.aclose()
+            return "left"
+        return [d async for d in golden_mp2.stream(req)][-1].finish_reason
+
+    async def go():
+        return await asyncio.gather(*(one(i) for i in range(200)))
+
+    import ray
+    import time
+
+    aborted = ray.get(golden_mp2.actors[0].load.remote())["aborted"]
+    reasons = asyncio.run(go())
+    assert set(reasons) >= {"left", "timeout", "length"} and None not in reasons
+
+    for _ in range(100):
+        load = ray.get(golden_mp2.actors[0].load.remote())
+        if load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    assert load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0
+    assert load["aborted"] > aborted  # some callers left before their request ended
+    asyncio.run(golden_mp2.check_health())

@@ -145,6 +145,7 @@ def test_streamed_n_choices_equal_the_non_streamed_ones(client):
 
 
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, base_url, golden):
+    aborted = httpx.get(base_url + "/cluster").json()["engine"]["aborted"]
     body = {"model": MODEL, "prompt": "hello", "max_tokens": 80, "temperature": 0, "stream": True}
     with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=60) as r:
         lines = r.iter_lines()
@@ -158,6 +159,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, base_url, g
             break
         time.sleep(0.05)
     assert engine["free_slots"] == engine["slots"] and engine["running"] == 0
+    assert engine["aborted"] == aborted + 1  # freed because the client left, not because it ran to its end
     c = golden["completions"]
     resp = client.completions.create(model=MODEL, prompt=c["prompts"][0], max_tokens=4, temperature=0,
                                      extra_body={"return_token_ids": True})

@@ -270,3 +270,17 @@ def test_step_plan_round_trips_through_its_tensor():
     assert StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap)).stop
     with pytest.raises(AssertionError):
         StepPlan((Segment(0, 0, 40, 1),), tuple(range(40))).to_tensor(cap)
+
+
+def test_a_sink_that_fails_ends_its_request_not_the_engine(golden_model):
+    model, tok = golden_model
+    d = Driver(model, tok, max_slots=2)
+
+    def broken(_delta) -> None:
+        raise RuntimeError("the caller's queue is gone")
+
+    d.engine.submit("gone", greedy([1, 5, 6], 40), broken)
+    d.submit("ok", greedy([1, 7, 8], 10))
+    d.drain()
+    assert d.output("ok").finish_reason == "length" and d.engine.failure is None
+    assert d.engine.scheduler.free_slots == 2 and d.engine.load()["finished"] == 2
