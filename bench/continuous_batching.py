@@ -1,6 +1,6 @@
 """Continuous batching against one-batch-at-a-time, on the same model, machine and workload.
 
-    python bench/continuous_batching.py [--requests 96 --rate 40 --max-batch 8] [--mp2]
+    python bench/continuous_batching.py [--requests 192 --rate 80 --max-batch 8] [--mp2]
 
 An open-loop workload: requests arrive at Poisson times (seeded), with varied prompt and output
 lengths, greedy. The same arrivals are served in this process (MP=1) by
@@ -177,8 +177,8 @@ def run_mp2(ckpt: str, arrivals: list[Arrival], max_batch: int, max_seq_len: int
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", help="a Meta-format checkpoint; default: random weights in the demo model's shape")
-    p.add_argument("--requests", type=int, default=96)
-    p.add_argument("--rate", type=float, default=40.0, help="mean arrivals per second (Poisson); the default is more than the static path sustains")
+    p.add_argument("--requests", type=int, default=192)
+    p.add_argument("--rate", type=float, default=80.0, help="mean arrivals per second (Poisson); the default is more than the static path sustains")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--prefill-chunk", type=int, default=64)

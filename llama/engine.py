@@ -218,16 +218,18 @@ class Engine:
                 due.append((seq, row - 1))
         if not due:
             return
-        chosen = [
-            sample_one(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator) for s, r in due
-        ]
+        rows = torch.tensor([r for _, r in due], device=logits.device)
+        chosen = torch.argmax(logits[rows], dim=-1).tolist()  # greedy rows, all at once
+        for i, (s, r) in enumerate(due):
+            if s.params.temperature > 0:
+                chosen[i] = sample_one(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator)
         wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
         lps: dict[int, tuple[float, list]] = {}
         if wants:
             k = max(due[i][0].params.logprobs for i in wants)
-            rows = torch.tensor([due[i][1] for i in wants], device=logits.device)
+            want_rows = torch.tensor([due[i][1] for i in wants], device=logits.device)
             ids = torch.tensor([chosen[i] for i in wants], device=logits.device)
-            chosen_lp, tops = logprobs_of(logits[rows], ids, k)
+            chosen_lp, tops = logprobs_of(logits[want_rows], ids, k)
             for j, i in enumerate(wants):
                 lps[i] = (chosen_lp[j], tops[j][: due[i][0].params.logprobs])
         for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
