@@ -68,3 +68,27 @@ def test_seeded_sampling_on_cuda(cuda_llama, golden):
     a = generate_batch(cuda_llama.model, cuda_llama.tokenizer, cuda_llama.cache, reqs)
     b = generate_batch(cuda_llama.model, cuda_llama.tokenizer, cuda_llama.cache, reqs[:1])
     assert a[0].token_ids == b[0].token_ids
+
+
+def test_continuous_engine_on_cuda_matches_reference_and_seeds_hold(cuda_llama, golden):
+    from llama.engine import Engine, EngineConfig
+    from llama.request import collect
+
+    c = golden["completions"]
+    engine = Engine(cuda_llama.model, cuda_llama.tokenizer, EngineConfig(max_slots=4, max_seq_len=96, prefill_chunk=16))
+
+    def run(reqs):
+        sinks = {i: [] for i in range(len(reqs))}
+        for i, r in enumerate(reqs):
+            engine.submit(f"{id(reqs)}-{i}", r, sinks[i].append)
+        while engine.step():
+            pass
+        return [collect(list(r.prompt_tokens), sinks[i]) for i, r in enumerate(reqs)]
+
+    greedy = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0)) for p in c["prompt_token_ids"]]
+    assert [o.token_ids for o in run(greedy)] == c["generated_token_ids"]
+    seeded = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=1.0, seed=9 + i))
+              for i, p in enumerate(c["prompt_token_ids"])]
+    together = run(seeded)
+    assert [o.token_ids for o in together[:2]] == [run([r])[0].token_ids for r in seeded[:2]]
+    assert engine.scheduler.free_slots == 4
