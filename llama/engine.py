@@ -50,6 +50,7 @@ class EngineStats:
     steps: int = 0
     decode_tokens: int = 0  # decode inputs run (one per decoding sequence per step)
     prefill_tokens: int = 0
+    shared_prefill_tokens: int = 0  # prompt tokens copied from another slot instead of run
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0  # of which: cancelled by their callers
@@ -135,7 +136,7 @@ class Engine:
     def step(self) -> bool:
         """One iteration. Returns False when there was nothing to run."""
         self._intake()
-        work = self.scheduler.schedule()
+        work, copies = self.scheduler.schedule()
         if not work:
             return False
         t0 = time.perf_counter()
@@ -149,7 +150,7 @@ class Engine:
                 mode = LOGITS_LAST
             segments.append(Segment(seq.slot, seq.computed, n, mode))
             tokens.extend(seq.next_input(n))
-        plan = StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()))
+        plan = StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()), copies=tuple(copies))
         self._send(plan)
         t1 = time.perf_counter()
         logits = self.runner.execute(plan)  # (R, vocab)
@@ -158,6 +159,7 @@ class Engine:
         t3 = time.perf_counter()
         s = self.stats
         s.steps += 1
+        s.shared_prefill_tokens += sum(c.length for c in copies)
         s.step_s += t3 - t0
         s.publish_s += t1 - t0
         s.forward_s += t2 - t1

@@ -57,3 +57,9 @@ class KVCache:
             a, b = slot_range
             return self.k[layer][a:b, :length], self.v[layer][a:b, :length]
         return self.k[layer][slots, :length], self.v[layer][slots, :length]
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Positions 0..length-1 of slot src into slot dst, every layer."""
+        for k, v in zip(self.k, self.v):
+            k[dst, :length] = k[src, :length]
+            v[dst, :length] = v[src, :length]

@@ -100,11 +100,15 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
         self.active.difference_update(plan.freed)
+        for c in plan.copies:
+            assert c.src in self.active, f"plan copies slot {c.src}, which holds no sequence"
+            self.cache.copy_slot(c.src, c.dst, c.length)
+            self.active.add(c.dst)
         for s in plan.segments:
             # A plan that continues a slot nobody started would read another request's keys.
             assert s.start == 0 or s.slot in self.active, f"plan continues slot {s.slot}, which holds no sequence"
             assert s.start + s.length <= self.cache.max_seq_len, "plan runs past max_seq_len"
             self.active.add(s.slot)
-        if plan.idle:
+        if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
         return self.model.forward_packed(pack(plan, self.model.device), self.cache)

@@ -37,6 +37,7 @@ class Sequence:
         self.generator = generator
         self.tokens: list[int] = list(request.prompt_tokens)  # prompt, then generated
         self.prompt_len = len(self.tokens)
+        self.prompt_key = hash(request.prompt_tokens)  # finds running sequences with the same prompt
         self.computed = 0  # leading tokens whose keys/values are in the slot
         self.slot: int | None = None
         self.deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
@@ -46,6 +47,8 @@ class Sequence:
         # Nothing predicts the first prompt token: 0.0 and no alternatives, as the reference does.
         self.prompt_logprobs: list[float] | None = [0.0] if want else None
         self.prompt_top: list[TopLogprobs] | None = [[]] if want else None
+        # A copied prompt has no logits of its own for the prompt's positions.
+        self.can_share_prompt = not want and self.prompt_len > 1
 
     @property
     def prefilling(self) -> bool:

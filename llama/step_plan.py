@@ -16,7 +16,7 @@ LOGITS_NONE = 0  # a prefill chunk that is not the prompt's last: nothing to sam
 LOGITS_LAST = 1  # sample the next token from the segment's last position
 LOGITS_ALL = 2  # every position (prompt logprobs for echo) and sample from the last
 
-_HEADER = 4  # kind, n_segments, n_tokens, n_freed
+_HEADER = 5  # kind, n_segments, n_tokens, n_freed, n_copies
 _KIND_STEP, _KIND_STOP = 1, 2
 
 
@@ -29,15 +29,27 @@ class Segment:
 
 
 @dataclass(frozen=True)
+class SlotCopy:
+    """Before the forward: copy the keys/values of positions 0..length-1 from slot src to slot
+    dst. A request whose prompt another running request has already prefilled starts from a
+    copy (the n choices of one prompt prefill it once)."""
+
+    src: int
+    dst: int
+    length: int
+
+
+@dataclass(frozen=True)
 class StepPlan:
     segments: tuple[Segment, ...]
     tokens: tuple[int, ...]  # the segments' input tokens, packed in segment order
     freed: tuple[int, ...] = ()  # slots given back since the previous plan (finished, cancelled, failed)
+    copies: tuple[SlotCopy, ...] = ()  # done before the forward
     stop: bool = False  # the driver is shutting down: leave the loop
 
     @property
     def idle(self) -> bool:
-        return not self.segments
+        return not self.segments and not self.copies
 
     def logit_rows(self) -> int:
         return sum(s.length if s.logits == LOGITS_ALL else (1 if s.logits == LOGITS_LAST else 0) for s in self.segments)
@@ -45,15 +57,18 @@ class StepPlan:
     @staticmethod
     def capacity(max_slots: int, prefill_chunk: int) -> int:
         """int64s in the wire tensor: header, 4 per segment (one per slot at most), the tokens
-        (one per decoding slot plus the prefill budget), the freed slots."""
-        return _HEADER + 4 * max_slots + (max_slots + prefill_chunk) + max_slots
+        (one per decoding slot plus the prefill budget), the freed slots, 3 per copy (one per
+        slot at most)."""
+        return _HEADER + 4 * max_slots + (max_slots + prefill_chunk) + max_slots + 3 * max_slots
 
     def to_tensor(self, capacity: int) -> torch.Tensor:
         kind = _KIND_STOP if self.stop else _KIND_STEP
-        body = [kind, len(self.segments), len(self.tokens), len(self.freed)]
+        body = [kind, len(self.segments), len(self.tokens), len(self.freed), len(self.copies)]
         for s in self.segments:
             body += [s.slot, s.start, s.length, s.logits]
         body += list(self.tokens) + list(self.freed)
+        for c in self.copies:
+            body += [c.src, c.dst, c.length]
         if len(body) > capacity:
             raise AssertionError(f"step plan of {len(body)} ints exceeds its capacity {capacity}")
         out = torch.zeros(capacity, dtype=torch.int64)
@@ -62,14 +77,17 @@ class StepPlan:
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "StepPlan":
-        kind, n_seg, n_tok, n_freed = t[:_HEADER].tolist()
+        kind, n_seg, n_tok, n_freed, n_copies = t[:_HEADER].tolist()
         if kind == _KIND_STOP:
             return cls((), (), stop=True)
         if kind != _KIND_STEP:
             raise RuntimeError(f"received a malformed step plan (kind {kind}): the driver and this rank disagree")
-        end = _HEADER + 4 * n_seg + n_tok + n_freed
+        end = _HEADER + 4 * n_seg + n_tok + n_freed + 3 * n_copies
         vals = t[_HEADER:end].tolist()
         segs = tuple(Segment(*vals[4 * i : 4 * i + 4]) for i in range(n_seg))
-        toks = tuple(vals[4 * n_seg : 4 * n_seg + n_tok])
-        freed = tuple(vals[4 * n_seg + n_tok :])
-        return cls(segs, toks, freed)
+        at = 4 * n_seg
+        toks = tuple(vals[at : at + n_tok])
+        freed = tuple(vals[at + n_tok : at + n_tok + n_freed])
+        at += n_tok + n_freed
+        copies = tuple(SlotCopy(*vals[at + 3 * i : at + 3 * i + 3]) for i in range(n_copies))
+        return cls(segs, toks, freed, copies=copies)

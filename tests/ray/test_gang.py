@@ -237,3 +237,15 @@ def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
     assert load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0
     assert load["aborted"] > aborted  # some callers left before their request ended
     asyncio.run(golden_mp2.check_health())
+
+
+def test_choices_of_one_prompt_share_its_prefill_on_every_rank(golden_mp2, golden):
+    import ray
+
+    prompt = golden["completions"]["prompt_token_ids"][2]  # 33 tokens
+    reqs = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=8, temperature=1.0, seed=60 + i)) for i in range(4)]
+    shared = ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"]
+    together = asyncio.run(golden_mp2.generate(reqs))
+    assert ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"] == shared + 3 * 32
+    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]

@@ -262,14 +262,15 @@ def test_no_slot_leaks_after_200_mixed_requests(golden_model):
 
 
 def test_step_plan_round_trips_through_its_tensor():
-    from llama.step_plan import LOGITS_ALL, LOGITS_LAST, Segment, StepPlan
+    from llama.step_plan import LOGITS_ALL, LOGITS_LAST, Segment, SlotCopy, StepPlan
 
-    plan = StepPlan((Segment(3, 10, 1, LOGITS_LAST), Segment(0, 0, 5, LOGITS_ALL)), (7, 1, 2, 3, 4, 5), freed=(2,))
+    plan = StepPlan((Segment(3, 10, 1, LOGITS_LAST), Segment(0, 0, 5, LOGITS_ALL)), (7, 1, 2, 3, 4, 5), freed=(2,),
+                    copies=(SlotCopy(3, 1, 9),))
     cap = StepPlan.capacity(4, 8)
     assert StepPlan.from_tensor(plan.to_tensor(cap)) == plan
     assert StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap)).stop
     with pytest.raises(AssertionError):
-        StepPlan((Segment(0, 0, 40, 1),), tuple(range(40))).to_tensor(cap)
+        StepPlan((Segment(0, 0, 60, 1),), tuple(range(60))).to_tensor(cap)
 
 
 def test_a_sink_that_fails_ends_its_request_not_the_engine(golden_model):
@@ -284,3 +285,38 @@ def test_a_sink_that_fails_ends_its_request_not_the_engine(golden_model):
     d.drain()
     assert d.output("ok").finish_reason == "length" and d.engine.failure is None
     assert d.engine.scheduler.free_slots == 2 and d.engine.load()["finished"] == 2
+
+
+def test_an_idle_driver_sends_heartbeat_plans_and_a_stop_plan_at_the_end(golden_model):
+    import threading
+    import time
+
+    from llama.engine import Engine, EngineConfig
+
+    model, tok = golden_model
+    plans = []
+    engine = Engine(model, tok, EngineConfig(max_slots=2, max_seq_len=96, heartbeat_s=0.05), publish=plans.append)
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.run, args=(stop,))
+    loop.start()
+    time.sleep(0.5)
+    stop.set()
+    loop.join()
+    assert len(plans) >= 3 and all(p.idle for p in plans) and plans[-1].stop
+
+
+def test_choices_of_one_prompt_prefill_it_once_and_each_gives_its_tokens_alone(golden_model):
+    model, tok = golden_model
+    prompt = random_prompts(1, tok.n_words, seed=16, lo=40, hi=41)[0]  # 41 tokens: 3 chunks of 16
+    seeded = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=10, temperature=0.9, seed=s)) for s in range(4)]
+    d = Driver(model, tok)
+    out = d.run(seeded + [greedy(prompt, 10), greedy(prompt[:-1], 10, logprobs=1, echo=True)])
+    stats = d.engine.stats
+    # The first choice prefills 41 tokens; the next four copy 40 positions and run the last one;
+    # the echo request (another prompt, and it needs its prompt's logits) prefills its own 40.
+    assert stats.shared_prefill_tokens == 4 * 40
+    assert stats.prefill_tokens == 41 + 4 * 1 + 40
+    for r, o in zip(seeded + [greedy(prompt, 10)], out):
+        assert o.token_ids == Driver(model, tok, max_slots=1).run([r])[0].token_ids
+    assert len({tuple(o.token_ids) for o in out[:4]}) > 1
+    assert d.engine.scheduler.free_slots == 4
