@@ -164,3 +164,16 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, base_url, g
     resp = client.completions.create(model=MODEL, prompt=c["prompts"][0], max_tokens=4, temperature=0,
                                      extra_body={"return_token_ids": True})
     assert resp.choices[0].model_extra["token_ids"] == c["generated_token_ids"][0][:4]
+
+
+def test_stop_strings_cut_whole_and_streamed_text_alike(client, golden):
+    c = golden["completions"]
+    full = c["results"][3]["generation"]  # random weights: byte pieces, "ça" repeated, then "çap"
+    stop = "çap"
+    assert full.find(stop) > full.find("ça") > 0
+    kw = dict(model=MODEL, prompt=c["prompts"][3], max_tokens=c["max_gen_len"], temperature=0, stop=[stop])
+    whole = client.completions.create(**kw).choices[0]
+    assert whole.text == full[: full.find(stop)] and whole.finish_reason == "stop"
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.text
+    assert chunks[-1].choices[0].finish_reason == "stop"
