@@ -251,9 +251,7 @@ def _stream_spec(body: OpenAIRequest, id: str, model_id: str, where: str, prompt
 
 
 def _usage(prompt_tokens: int, outputs: list[GenerationOutput]) -> Usage:
-    # Like OpenAI, a prompt counts once however many choices it has.
-    completion = sum(len(o.token_ids) for o in outputs)
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+    return Usage.of(prompt_tokens, sum(len(o.token_ids) for o in outputs))
 
 
 def _completion_logprobs(out: GenerationOutput, tokenizer: Tokenizer, echo: bool, prompt_text: str) -> CompletionLogprobs:

@@ -207,6 +207,12 @@ class Usage(BaseModel):
     completion_tokens: int
     total_tokens: int
 
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "Usage":
+        # Like OpenAI, a prompt counts once however many choices it has.
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]  # each token decoded on its own, as Meta's reference does

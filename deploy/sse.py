@@ -198,11 +198,6 @@ def _check_finished(delta: StreamDelta) -> None:
         raise unfinished_error(delta.finish_reason)
 
 
-def _usage(spec: StreamSpec, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=spec.prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=spec.prompt_tokens + completion_tokens)
-
-
 async def _completion_chunks(
     streams: ChoiceStreams, tok: Tokenizer, spec: StreamSpec, echo: list[tuple[list[int], str]] | None
 ) -> AsyncGenerator[CompletionChunk, None]:
@@ -246,7 +241,7 @@ async def _completion_chunks(
             ])
     if spec.include_usage:
         yield CompletionChunk(id=spec.id, created=spec.created, model=spec.model, choices=[],
-                              usage=_usage(spec, completion_tokens))
+                              usage=Usage.of(spec.prompt_tokens, completion_tokens))
 
 
 async def _chat_chunks(streams: ChoiceStreams, tok: Tokenizer, spec: StreamSpec) -> AsyncGenerator[ChatChunk, None]:
@@ -273,4 +268,4 @@ async def _chat_chunks(streams: ChoiceStreams, tok: Tokenizer, spec: StreamSpec)
                 yield chunk(i, ChatDelta(), finish=d.finish_reason)
     if spec.include_usage:
         yield ChatChunk(id=spec.id, created=spec.created, model=spec.model, choices=[],
-                        usage=_usage(spec, completion_tokens))
+                        usage=Usage.of(spec.prompt_tokens, completion_tokens))
