@@ -3,12 +3,13 @@
     python bench/continuous_batching.py [--requests 192 --rate 80 --max-batch 8] [--mp2]
 
 An open-loop workload: requests arrive at Poisson times (seeded), with varied prompt and output
-lengths, greedy. The same arrivals are served in this process (MP=1) by
-  - static: one batch at a time, as the server did before the engine: wait for the running
-    batch to end, then take up to max-batch waiting requests and run llama.generate.generate_batch;
-  - continuous: llama.engine.Engine on its own thread, requests submitted as they arrive.
-It prints generated tokens/s, time to first token (a static request's first token is timed
-when its batch picks it) and latency, and the ratios. Both paths must give the same tokens.
+lengths, greedy. The same arrivals are served in this process (MP=1) by the same engine
+(llama.engine.Engine) under two admission policies:
+  - static: one batch at a time, as servers without iteration-level scheduling do: wait for the
+    running batch to end, then admit up to max-batch waiting requests, prefilled in one step;
+  - continuous: the engine on its own thread, requests submitted as they arrive.
+It prints generated tokens/s, time to first token and latency, and the ratios. Both policies
+must give the same tokens.
 With --mp2 it then serves the workload through a RankGroup at model-parallel size 2 (Ray,
 gloo) and reports the driver's plan broadcast as a share of its step time.
 The default model has random weights in the demo model's shape (3.5M parameters), so output
@@ -70,57 +71,56 @@ def wait_until(t0: float, at: float) -> None:
         time.sleep(delay)
 
 
-def run_static(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_seq_len: int) -> float:
-    from llama.generate import generate_batch
+def _sink(a: Arrival, t0: float, finished: threading.Semaphore | None = None):
+    """Records an arrival's first token, tokens and end as its deltas come."""
 
-    cache = model.new_cache(max_batch, max_seq_len)
-    t0 = time.perf_counter()
-    queue = list(arrivals)
-    while queue:
-        wait_until(t0, queue[0].at)
+    def sink(d) -> None:
         now = time.perf_counter() - t0
-        batch = [a for a in queue[:max_batch] if a.at <= now]
+        if isinstance(d, BaseException):
+            raise d
+        if a.first_token is None and (d.token_ids or d.finish_reason):
+            a.first_token = now
+        a.tokens.extend(d.token_ids)
+        if d.finish_reason is not None:
+            a.done = now
+            if finished is not None:
+                finished.release()
+
+    return sink
+
+
+def run_static(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_seq_len: int) -> float:
+    from llama.engine import Engine, EngineConfig
+
+    # The whole batch prefills in its first step, as a static batch loop does.
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len,
+                                                   prefill_chunk=max_batch * max_seq_len))
+    t0 = time.perf_counter()
+    queue = list(enumerate(arrivals))
+    while queue:
+        wait_until(t0, queue[0][1].at)
+        now = time.perf_counter() - t0
+        batch = [(i, a) for i, a in queue[:max_batch] if a.at <= now]
         queue = queue[len(batch):]
-
-        def on_token(row: int, tok: int, batch=batch) -> None:
-            a = batch[row]
-            if a.first_token is None:
-                a.first_token = time.perf_counter() - t0
-
-        outs = generate_batch(model, tokenizer, cache, [a.request for a in batch], on_token=on_token)
-        done = time.perf_counter() - t0
-        for a, o in zip(batch, outs):
-            a.tokens, a.done = o.token_ids, done
-            a.first_token = a.first_token if a.first_token is not None else done
+        for i, a in batch:
+            engine.submit(str(i), a.request, _sink(a, t0))
+        while engine.step():  # no request joins until the whole batch has ended
+            pass
     return max(a.done for a in arrivals)
 
 
 def run_continuous(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_seq_len: int, chunk: int):
     from llama.engine import Engine, EngineConfig
 
-    engine = Engine(model, tokenizer, EngineConfig(max_slots=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk))
     stop = threading.Event()
     loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
     loop.start()
     t0 = time.perf_counter()
     finished = threading.Semaphore(0)
-
-    def sink_for(a: Arrival):
-        def sink(d) -> None:
-            now = time.perf_counter() - t0
-            if isinstance(d, BaseException):
-                raise d
-            if a.first_token is None and (d.token_ids or d.finish_reason):
-                a.first_token = now
-            a.tokens.extend(d.token_ids)
-            if d.finish_reason is not None:
-                a.done = now
-                finished.release()
-        return sink
-
     for i, a in enumerate(arrivals):
         wait_until(t0, a.at)
-        engine.submit(str(i), a.request, sink_for(a))
+        engine.submit(str(i), a.request, _sink(a, t0, finished))
     for _ in arrivals:
         finished.acquire()
     stop.set()
@@ -135,14 +135,15 @@ def fresh(arrivals: list[Arrival]) -> list[Arrival]:
 def run_mp2(ckpt: str, arrivals: list[Arrival], max_batch: int, max_seq_len: int, chunk: int) -> None:
     import ray
 
-    from cluster.config import GangConfig
+    from cluster.config import GangConfig, ParallelConfig
     from cluster.group import RankGroup
+    from llama.engine import EngineConfig
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    group = RankGroup.start(GangConfig(ckpt_dir=ckpt, tokenizer_path=None, model_parallel_size=2, max_seq_len=max_seq_len,
-                                       max_batch_size=max_batch, prefill_chunk=chunk, cpus_per_rank=1.0))
+    engine = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk)
+    group = RankGroup.start(GangConfig.inspect(ckpt, None, ParallelConfig(model_parallel_size=2), engine))
     try:
-        group.generate_blocking([arrivals[0].request])  # warm up
+        group.generate([arrivals[0].request])  # warm up
         before = ray.get(group.actors[0].load.remote())
 
         async def serve() -> float:
@@ -201,8 +202,8 @@ def main() -> None:
                              n_kv_heads=4, vocab_size=512, multiple_of=64, seed=0))
     init_single_process_group("gloo")
     init_model_parallel(1)
-    info = inspect_checkpoint(ckpt, None, a.max_seq_len, a.max_batch, 1)
-    model = Transformer(info.args)
+    info = inspect_checkpoint(ckpt)
+    model = Transformer(info.args, a.max_seq_len)
     load_into(model, info, 0, 1)
     tok = Tokenizer(info.tokenizer_path)
     params = sum(p.numel() for p in model.parameters())

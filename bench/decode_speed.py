@@ -4,7 +4,8 @@
 
 A decode step must read every weight once, so (weight bytes / copy bandwidth) is the fastest a
 step can be; the ratio printed is that limit over the measured step time (1.0 = at the limit).
-Also prints end-to-end generate_batch tokens/s for batch 1 and 8. Random weights, one process.
+The step is the engine's own (llama/runner.py: a plan of one decode segment per slot, packed,
+through the model), without sampling. Random weights, one process, no Ray.
 """
 from __future__ import annotations
 
@@ -15,16 +16,11 @@ import torch
 
 from llama.args import ModelArgs
 from llama.distributed import choose_backend, init_model_parallel, init_single_process_group, resolve_device, resolve_dtype
-from llama.generate import generate_batch
 from llama.model import Transformer
-from llama.request import GenerationRequest, SamplingParams
+from llama.runner import ModelRunner
+from llama.step_plan import LOGITS_LAST, Segment, StepPlan
 
-
-class _Tok:  # generate_batch only needs eos_id and decode for stop strings
-    eos_id = -100
-
-    def decode(self, ids: list[int]) -> str:
-        return ""
+MAX_SEQ_LEN = 512
 
 
 def _sync(device: torch.device) -> None:
@@ -63,8 +59,8 @@ def main() -> None:
     init_single_process_group(choose_backend(device))
     init_model_parallel(1)
     args = ModelArgs(dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads,
-                     vocab_size=a.vocab_size, multiple_of=256, max_seq_len=512, max_batch_size=8)
-    model = Transformer(args, device=device, dtype=dtype)
+                     vocab_size=a.vocab_size, multiple_of=256)
+    model = Transformer(args, MAX_SEQ_LEN, device=device, dtype=dtype)
     with torch.no_grad():
         for prm in model.parameters():
             prm.normal_(0, 0.02)
@@ -76,31 +72,24 @@ def main() -> None:
     print(f"bandwidth-limited decode step: {limit_s * 1e3:.3f} ms")
 
     for bsz in (1, 8):
-        cache = model.new_cache(bsz)
-        prompt = torch.randint(0, a.vocab_size, (bsz, 16), device=device)
-        with torch.inference_mode():
-            model(prompt, 0, cache)
-            tok = prompt[:, -1:]
-            for pos in range(16, 20 + a.steps):  # warm-up over the same positions as the timed loop
-                model(tok, pos, cache)
-            _sync(device)
-            t0 = time.perf_counter()
-            for pos in range(20, 20 + a.steps):
-                model(tok, pos, cache)
-            _sync(device)
-        step_s = (time.perf_counter() - t0) / a.steps
-        reqs = [GenerationRequest(tuple(prompt[i].tolist()), SamplingParams(max_tokens=a.steps, temperature=0))
-                for i in range(bsz)]
-        generate_batch(model, _Tok(), cache, reqs)  # warm-up
+        runner = ModelRunner(model, model.new_cache(bsz, MAX_SEQ_LEN))
+        g = torch.Generator().manual_seed(0)
+        runner.execute(StepPlan.prefill([torch.randint(0, a.vocab_size, (16,), generator=g).tolist() for _ in range(bsz)]))
+        tokens = tuple(torch.randint(0, a.vocab_size, (bsz,), generator=g).tolist())
+
+        def decode(pos: int) -> None:  # one decode token per slot, as the engine's steady state
+            runner.execute(StepPlan(tuple(Segment(i, pos, 1, LOGITS_LAST) for i in range(bsz)), tokens))
+
+        for pos in range(16, 20 + a.steps):  # warm-up over the same positions as the timed loop
+            decode(pos)
         _sync(device)
         t0 = time.perf_counter()
-        out = generate_batch(model, _Tok(), cache, reqs)
+        for pos in range(20, 20 + a.steps):
+            decode(pos)
         _sync(device)
-        gen_s = time.perf_counter() - t0
-        n = sum(len(o.token_ids) for o in out)
-        print(f"batch {bsz}: forward-only decode step {step_s * 1e3:.3f} ms = {limit_s / step_s:.3f} of the bandwidth "
-              f"limit; generate_batch {n / gen_s:.1f} tokens/s ({gen_s / a.steps * 1e3:.3f} ms/step incl. sampling, host sync)")
-
+        step_s = (time.perf_counter() - t0) / a.steps
+        print(f"batch {bsz}: engine decode step (no sampling) {step_s * 1e3:.3f} ms = {limit_s / step_s:.3f} of the "
+              f"bandwidth limit; {bsz / step_s:.1f} tokens/s")
 
 if __name__ == "__main__":
     main()

@@ -1,24 +1,57 @@
-"""GangConfig: everything a gang of rank actors needs, frozen, built once from deploy/config.yaml."""
+"""The gang's configuration: how ranks are placed and joined (ParallelConfig), and GangConfig,
+everything a gang needs, built once where configuration enters and passed whole to every rank.
+
+Each setting has one home and one default: the engine's in llama.engine.EngineConfig, the
+ranks' here, the HTTP app's in deploy/settings.py. deploy/config.yaml fills all three.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama.checkpoint import CheckpointInfo, inspect_checkpoint
+from llama.distributed import DTYPES
+from llama.engine import EngineConfig
+
+STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    model_parallel_size: int = 1  # ranks per model; the checkpoint is resharded to this
+    device: str = "auto"  # auto (cuda when the cluster has a GPU per rank) | cpu | cuda
+    dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
+    backend: str | None = None  # None: nccl on cuda, gloo on cpu
+    cpus_per_rank: float = 1.0  # logical CPUs in each rank's placement bundle
+    placement_strategy: str = "PACK"  # STRICT_SPREAD puts each rank on its own node
+    placement_timeout_s: float = 300.0  # waiting for the cluster to have room for the gang
+    init_timeout_s: float = 600.0  # process-group rendezvous and checkpoint loading
+    call_timeout_s: float = 600.0  # one engine step (a collective) longer than this is a hung gang
+
+    def __post_init__(self) -> None:
+        choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "backend": (None, "nccl", "gloo"),
+                   "placement_strategy": STRATEGIES}
+        bad = [f"{k} must be one of {list(v)}, got {getattr(self, k)!r}" for k, v in choices.items()
+               if getattr(self, k) not in v]
+        if not isinstance(self.model_parallel_size, int) or not 1 <= self.model_parallel_size <= 64:
+            bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
+        positive = ("cpus_per_rank", "placement_timeout_s", "init_timeout_s", "call_timeout_s")
+        bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
+        if bad:
+            raise ValueError("parallel settings: " + "; ".join(bad) + ".")
 
 
 @dataclass(frozen=True)
 class GangConfig:
-    ckpt_dir: str
-    tokenizer_path: str | None  # None -> ckpt_dir/tokenizer.model
-    model_parallel_size: int
-    max_seq_len: int = 512
-    max_batch_size: int = 8  # the engine's slots: sequences decoding at once
-    prefill_chunk: int = 64  # prompt tokens run per engine step at most, so decoding never stalls long
-    device: str = "auto"  # auto | cpu | cuda
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
-    backend: str | None = None  # None -> nccl on CUDA, gloo on CPU
-    seed: int = 1
-    cpus_per_rank: float = 1.0
-    placement_strategy: str = "PACK"  # Ray placement group strategy for a gang we create ourselves
-    placement_timeout_s: float = 300.0  # waiting for the cluster to have room for the gang
-    init_timeout_s: float = 600.0  # process-group rendezvous and checkpoint loading
-    call_timeout_s: float = 600.0  # one engine step (a collective) longer than this is a hung gang
-    request_timeout_s: float | None = None  # a request's deadline in the engine; None: no limit
+    checkpoint: CheckpointInfo  # inspected once per start, where configuration enters
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    @classmethod
+    def inspect(cls, ckpt_dir: str | Path, tokenizer_path: str | Path | None = None,
+                parallel: ParallelConfig | None = None, engine: EngineConfig | None = None) -> "GangConfig":
+        """Validate the checkpoint for the model-parallel size (raising CheckpointError, a
+        ValueError naming the file and the fix) and bundle it with the settings."""
+        parallel = parallel or ParallelConfig()
+        checkpoint = inspect_checkpoint(ckpt_dir, tokenizer_path, parallel.model_parallel_size)
+        return cls(checkpoint, parallel, engine or EngineConfig())

@@ -20,7 +20,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import GangConfig
 from cluster.errors import RankFailedError
-from cluster.placement import acquire, plan_bundles, want_gpu
+from cluster.placement import acquire, plan_bundles, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
@@ -46,26 +46,26 @@ class RankGroup:
         """Start the gang. With `placement` (a Serve replica's group), ranks take bundles
         first_bundle.. of it; without, a placement group for just the ranks is reserved."""
         t0 = time.perf_counter()
-        n = config.model_parallel_size
-        use_gpu = want_gpu(config.device, n)
+        config = replace(config, parallel=settle_device(config.parallel))  # a Serve app settled it already
+        par = config.parallel
+        n = par.model_parallel_size
         owns = placement is None
         if owns:
-            placement = acquire(plan_bundles(n, use_gpu, config.cpus_per_rank), config.placement_strategy,
-                                config.placement_timeout_s)
+            placement = acquire(plan_bundles(par), par.placement_strategy, par.placement_timeout_s)
             first_bundle = 0
         actors = [
             _RemoteRank.options(
-                num_cpus=config.cpus_per_rank,
-                num_gpus=1 if use_gpu else 0,
+                num_cpus=par.cpus_per_rank,
+                num_gpus=1 if par.device == "cuda" else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=first_bundle + r),
                 name=None,
             ).remote(config, r)
             for r in range(n)
         ]
         try:
-            addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=config.init_timeout_s)
-            states = ray.get([a.setup.remote(addr, port) for a in actors], timeout=config.init_timeout_s)
-            infos = ray.get([a.info.remote() for a in actors], timeout=config.init_timeout_s)
+            addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=par.init_timeout_s)
+            states = ray.get([a.setup.remote(addr, port) for a in actors], timeout=par.init_timeout_s)
+            infos = ray.get([a.info.remote() for a in actors], timeout=par.init_timeout_s)
         except Exception as e:
             for a in actors:
                 ray.kill(a)
@@ -95,16 +95,10 @@ class RankGroup:
         if self._failed:
             raise RankFailedError(f"this gang failed earlier ({self._failed}) and must be replaced.")
 
-    def _prepare(self, request: GenerationRequest) -> GenerationRequest:
-        self._check_usable()
-        if request.timeout_s is None and self.config.request_timeout_s is not None:
-            request = replace(request, timeout_s=self.config.request_timeout_s)
-        return request
-
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """One request through the driver: one Ray call, its tokens streamed back. Closing the
         iterator early aborts the request (its slot is freed at the driver's next step)."""
-        request = self._prepare(request)
+        self._check_usable()
         request_id = uuid.uuid4().hex
         driver = self.actors[0]
         refs = driver.submit.remote(request_id, request)
@@ -126,31 +120,22 @@ class RankGroup:
             if not finished:
                 driver.abort.remote(request_id)
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Outputs for any number of requests, in order; they run concurrently in the engine."""
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        """Every request's output, in order, run concurrently in the engine: `stream`, collected,
+        for synchronous callers (scripts, tests, benchmarks). From an event loop, use `stream`."""
 
         async def one(r: GenerationRequest) -> GenerationOutput:
             return collect(list(r.prompt_tokens), [d async for d in self.stream(r)])
 
-        tasks = [asyncio.ensure_future(one(r)) for r in requests]
-        try:
-            return await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()  # on a failure, the other requests are aborted too
-
-    def generate_blocking(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """The same as generate, for synchronous callers (scripts, tests)."""
-        prepared = [self._prepare(r) for r in requests]
-        streams = [self.actors[0].submit.remote(uuid.uuid4().hex, r) for r in prepared]
-        outputs = []
-        for r, refs in zip(prepared, streams):
+        async def run_all() -> list[GenerationOutput]:
+            tasks = [asyncio.ensure_future(one(r)) for r in requests]
             try:
-                deltas = [d for ref in refs for d in ray.get(ref)]
-            except Exception as e:
-                raise self._classify(e) from e
-            outputs.append(collect(list(r.prompt_tokens), deltas))
-        return outputs
+                return list(await asyncio.gather(*tasks))
+            finally:
+                for t in tasks:
+                    t.cancel()  # on a failure, the other requests are aborted too
+
+        return asyncio.run(run_all())
 
     def _classify(self, e: BaseException) -> BaseException:
         """A ValueError raised on the driver is the caller's mistake (raised before the request

@@ -7,53 +7,39 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 
 import ray
+import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from cluster.config import STRATEGIES, ParallelConfig
 from cluster.errors import PlacementTimeoutError
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
-
-def rank_bundle(use_gpu: bool, cpus_per_rank: float) -> dict[str, float]:
-    """One rank's resources: a whole GPU each on GPU machines, CPUs otherwise."""
-    bundle: dict[str, float] = {"CPU": cpus_per_rank}
-    if use_gpu:
-        bundle["GPU"] = 1
-    return bundle
-
-
-def plan_bundles(
-    model_parallel_size: int,
-    use_gpu: bool,
-    cpus_per_rank: float = 1.0,
-    replica_cpus: float | None = None,
-) -> list[dict[str, float]]:
-    """Bundles for one gang, in order: [replica bundle] + one bundle per rank.
-
-    replica_cpus None means no replica bundle (the caller is not a Serve replica)."""
-    if model_parallel_size < 1:
-        raise ValueError(f"model_parallel_size must be >= 1, got {model_parallel_size}.")
-    if cpus_per_rank <= 0:
-        raise ValueError(f"cpus_per_rank must be > 0, got {cpus_per_rank}.")
+def plan_bundles(parallel: ParallelConfig, replica_cpus: float | None = None) -> list[dict[str, float]]:
+    """Bundles for one gang, in order: [the replica's] + one per rank (a whole GPU each on GPU
+    clusters). replica_cpus None: no replica bundle (the caller is not a Serve replica). The
+    device must be settled (settle_device): 'auto' cannot size a bundle."""
+    if parallel.device == "auto":
+        raise ValueError("plan_bundles needs a settled device ('cpu' or 'cuda'); call settle_device first.")
+    rank: dict[str, float] = {"CPU": parallel.cpus_per_rank}
+    if parallel.device == "cuda":
+        rank["GPU"] = 1
     head = [] if replica_cpus is None else [{"CPU": replica_cpus}]
-    return head + [rank_bundle(use_gpu, cpus_per_rank) for _ in range(model_parallel_size)]
+    return head + [dict(rank) for _ in range(parallel.model_parallel_size)]
 
 
-def gpus_in_cluster() -> float:
-    return ray.cluster_resources().get("GPU", 0.0)
-
-
-def want_gpu(device: str, model_parallel_size: int) -> bool:
-    """Whether rank bundles ask for GPUs: 'cuda' always, 'auto' when the cluster has enough."""
-    if device == "cuda":
-        return True
-    if device == "cpu":
-        return False
-    return gpus_in_cluster() >= model_parallel_size
+def settle_device(parallel: ParallelConfig) -> ParallelConfig:
+    """The one GPU decision of a start: device 'auto' becomes 'cuda' when the Ray cluster has a
+    GPU per rank (this machine's GPUs before Ray is up), else 'cpu', so the bundles and the
+    ranks agree. Settled settings pass through."""
+    if parallel.device != "auto":
+        return parallel
+    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else torch.cuda.device_count()
+    return replace(parallel, device="cuda" if gpus >= parallel.model_parallel_size else "cpu")
 
 
 def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:

@@ -23,9 +23,9 @@ import torch.distributed as dist
 
 from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
-from llama.checkpoint import inspect_checkpoint, load_into
+from llama.checkpoint import load_into
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
-from llama.engine import Engine, EngineConfig
+from llama.engine import Engine
 from llama.model import Transformer
 from llama.request import GenerationRequest, StreamDelta
 from llama.runner import ModelRunner
@@ -59,7 +59,7 @@ class RankActor:
     def __init__(self, config: GangConfig, rank: int):
         self.config = config
         self.rank = rank
-        self.world_size = config.model_parallel_size
+        self.world_size = config.parallel.model_parallel_size
         self.model: Transformer | None = None
         self.engine: Engine | None = None  # rank 0 only
         self.channel: PlanChannel | None = None
@@ -114,34 +114,31 @@ class RankActor:
 
     def _setup(self, master_addr: str, master_port: int) -> RankState:
         t0 = time.perf_counter()
-        cfg = self.config
-        device = resolve_device(cfg.device)
+        par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
+        device = resolve_device(par.device)
         if device.type == "cuda":
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
             torch.cuda.set_device(device)
-        backend = choose_backend(device, cfg.backend)
+        backend = choose_backend(device, par.backend)
         dist.init_process_group(
             backend,
             init_method=f"tcp://{master_addr}:{master_port}",
             world_size=self.world_size,
             rank=self.rank,
-            timeout=timedelta(seconds=cfg.init_timeout_s),
+            timeout=timedelta(seconds=par.init_timeout_s),
         )
         init_model_parallel(self.world_size)
         if self.world_size > 1:
-            capacity = StepPlan.capacity(cfg.max_batch_size, cfg.prefill_chunk)
-            self.channel = PlanChannel(capacity, timeout_s=cfg.call_timeout_s)
-        info = inspect_checkpoint(cfg.ckpt_dir, cfg.tokenizer_path, cfg.max_seq_len, cfg.max_batch_size, self.world_size)
-        dtype = resolve_dtype(cfg.dtype, device)
-        model = Transformer(info.args, device=device, dtype=dtype)
-        load_into(model, info, self.rank, self.world_size)
-        engine_config = EngineConfig(max_slots=cfg.max_batch_size, max_seq_len=cfg.max_seq_len,
-                                     prefill_chunk=cfg.prefill_chunk, seed=cfg.seed)
+            capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk)
+            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
+        dtype = resolve_dtype(par.dtype, device)
+        model = Transformer(ckpt.args, eng.max_seq_len, device=device, dtype=dtype)
+        load_into(model, ckpt, self.rank, self.world_size)
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
-            self.engine = Engine(model, Tokenizer(info.tokenizer_path), engine_config, publish=publish)
+            self.engine = Engine(model, Tokenizer(ckpt.tokenizer_path), eng, publish=publish)
         else:
-            self.runner = ModelRunner(model, model.new_cache(engine_config.max_slots, engine_config.max_seq_len))
+            self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len))
         self.model = model
         load_s = time.perf_counter() - t0
         log.info("joined %s group of %d at %s:%d, loaded on %s (%s) in %.2fs",

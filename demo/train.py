@@ -22,6 +22,8 @@ from llama.chat_format import B_INST, E_INST
 from llama.distributed import init_model_parallel, init_single_process_group
 from llama.make_tiny import save_sharded, train_tokenizer
 from llama.model import Transformer
+from llama.runner import pack
+from llama.step_plan import StepPlan
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -134,9 +136,9 @@ def train(out_dir: Path, cfg: TrainConfig) -> float:
 
     init_single_process_group("gloo")
     init_model_parallel(1)
-    args = ModelArgs.from_params({**PARAMS, "vocab_size": tokenizer.n_words}, max_seq_len=256)
+    args = ModelArgs.from_params({**PARAMS, "vocab_size": tokenizer.n_words})
     args.validate_for(SHARDS)
-    model = Transformer(args, device="cpu", dtype=torch.float32)
+    model = Transformer(args, max_seq_len=256, device="cpu", dtype=torch.float32)
     init_weights(model, args, cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %.2fM parameters", n_params / 1e6)
@@ -160,8 +162,10 @@ def train(out_dir: Path, cfg: TrainConfig) -> float:
         inputs, targets = make_batch([seqs[i] for i in idx])
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        logits = model(inputs)  # (bsz, width, vocab) float32
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        # The serving forward, each row a whole prompt in a scratch cache: (bsz * width, vocab) float32
+        bsz, width = inputs.shape
+        logits = model(pack(StepPlan.prefill(inputs.tolist()), model.device), model.new_cache(bsz, width))
+        loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)

@@ -1,7 +1,8 @@
 """LlamaDeployment: the Serve replica that owns one gang of rank actors and serves HTTP.
 
 The replica sits in bundle 0 of its placement group; its ranks take bundles 1..N. The HTTP
-routes live in deploy/api.py and only see the Engine interface (here, the RankGroup).
+routes live in deploy/api.py and only see the EngineClient interface (deploy/engine_client.py),
+which the RankGroup provides.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from ray.util import get_current_placement_group
 from cluster.config import GangConfig
 from cluster.group import RankGroup
 from deploy.api import build_api
-from llama.checkpoint import inspect_checkpoint
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -33,12 +33,10 @@ class LlamaDeployment:
             self.group = await asyncio.to_thread(RankGroup.start, gang)
         else:
             self.group = await asyncio.to_thread(RankGroup.start, gang, pg, 1)
-        info = inspect_checkpoint(gang.ckpt_dir, gang.tokenizer_path, gang.max_seq_len, gang.max_batch_size,
-                                  gang.model_parallel_size)
-        self.tokenizer = Tokenizer(info.tokenizer_path)
+        self.tokenizer = Tokenizer(gang.checkpoint.tokenizer_path)
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.group, self.tokenizer, self.model_id, self.gang.max_seq_len)
+        return build_api(self.group, self.tokenizer, self.model_id, self.gang.engine.max_seq_len)
 
     async def check_health(self) -> None:
         await self.group.check_health()

@@ -5,7 +5,7 @@ group `Llama.build` starts for plain scripts.
 """
 from llama.args import ModelArgs
 from llama.chat_format import Dialog, Message
-from llama.generation import Llama
+from llama.reference_api import Llama
 from llama.model import Transformer
 from llama.tokenizer import Tokenizer
 

@@ -1,7 +1,8 @@
 """ModelArgs: the shape of a Llama model, read from Meta's params.json.
 
-Derived sizes (head_dim, FFN hidden size, KV heads) are computed once in __post_init__ so the
-model, the checkpoint loader and the maker all agree on them.
+Derived sizes (head_dim, FFN hidden size, KV heads) are computed in one place so the model, the
+checkpoint loader and the maker all agree on them. How long and how many sequences are served
+is not the checkpoint's business: that is EngineConfig's (llama/engine.py).
 """
 from __future__ import annotations
 
@@ -22,8 +23,6 @@ class ModelArgs:
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    max_batch_size: int = 32
-    max_seq_len: int = 2048
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -42,7 +41,7 @@ class ModelArgs:
         return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
 
     @classmethod
-    def from_params(cls, params: dict, **overrides: object) -> "ModelArgs":
+    def from_params(cls, params: dict) -> "ModelArgs":
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -50,10 +49,10 @@ class ModelArgs:
                 f"params.json has keys this loader does not know: {unknown}. "
                 f"Expected only {sorted(known)}; is this a Meta-format Llama checkpoint?"
             )
-        return cls(**{**params, **overrides})
+        return cls(**params)
 
     @classmethod
-    def from_json(cls, path: str | Path, **overrides: object) -> "ModelArgs":
+    def from_json(cls, path: str | Path) -> "ModelArgs":
         path = Path(path)
         try:
             params = json.loads(path.read_text())
@@ -64,7 +63,7 @@ class ModelArgs:
             ) from None
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} is not valid JSON ({e}).") from None
-        return cls.from_params(params, **overrides)
+        return cls.from_params(params)
 
     def validate_for(self, model_parallel_size: int) -> None:
         """Raise ValueError when this model cannot be split into `model_parallel_size` ranks."""

@@ -29,17 +29,14 @@ class CheckpointInfo:
     ckpt_dir: Path
     tokenizer_path: Path
     shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order
-    args: ModelArgs  # vocab_size resolved, max_seq_len/max_batch_size as asked
+    args: ModelArgs  # vocab_size resolved from the tokenizer
 
 
 def inspect_checkpoint(
-    ckpt_dir: str | Path,
-    tokenizer_path: str | Path | None = None,
-    max_seq_len: int = 2048,
-    max_batch_size: int = 32,
-    model_parallel_size: int = 1,
+    ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, model_parallel_size: int = 1
 ) -> CheckpointInfo:
-    """Validate a checkpoint directory before anything is allocated; raise CheckpointError."""
+    """Validate a checkpoint directory before anything is allocated; raise CheckpointError.
+    Done once per start (where configuration enters); the result is passed to every rank."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist (ckpt_dir).")
@@ -63,7 +60,7 @@ def inspect_checkpoint(
     if names != expected_names:
         raise CheckpointError(f"shard files in {ckpt_dir} are {names}; expected {expected_names}.")
     try:
-        args = ModelArgs.from_json(params_path, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        args = ModelArgs.from_json(params_path)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{params_path}: {e}") from None
     n_words = Tokenizer(tok_path).n_words
@@ -92,7 +89,6 @@ def _open(path: Path) -> dict[str, torch.Tensor]:
 def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> None:
     n = len(shards)
     expected = full_shapes(args)
-    totals: dict[str, list[int]] = {}
     for path in shards:
         sd = _open(path)
         missing = sorted(set(expected) - set(sd))
@@ -113,7 +109,6 @@ def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> None:
                     f"{path}: {key} has shape {list(shape)}, expected {list(want)} for the model in "
                     f"params.json cut into {n} shard(s). Does params.json belong to these files?"
                 )
-            totals.setdefault(key, []).append(shape[0] if d is None else shape[d])
 
 
 def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[str, torch.Tensor]:

@@ -123,6 +123,3 @@ def init_model_parallel(model_parallel_size: int) -> None:
 def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank()
 
-
-def model_parallel_size() -> int:
-    return fs_init.get_model_parallel_world_size()

@@ -14,16 +14,15 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from llama.detokenizer import TextStream
-from llama.generate import check_prompts
 from llama.model import Transformer
 from llama.request import FinishReason, GenerationRequest
 from llama.runner import ModelRunner
-from llama.sampling import logprobs_of, sample_one
+from llama.sampling import logprobs_of, sample
 from llama.scheduler import Scheduler
 from llama.sequence import Sequence, Sink
 from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
@@ -38,11 +37,40 @@ class EngineFailedError(RuntimeError):
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int  # sequences decoding at once: the KV cache's rows
-    max_seq_len: int  # prompt and generation together, per sequence
+    """How one model is served: the only home of these settings and their defaults. Filled from
+    deploy/config.yaml's `engine:` section (or Llama.build's arguments) and passed down whole."""
+
+    max_batch_size: int = 8  # sequences decoding at once: the KV cache's slots
+    max_seq_len: int = 256  # prompt and generation together, per sequence
     prefill_chunk: int = 64  # prompt tokens run per step at most, over all prefilling sequences
+    request_timeout_s: float | None = None  # a request still running this long after arrival ends ("timeout")
     seed: int = 1  # seeds the RNG that draws a seed for each sampled request that brings none
     heartbeat_s: float = 1.0  # an idle driver still sends a plan this often, so followers' waits never time out
+
+    def __post_init__(self) -> None:
+        least = {"max_batch_size": 1, "max_seq_len": 2, "prefill_chunk": 1}
+        bad = [f"{k} must be an integer >= {n}, got {getattr(self, k)!r}" for k, n in least.items()
+               if not isinstance(getattr(self, k), int) or getattr(self, k) < n]
+        if self.request_timeout_s is not None and not self.request_timeout_s > 0:
+            bad.append(f"request_timeout_s must be > 0 seconds (or null for no limit), got {self.request_timeout_s}")
+        if not self.heartbeat_s > 0:
+            bad.append(f"heartbeat_s must be > 0 seconds, got {self.heartbeat_s}")
+        if bad:
+            raise ValueError("engine settings: " + "; ".join(bad) + ".")
+
+
+def check_request(request: GenerationRequest, max_seq_len: int, vocab_size: int) -> None:
+    """Raise ValueError for a request this model cannot run, before it enters the engine (on the
+    driver, so no rank ever sees it)."""
+    tokens = request.prompt_tokens
+    if not tokens:
+        raise ValueError("the prompt is empty: send at least one token.")
+    if len(tokens) >= max_seq_len:
+        raise ValueError(f"the prompt is {len(tokens)} tokens; this model serves at most max_seq_len {max_seq_len} "
+                         f"tokens, prompt and generation together. Shorten the prompt.")
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
 
 
 @dataclass
@@ -69,14 +97,12 @@ class Engine:
         config: EngineConfig,
         publish: Callable[[StepPlan], None] | None = None,
     ):
-        if config.max_seq_len > model.args.max_seq_len:
-            raise ValueError(f"engine max_seq_len {config.max_seq_len} exceeds the model's {model.args.max_seq_len}.")
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.publish = publish
-        self.runner = ModelRunner(model, model.new_cache(config.max_slots, config.max_seq_len))
-        self.scheduler = Scheduler(config.max_slots, config.prefill_chunk)
+        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len))
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk)
         self.stats = EngineStats()
         self.failure: BaseException | None = None
         self._rng = random.Random(config.seed)
@@ -91,7 +117,9 @@ class Engine:
     def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; its deltas go to `sink` from the engine thread. Raises ValueError
         for a request the model cannot serve (nothing is queued then)."""
-        check_prompts([request], self.config.max_seq_len, self.config.max_slots, self.model.args.vocab_size)
+        check_request(request, self.config.max_seq_len, self.model.args.vocab_size)
+        if request.timeout_s is None and self.config.request_timeout_s is not None:
+            request = replace(request, timeout_s=self.config.request_timeout_s)
         p = request.params
         gen = None
         if p.temperature > 0:
@@ -112,7 +140,7 @@ class Engine:
 
     def load(self) -> dict:
         """Slots and queue, for health pages and tests (read without the engine's lock: approximate)."""
-        return {"slots": self.config.max_slots, "free_slots": self.scheduler.free_slots,
+        return {"slots": self.config.max_batch_size, "free_slots": self.scheduler.free_slots,
                 "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
                 **asdict(self.stats)}
 
@@ -224,7 +252,7 @@ class Engine:
         chosen = torch.argmax(logits[rows], dim=-1).tolist()  # greedy rows, all at once
         for i, (s, r) in enumerate(due):
             if s.params.temperature > 0:
-                chosen[i] = sample_one(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator)
+                chosen[i] = sample(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator)
         wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
         lps: dict[int, tuple[float, list]] = {}
         if wants:

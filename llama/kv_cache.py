@@ -1,6 +1,9 @@
-"""KVCache: the keys and values of every layer for a batch of rows (or slots), on the model's device.
+"""KVCache: every layer's keys and values for a fixed number of slots, on the model's device.
 
-Allocated once (static shapes, so a decode step never allocates); rows are batch indices.
+A slot is one running sequence's row of positions 0..max_seq_len-1. Allocated once (static
+shapes: a step never allocates); the runner writes each packed token at its (slot, position)
+and reads a slot's first positions back, so a block table can later replace the slot rows
+without touching the model.
 """
 from __future__ import annotations
 
@@ -19,29 +22,10 @@ class KVCache:
         dtype: torch.dtype,
     ):
         shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
-        self.max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size  # slots
         self.max_seq_len = max_seq_len
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-
-    def update(
-        self, layer: int, start_pos: int, xk: torch.Tensor, xv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write xk/xv (bsz, seqlen, kv_heads, hd) at start_pos; return the keys/values of
-        rows :bsz over positions 0..start_pos+seqlen."""
-        bsz, seqlen = xk.shape[:2]
-        end = start_pos + seqlen
-        if bsz > self.max_batch_size or end > self.max_seq_len:
-            raise ValueError(
-                f"KV cache holds {self.max_batch_size} rows x {self.max_seq_len} positions; "
-                f"asked for {bsz} rows up to position {end}."
-            )
-        k, v = self.k[layer], self.v[layer]
-        k[:bsz, start_pos:end] = xk
-        v[:bsz, start_pos:end] = xv
-        return k[:bsz, :end], v[:bsz, :end]
-
-    # ---- slots: the continuous engine gives each running sequence one row (llama/runner.py)
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
         """Packed keys/values xk, xv (T, kv_heads, hd) of tokens at (slots[i], positions[i])."""

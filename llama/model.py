@@ -1,9 +1,10 @@
 """The Llama Transformer on fairscale's model-parallel layers, one rank's shard of it.
 
-Numbers follow Meta's reference (shared/REFERENCE.md): RMSNorm and softmax in float32,
-rotary embedding on interleaved pairs, grouped-query attention by repeating KV heads.
-The model is built on the device and dtype it is given; it never touches global defaults.
-It needs fairscale's model-parallel state initialised (see llama/distributed.py).
+Numbers follow Meta's reference: RMSNorm and softmax in float32, rotary embedding on
+interleaved pairs, grouped-query attention (SDPA maps each head to its KV head; nothing is
+repeated). One forward serves prefill and decode: a step's segments packed into one sequence.
+Built on the device and dtype it is given, never touching global defaults; it needs fairscale's
+model-parallel state initialised (llama/distributed.py).
 """
 from __future__ import annotations
 
@@ -72,10 +73,7 @@ def apply_rotary_emb(
     # Dims 2i and 2i+1 form one complex number (Meta's interleaved layout).
     xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bsz, seqlen, heads, hd/2)
     xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
-    if freqs_cis.dim() == 2:
-        freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # shared positions
-    else:
-        freqs_cis = freqs_cis.unsqueeze(2)  # (bsz, seqlen, 1, hd/2): a position per row
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # (1, seqlen, 1, hd/2)
     xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
     xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
     return xq_out.type_as(xq), xk_out.type_as(xk)
@@ -95,36 +93,7 @@ class Attention(nn.Module):
         self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        start_pos: int,
-        freqs_cis: torch.Tensor,
-        mask: torch.Tensor | None,
-        cache: KVCache | None,
-    ) -> torch.Tensor:
-        bsz, seqlen, _ = x.shape  # (bsz, seqlen, dim)
-        xq = self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
-
-        if cache is not None:
-            keys, values = cache.update(self.layer_id, start_pos, xk, xv)  # (bsz, start_pos+seqlen, kv, hd)
-        else:
-            keys, values = xk, xv
-        # The reference's repeat_kv + matmul + float32 softmax, as one fused call: SDPA maps head h
-        # to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
-        out = F.scaled_dot_product_attention(
-            xq.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),  # (bsz, heads|kv, len, hd)
-            attn_mask=mask,  # (seqlen, cache_len) or None for one new token
-            enable_gqa=self.n_rep > 1,
-        )  # (bsz, heads, seqlen, hd)
-        out = out.transpose(1, 2).contiguous().view(bsz, seqlen, -1)
-        return self.wo(out)
-
-
-    def forward_packed(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
         """x (T, dim): a step's segments packed into one sequence (llama/runner.py);
         freqs_cis (T, hd/2): each token's rotation at its own position."""
         T = x.shape[0]
@@ -138,7 +107,8 @@ class Attention(nn.Module):
         for g in batch.groups:
             keys, values = cache.gather(self.layer_id, g.slots, g.kv_len, g.slot_range)  # (G, K, kv, hd)
             q = xq[g.query_index].transpose(1, 2)  # (G, heads, L, hd)
-            # Grouped-query attention without repeating the keys, as in forward.
+            # The reference's repeat_kv + matmul + float32 softmax as one fused call: SDPA maps
+            # head h to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
             o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=g.mask,
                                                enable_gqa=self.n_rep > 1)  # (G, heads, L, hd)
             out[g.query_index[g.valid]] = o.transpose(1, 2)[g.valid]
@@ -165,8 +135,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
 
-    def forward(self, x, start_pos, freqs_cis, mask, cache):
-        h = x + self.attention(self.attention_norm(x), start_pos, freqs_cis, mask, cache)
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, batch, cache)  # (T, dim)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -174,11 +144,13 @@ class Transformer(nn.Module):
     """One model-parallel rank's shard. Parameters are allocated uninitialised on `device`:
     load a checkpoint (llama/checkpoint.py) or initialise them (llama/make_tiny.py)."""
 
-    def __init__(self, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, args: ModelArgs, max_seq_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError("ModelArgs.vocab_size must be resolved (from the tokenizer) before building the model.")
         self.args = args
+        self.max_seq_len = max_seq_len  # positions the rotary table covers
         self.device = torch.device(device)
         self.dtype = dtype
         # fairscale allocates its weights with torch.Tensor(...) on the CPU whatever the default
@@ -193,49 +165,31 @@ class Transformer(nn.Module):
         self.to(dtype)
         self.to_empty(device=self.device)
         # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, args.max_seq_len * 2, args.rope_theta, self.device)
+        self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len * 2, args.rope_theta, self.device)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """tokens (bsz, seqlen) at positions start_pos.. -> logits (bsz, seqlen, vocab) float32.
-
-        With a cache, keys/values are written at start_pos and attention covers 0..start_pos+seqlen.
-        Without one (training, scoring), start_pos must be 0 and attention is plain causal.
-        """
-        if cache is None and start_pos != 0:
-            raise ValueError("start_pos > 0 needs a KV cache holding the earlier positions.")
-        bsz, seqlen = tokens.shape
-        h = self.tok_embeddings(tokens)  # (bsz, seqlen, dim)
-        freqs_cis = self.freqs_cis[start_pos : start_pos + seqlen]
-        mask = None
-        if seqlen > 1:
-            mask = torch.full((seqlen, seqlen), float("-inf"), device=tokens.device)
-            mask = torch.triu(mask, diagonal=1)
-            # Cached positions before start_pos are all visible.
-            mask = torch.hstack([torch.zeros((seqlen, start_pos), device=tokens.device), mask]).type_as(h)
-        for layer in self.layers:
-            h = layer(h, start_pos, freqs_cis, mask, cache)
-        h = self.norm(h)
-        return self.output(h).float()
-
-    def forward_packed(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
-        """One engine step (llama/runner.py): packed tokens (T,) at their own positions and slots
-        -> logits (R, vocab) float32 for the packed indices batch.logit_index only."""
+    def forward(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """The one forward, for prefill and decode alike: the packed tokens (T,) of a step's
+        segments (llama/runner.py), each at its own position and cache slot -> float32 logits
+        (R, vocab) for the packed indices batch.logit_index only."""
         h = self.tok_embeddings(batch.tokens)  # (T, dim)
         freqs_cis = self.freqs_cis[batch.positions]  # (T, hd/2): each token at its own position
         for layer in self.layers:
-            h = h + layer.attention.forward_packed(layer.attention_norm(h), freqs_cis, batch, cache)
-            h = h + layer.feed_forward(layer.ffn_norm(h))
+            h = layer(h, freqs_cis, batch, cache)
         if batch.logit_index.numel() == 0:  # every rank skips the output's all-gather alike
             return torch.empty((0, self.args.vocab_size), device=self.device)
         h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
         return self.output(h).float()
 
-    def new_cache(self, max_batch_size: int, max_seq_len: int | None = None) -> KVCache:
+    def new_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
+        """A KV cache of max_batch_size slots of max_seq_len positions, on this shard's device."""
+        if max_seq_len > self.max_seq_len:
+            raise ValueError(f"a cache of {max_seq_len} positions is longer than this model was built for "
+                             f"({self.max_seq_len}); build the Transformer with a larger max_seq_len.")
         first = self.layers[0].attention
         return KVCache(
             n_layers=self.args.n_layers,
             max_batch_size=max_batch_size,
-            max_seq_len=max_seq_len or self.args.max_seq_len,
+            max_seq_len=max_seq_len,
             n_kv_heads=first.n_local_kv_heads,
             head_dim=first.head_dim,
             device=self.device,

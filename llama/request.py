@@ -1,12 +1,12 @@
 """What one generation asks for and what it returns: plain dataclasses that cross process
 boundaries (replica -> driver -> ranks, and back) unchanged.
 
-A request's results arrive as a stream of StreamDeltas (the continuous engine) or as one
-GenerationOutput (the static batch loop, or a stream collected with `collect`).
+A request's results arrive as a stream of StreamDeltas; `collect` joins a finished stream into
+one GenerationOutput.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from llama.sampling import validate_sampling
@@ -24,8 +24,7 @@ class SamplingParams:
     top_p: float = 0.9
     top_k: int = 0  # sample among the k most likely tokens only; 0 means no limit
     # Seeds a per-request RNG so the draw depends neither on what else is in the batch nor on the
-    # model-parallel size. None: the engine draws a seed (the static loop uses the process RNG,
-    # the reference's behaviour).
+    # model-parallel size. None: the engine draws one from its own seeded RNG.
     seed: int | None = None
     stop: tuple[str, ...] = ()  # generation ends before the first occurrence of any of these
     # None: no logprobs. k >= 0: each token's logprob (of the model's distribution, before
@@ -87,7 +86,6 @@ class GenerationOutput:
     prompt_logprobs: list[float] | None = None  # one per prompt token (the first is 0.0), when echo
     top_logprobs: list[TopLogprobs] | None = None  # one per token_ids entry, when logprobs is set
     prompt_top_logprobs: list[TopLogprobs] | None = None  # one per prompt token, when echo
-    extra: dict = field(default_factory=dict)
 
 
 def collect(prompt_tokens: list[int], deltas: list[StreamDelta]) -> GenerationOutput:

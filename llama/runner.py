@@ -111,4 +111,4 @@ class ModelRunner:
             self.active.add(s.slot)
         if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
-        return self.model.forward_packed(pack(plan, self.model.device), self.cache)
+        return self.model(pack(plan, self.model.device), self.cache)

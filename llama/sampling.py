@@ -1,9 +1,7 @@
-"""Sampling: temperature, top-k, top-p (nucleus) and greedy, and logprobs.
+"""Sampling: temperature, top-k, top-p (nucleus) and greedy, one token at a time; and logprobs.
 
-Top-p is done as Meta's reference does it. Each row may carry its own settings and
-torch.Generator (seeded requests); rows without a generator draw from the global RNG, which
-keeps the reference's numbers in the static loop. The engine gives every sampled request a
-generator, so its draws depend on nothing else in the batch.
+Top-p is done as Meta's reference does it. The engine gives every sampled request a seeded
+torch.Generator of its own, so its draws depend on nothing else in the batch and on no rank.
 """
 from __future__ import annotations
 
@@ -22,34 +20,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     return torch.gather(probs_idx, -1, next_token)
 
 
-def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """logits (bsz, vocab) -> (bsz,), one setting for the whole batch (the reference's way)."""
-    if temperature > 0:
-        probs = torch.softmax(logits / temperature, dim=-1)
-        return sample_top_p(probs, top_p).reshape(-1)
-    return torch.argmax(logits, dim=-1)
-
-
-def sample_rows(
-    logits: torch.Tensor,
-    temperatures: list[float],
-    top_ps: list[float],
-    generators: list[torch.Generator | None],
-    active: list[bool] | None = None,
-) -> torch.Tensor:
-    """logits (bsz, vocab) -> (bsz,), each row with its own settings and RNG.
-
-    Rows not `active` (still inside their prompt) draw nothing, so a seeded row consumes its
-    RNG once per generated token, whatever the other rows' prompt lengths."""
-    out = torch.argmax(logits, dim=-1)
-    for i, (t, p, g) in enumerate(zip(temperatures, top_ps, generators)):
-        if t > 0 and (active is None or active[i]):
-            probs = torch.softmax(logits[i : i + 1] / t, dim=-1)
-            out[i] = sample_top_p(probs, p, generator=g)[0, 0]
-    return out
-
-
-def sample_one(
+def sample(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
 ) -> int:
     """logits (vocab,) -> one token id. top_k (when > 0) keeps the k most likely tokens, then

@@ -17,15 +17,13 @@ from llama.step_plan import SlotCopy
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, prefill_chunk: int):
-        if max_slots < 1 or prefill_chunk < 1:
-            raise ValueError(f"the engine needs at least one slot and a prefill chunk of at least one token, "
-                             f"got max_slots={max_slots}, prefill_chunk={prefill_chunk}.")
-        self.max_slots = max_slots
+    def __init__(self, max_batch_size: int, prefill_chunk: int):
+        # EngineConfig has checked both (>= 1)
+        self.max_batch_size = max_batch_size  # slots
         self.prefill_chunk = prefill_chunk
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, each holding a slot
-        self._free: list[int] = list(range(max_slots))  # a heap: the lowest free slot is taken first
+        self._free: list[int] = list(range(max_batch_size))  # a heap: the lowest free slot is taken first
 
     @property
     def free_slots(self) -> int:

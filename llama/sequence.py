@@ -30,7 +30,6 @@ class Sequence:
         generator: torch.Generator | None,
     ):
         self.request_id = request_id
-        self.request = request
         self.params = request.params
         self.sink = sink
         self.text = text

@@ -51,15 +51,19 @@ class StepPlan:
     def idle(self) -> bool:
         return not self.segments and not self.copies
 
-    def logit_rows(self) -> int:
-        return sum(s.length if s.logits == LOGITS_ALL else (1 if s.logits == LOGITS_LAST else 0) for s in self.segments)
+    @classmethod
+    def prefill(cls, rows: list[list[int]]) -> "StepPlan":
+        """Row i as a whole prompt in slot i from position 0, with logits at every position: one
+        forward over a batch of sequences, outside the engine (training, scoring, tests)."""
+        segments = tuple(Segment(i, 0, len(r), LOGITS_ALL) for i, r in enumerate(rows))
+        return cls(segments, tuple(t for r in rows for t in r))
 
     @staticmethod
-    def capacity(max_slots: int, prefill_chunk: int) -> int:
+    def capacity(max_batch_size: int, prefill_chunk: int) -> int:
         """int64s in the wire tensor: header, 4 per segment (one per slot at most), the tokens
         (one per decoding slot plus the prefill budget), the freed slots, 3 per copy (one per
         slot at most)."""
-        return _HEADER + 4 * max_slots + (max_slots + prefill_chunk) + max_slots + 3 * max_slots
+        return _HEADER + 4 * max_batch_size + (max_batch_size + prefill_chunk) + max_batch_size + 3 * max_batch_size
 
     def to_tensor(self, capacity: int) -> torch.Tensor:
         kind = _KIND_STOP if self.stop else _KIND_STEP

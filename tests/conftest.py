@@ -11,6 +11,20 @@ GOLDEN_DIR = DATA / "golden"
 GOLDEN_CKPT = GOLDEN_DIR / "ckpt"
 
 
+def gang_config(ckpt: Path | str, mp: int, **settings):
+    """A GangConfig for `ckpt` at model parallel size `mp`: each keyword goes to the settings
+    object that owns it (EngineConfig or ParallelConfig)."""
+    import dataclasses
+
+    from cluster.config import GangConfig, ParallelConfig
+    from llama.engine import EngineConfig
+
+    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
+    engine = EngineConfig(**{"max_seq_len": 96, **{k: v for k, v in settings.items() if k in engine_keys}})
+    parallel = ParallelConfig(model_parallel_size=mp, **{k: v for k, v in settings.items() if k not in engine_keys})
+    return GangConfig.inspect(ckpt, None, parallel, engine)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     """What Meta's reference code returned for the golden checkpoint (see tests/data/golden/README.md)."""

@@ -1,5 +1,6 @@
 """On a CUDA device: the reference API picks nccl, inputs made on the CPU reach the model's
-device, fp32 reproduces Meta's tokens, bf16 runs, seeded sampling works with CUDA RNGs."""
+device, fp32 reproduces Meta's tokens through the engine, bf16 runs, seeded sampling works
+with CUDA RNGs."""
 from __future__ import annotations
 
 import pytest
@@ -7,11 +8,21 @@ import torch
 
 from llama.checkpoint import inspect_checkpoint, load_into
 from llama.distributed import choose_backend
-from llama.generate import generate_batch
+from llama.engine import Engine, EngineConfig
 from llama.model import Transformer
-from llama.request import GenerationRequest, SamplingParams
+from llama.request import GenerationOutput, GenerationRequest, SamplingParams, collect
 from llama.tokenizer import Tokenizer
 from tests.conftest import GOLDEN_CKPT
+
+
+def run(engine: Engine, reqs: list[GenerationRequest]) -> list[GenerationOutput]:
+    """Submit, step the engine on this thread until idle, collect each request's deltas."""
+    sinks: list[list] = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        engine.submit(f"{id(sinks)}-{i}", r, sinks[i].append)
+    while engine.step():
+        pass
+    return [collect(list(r.prompt_tokens), s) for r, s in zip(reqs, sinks)]
 
 
 def test_backend_is_nccl_on_cuda():
@@ -49,14 +60,14 @@ def test_chat_on_cuda(cuda_llama, golden):
 
 
 def test_bf16_runs_and_mostly_agrees(mp1_cuda, golden):
-    info = inspect_checkpoint(GOLDEN_CKPT, max_seq_len=96, max_batch_size=6)
-    model = Transformer(info.args, device="cuda", dtype=torch.bfloat16)
+    info = inspect_checkpoint(GOLDEN_CKPT)
+    model = Transformer(info.args, 96, device="cuda", dtype=torch.bfloat16)
     load_into(model, info, 0, 1)
     assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in model.parameters())
     tok = Tokenizer(info.tokenizer_path)
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=0)) for p in c["prompt_token_ids"]]
-    out = generate_batch(model, tok, model.new_cache(6), reqs)
+    out = run(Engine(model, tok, EngineConfig(max_batch_size=6, max_seq_len=96)), reqs)
     first = [o.token_ids[0] for o in out]
     want = [g[0] for g in c["generated_token_ids"]]
     assert sum(a == b for a, b in zip(first, want)) >= 4  # bf16 rounding may flip a near-tie
@@ -65,30 +76,18 @@ def test_bf16_runs_and_mostly_agrees(mp1_cuda, golden):
 def test_seeded_sampling_on_cuda(cuda_llama, golden):
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=1.0, seed=5)) for p in c["prompt_token_ids"]]
-    a = generate_batch(cuda_llama.model, cuda_llama.tokenizer, cuda_llama.cache, reqs)
-    b = generate_batch(cuda_llama.model, cuda_llama.tokenizer, cuda_llama.cache, reqs[:1])
+    a = run(cuda_llama.engine, reqs)
+    b = run(cuda_llama.engine, reqs[:1])
     assert a[0].token_ids == b[0].token_ids
 
 
 def test_continuous_engine_on_cuda_matches_reference_and_seeds_hold(cuda_llama, golden):
-    from llama.engine import Engine, EngineConfig
-    from llama.request import collect
-
     c = golden["completions"]
-    engine = Engine(cuda_llama.model, cuda_llama.tokenizer, EngineConfig(max_slots=4, max_seq_len=96, prefill_chunk=16))
-
-    def run(reqs):
-        sinks = {i: [] for i in range(len(reqs))}
-        for i, r in enumerate(reqs):
-            engine.submit(f"{id(reqs)}-{i}", r, sinks[i].append)
-        while engine.step():
-            pass
-        return [collect(list(r.prompt_tokens), sinks[i]) for i, r in enumerate(reqs)]
-
+    engine = Engine(cuda_llama.model, cuda_llama.tokenizer, EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16))
     greedy = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0)) for p in c["prompt_token_ids"]]
-    assert [o.token_ids for o in run(greedy)] == c["generated_token_ids"]
+    assert [o.token_ids for o in run(engine, greedy)] == c["generated_token_ids"]
     seeded = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=1.0, seed=9 + i))
               for i, p in enumerate(c["prompt_token_ids"])]
-    together = run(seeded)
-    assert [o.token_ids for o in together[:2]] == [run([r])[0].token_ids for r in seeded[:2]]
+    together = run(engine, seeded)
+    assert [o.token_ids for o in together[:2]] == [run(engine, [r])[0].token_ids for r in seeded[:2]]
     assert engine.scheduler.free_slots == 4

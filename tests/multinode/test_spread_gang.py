@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.config import GangConfig
 from cluster.errors import PlacementTimeoutError
 from llama.request import GenerationRequest, SamplingParams
-from tests.conftest import GOLDEN_CKPT
+from tests.conftest import GOLDEN_CKPT, gang_config
 
 
 def test_two_ranks_on_two_nodes_match_the_reference(three_nodes, golden):
@@ -15,8 +14,7 @@ def test_two_ranks_on_two_nodes_match_the_reference(three_nodes, golden):
 
     from cluster.group import RankGroup
 
-    cfg = GangConfig(ckpt_dir=str(GOLDEN_CKPT), tokenizer_path=None, model_parallel_size=2, max_seq_len=96,
-                     max_batch_size=6, placement_strategy="STRICT_SPREAD")
+    cfg = gang_config(GOLDEN_CKPT, 2, max_batch_size=6, placement_strategy="STRICT_SPREAD")
     g = RankGroup.start(cfg)
     try:
         info = asyncio.run(g.cluster_info())
@@ -24,7 +22,7 @@ def test_two_ranks_on_two_nodes_match_the_reference(three_nodes, golden):
         c = golden["completions"]
         reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0))
                 for p in c["prompt_token_ids"]]
-        assert [o.token_ids for o in g.generate_blocking(reqs)] == c["generated_token_ids"]
+        assert [o.token_ids for o in g.generate(reqs)] == c["generated_token_ids"]
     finally:
         g.shutdown()
 
@@ -32,7 +30,7 @@ def test_two_ranks_on_two_nodes_match_the_reference(three_nodes, golden):
 def test_too_few_nodes_is_a_placement_timeout_that_says_what_to_do(three_nodes, tiny_ckpts):
     from cluster.group import RankGroup
 
-    cfg = GangConfig(ckpt_dir=str(tiny_ckpts["mha1"]), tokenizer_path=None, model_parallel_size=4, max_seq_len=96,
-                     max_batch_size=6, placement_strategy="STRICT_SPREAD", placement_timeout_s=5)
+    cfg = gang_config(tiny_ckpts["mha1"], 4, max_batch_size=6, placement_strategy="STRICT_SPREAD",
+                      placement_timeout_s=5)
     with pytest.raises(PlacementTimeoutError, match="Add nodes, lower model_parallel_size"):
         RankGroup.start(cfg)

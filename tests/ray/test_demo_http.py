@@ -25,7 +25,7 @@ def client(ray_local):
     # The args of the shipped config, unchanged: the default model at its default size.
     config = yaml.safe_load((ROOT / "deploy" / "config.yaml").read_text())
     args = config["applications"][0]["args"]
-    assert "ckpt_dir" not in args and args["model_parallel_size"] == 2
+    assert "ckpt_dir" not in args and args["parallel"]["model_parallel_size"] == 2
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(args), name="llama", route_prefix="/")

@@ -8,18 +8,16 @@ import asyncio
 
 import pytest
 
-from cluster.config import GangConfig
 from cluster.errors import RankFailedError
-from llama.request import GenerationRequest, SamplingParams
-from tests.conftest import GOLDEN_CKPT
+from llama.request import GenerationRequest, SamplingParams, collect
+from tests.conftest import GOLDEN_CKPT, gang_config
 
 
 def _start(ray_local, ckpt, mp: int, **kw):
     from cluster.group import RankGroup
 
     kw = {"max_batch_size": 6, "cpus_per_rank": 1.0, "prefill_chunk": 16, **kw}
-    cfg = GangConfig(ckpt_dir=str(ckpt), tokenizer_path=None, model_parallel_size=mp, max_seq_len=96, **kw)
-    return RankGroup.start(cfg)
+    return RankGroup.start(gang_config(ckpt, mp, **kw))
 
 
 def _greedy(prompts: list[list[int]], n: int, logprobs: bool = False) -> list[GenerationRequest]:
@@ -36,7 +34,7 @@ def golden_mp2(ray_local):
 
 def test_golden_at_mp2_matches_meta_reference(golden_mp2, golden):
     c = golden["completions"]
-    out = golden_mp2.generate_blocking(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))
+    out = golden_mp2.generate(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))
     assert [o.token_ids for o in out] == c["generated_token_ids"]
     for o, want in zip(out, c["results"]):
         assert o.text == want["generation"]
@@ -47,27 +45,27 @@ def test_seeded_sampling_same_on_every_rank_and_alone(golden_mp2, golden):
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=40 + i))
             for i, p in enumerate(c["prompt_token_ids"])]
-    together = golden_mp2.generate_blocking(reqs)
-    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs[:3]]
+    together = golden_mp2.generate(reqs)
+    alone = [golden_mp2.generate([r])[0] for r in reqs[:3]]
     assert [o.token_ids for o in together[:3]] == [o.token_ids for o in alone]
     assert [o.token_ids for o in together] != c["generated_token_ids"]
 
 
 def test_caller_mistake_is_a_value_error_and_the_gang_survives(golden_mp2, golden):
     with pytest.raises(ValueError, match="max_seq_len"):
-        golden_mp2.generate_blocking(_greedy([[1] * 200], 4))
+        golden_mp2.generate(_greedy([[1] * 200], 4))
     with pytest.raises(ValueError, match="vocabulary"):
-        asyncio.run(golden_mp2.generate(_greedy([[1, 5000]], 4)))
+        golden_mp2.generate(_greedy([[1, 5000]], 4))
     asyncio.run(golden_mp2.check_health())
     c = golden["completions"]
-    out = golden_mp2.generate_blocking(_greedy(c["prompt_token_ids"][:1], 4))
+    out = golden_mp2.generate(_greedy(c["prompt_token_ids"][:1], 4))
     assert out[0].token_ids == c["generated_token_ids"][0][:4]
 
 
 def test_more_requests_than_max_batch_size_are_batched(golden_mp2, golden):
     c = golden["completions"]
     prompts = c["prompt_token_ids"] * 2  # 12 > max_batch_size 6
-    out = golden_mp2.generate_blocking(_greedy(prompts, 6))
+    out = golden_mp2.generate(_greedy(prompts, 6))
     assert [o.token_ids for o in out] == [g[:6] for g in c["generated_token_ids"]] * 2
 
 
@@ -75,8 +73,8 @@ def test_concurrent_streams_give_the_tokens_each_gives_alone(golden_mp2, golden)
     c = golden["completions"]
     prompts = [(p + p[1:] * k)[:60] for k, p in enumerate(c["prompt_token_ids"])]  # 2..60 tokens
     reqs = [_greedy([p], 6 + 4 * i)[0] for i, p in enumerate(prompts)]
-    together = asyncio.run(golden_mp2.generate(reqs))  # 6 concurrent Ray calls into one engine
-    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs]
+    together = golden_mp2.generate(reqs)  # 6 concurrent Ray calls into one engine
+    alone = [golden_mp2.generate([r])[0] for r in reqs]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
@@ -124,7 +122,7 @@ def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts
     for mp in (1, 2):
         g = _start(ray_local, tiny_ckpts["gqa1"], mp)
         try:
-            results[mp] = g.generate_blocking(_greedy(prompts, 24, logprobs=True))
+            results[mp] = g.generate(_greedy(prompts, 24, logprobs=True))
         finally:
             g.shutdown()
     assert [o.token_ids for o in results[1]] == [o.token_ids for o in results[2]]
@@ -141,8 +139,8 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
     for mp in (1, 2):
         g = _start(ray_local, tiny_ckpts["gqa2"], mp, max_batch_size=8)
         try:
-            batch = asyncio.run(g.generate(reqs))
-            alone = [g.generate_blocking([r])[0] for r in reqs[:3]]
+            batch = g.generate(reqs)
+            alone = [g.generate([r])[0] for r in reqs[:3]]
         finally:
             g.shutdown()
         assert [o.token_ids for o in alone] == [o.token_ids for o in batch[:3]]
@@ -157,7 +155,7 @@ def test_mp4_from_one_shard(ray_local, tiny_ckpts):
     for mp in (1, 4):
         g = _start(ray_local, tiny_ckpts["mha1"], mp, cpus_per_rank=0.5)
         try:
-            results[mp] = [o.token_ids for o in g.generate_blocking(_greedy(prompts, 16))]
+            results[mp] = [o.token_ids for o in g.generate(_greedy(prompts, 16))]
         finally:
             g.shutdown()
     assert results[1] == results[4]
@@ -181,7 +179,7 @@ def test_a_dead_rank_makes_the_gang_unhealthy(ray_local, tiny_ckpts):
         with pytest.raises(RankFailedError):
             asyncio.run(g.check_health())
         with pytest.raises(RankFailedError, match="must be replaced"):
-            g.generate_blocking(_greedy([[1, 2]], 2))
+            g.generate(_greedy([[1, 2]], 2))
     finally:
         g.shutdown()
 
@@ -193,13 +191,13 @@ def test_a_request_admitted_midway_at_mp2_gives_its_tokens_alone(golden_mp2, gol
     async def go():
         first = golden_mp2.stream(long_req)
         got = [await first.__anext__() for _ in range(3)]  # the first request is decoding
-        late = await golden_mp2.generate([late_req])
+        late = collect(list(late_req.prompt_tokens), [d async for d in golden_mp2.stream(late_req)])
         got += [d async for d in first]
-        return got, late[0]
+        return got, late
 
     got, late = asyncio.run(go())
-    assert late.token_ids == golden_mp2.generate_blocking([late_req])[0].token_ids
-    assert [t for d in got for t in d.token_ids] == golden_mp2.generate_blocking([long_req])[0].token_ids
+    assert late.token_ids == golden_mp2.generate([late_req])[0].token_ids
+    assert [t for d in got for t in d.token_ids] == golden_mp2.generate([long_req])[0].token_ids
 
 
 def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
@@ -245,7 +243,7 @@ def test_choices_of_one_prompt_share_its_prefill_on_every_rank(golden_mp2, golde
     prompt = golden["completions"]["prompt_token_ids"][2]  # 33 tokens
     reqs = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=8, temperature=1.0, seed=60 + i)) for i in range(4)]
     shared = ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"]
-    together = asyncio.run(golden_mp2.generate(reqs))
+    together = golden_mp2.generate(reqs)
     assert ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"] == shared + 3 * 32
-    alone = [golden_mp2.generate_blocking([r])[0] for r in reqs]
+    alone = [golden_mp2.generate([r])[0] for r in reqs]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]

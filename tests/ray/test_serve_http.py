@@ -23,8 +23,8 @@ def base_url(ray_local):
 
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "model_parallel_size": 2, "max_seq_len": 96,
-                     "max_batch_size": 6, "device": "cpu"})
+    app = build_app({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
+                     "parallel": {"model_parallel_size": 2, "device": "cpu"}})
     serve.run(app, name="llama", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

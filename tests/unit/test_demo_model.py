@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from llama.generation import Llama
+from llama import Llama
 
 ROOT = Path(__file__).resolve().parents[2]
 CKPT = ROOT / "demo" / "ckpt"

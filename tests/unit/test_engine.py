@@ -1,5 +1,5 @@
 """The continuous-batching engine in one process (MP=1, no Ray): exact greedy tokens against
-each request run alone, against the static loop and against Meta's reference; mid-way
+each request run alone, against a cache-free decode loop and against Meta's reference; mid-way
 admission; chunked prefill that never stalls decoding; seeded sampling whatever the batch;
 stop strings, echo, logprobs with alternatives; cancellation, deadlines, and no slot leaks."""
 from __future__ import annotations
@@ -19,7 +19,7 @@ class Driver:
     def __init__(self, model, tokenizer, **config):
         from llama.engine import Engine, EngineConfig
 
-        self.engine = Engine(model, tokenizer, EngineConfig(**{"max_slots": 4, "max_seq_len": 96, "prefill_chunk": 16, **config}))
+        self.engine = Engine(model, tokenizer, EngineConfig(**{"max_batch_size": 4, "max_seq_len": 96, "prefill_chunk": 16, **config}))
         self.deltas: dict[str, list] = {}
         self.requests: dict[str, GenerationRequest] = {}
 
@@ -51,8 +51,8 @@ def golden_model(mp1, golden):
     from llama.model import Transformer
     from llama.tokenizer import Tokenizer
 
-    info = inspect_checkpoint(GOLDEN_CKPT, None, golden["max_seq_len"], 8, 1)
-    model = Transformer(info.args)
+    info = inspect_checkpoint(GOLDEN_CKPT)
+    model = Transformer(info.args, golden["max_seq_len"])
     load_into(model, info, 0, 1)
     return model, Tokenizer(info.tokenizer_path)
 
@@ -95,20 +95,31 @@ def test_concurrent_requests_give_the_tokens_each_gives_alone(golden_model):
     reqs = [greedy(p, n) for p, n in zip(prompts, lengths)]
     together = Driver(model, tok).run(reqs)  # 12 requests through 4 slots
     for r, o in zip(reqs, together):
-        alone = Driver(model, tok, max_slots=1, prefill_chunk=64).run([r])[0]
+        alone = Driver(model, tok, max_batch_size=1, prefill_chunk=64).run([r])[0]
         assert o.token_ids == alone.token_ids
         assert o.finish_reason == alone.finish_reason
 
 
-def test_matches_the_static_batch_loop(golden_model):
-    from llama.generate import generate_batch
+def test_matches_a_greedy_loop_that_recomputes_every_position(golden_model):
+    """No cache reuse, no chunks, no slots shared: each token from a fresh forward over the
+    whole sequence so far (the slow, obviously right way)."""
+    from llama.runner import pack
+    from llama.step_plan import StepPlan
 
     model, tok = golden_model
     reqs = [greedy(p, 20) for p in random_prompts(6, tok.n_words, seed=8)]
-    static = generate_batch(model, tok, model.new_cache(6, 96), reqs)
     engine = Driver(model, tok).run(reqs)
-    assert [o.token_ids for o in engine] == [o.token_ids for o in static]
-    assert [o.text for o in engine] == [o.text for o in static]
+    for r, o in zip(reqs, engine):
+        seq = list(r.prompt_tokens)
+        with torch.inference_mode():
+            while len(seq) < len(r.prompt_tokens) + 20:
+                logits = model(pack(StepPlan.prefill([seq]), model.device), model.new_cache(1, len(seq)))
+                nxt = int(torch.argmax(logits[-1]))
+                if nxt == tok.eos_id:
+                    break
+                seq.append(nxt)
+        assert o.token_ids == seq[len(r.prompt_tokens):]
+        assert o.text == tok.decode(o.token_ids)
 
 
 def test_request_admitted_midway_gives_the_same_tokens(golden_model):
@@ -149,11 +160,11 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch_of_8(golden_model):
     prompts = random_prompts(8, tok.n_words, seed=10)
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=40, seed=100 + i))
             for i, p in enumerate(prompts)]
-    batch = Driver(model, tok, max_slots=8).run(reqs)
+    batch = Driver(model, tok, max_batch_size=8).run(reqs)
     for r, o in zip(reqs, batch):
-        assert Driver(model, tok, max_slots=1).run([r])[0].token_ids == o.token_ids
+        assert Driver(model, tok, max_batch_size=1).run([r])[0].token_ids == o.token_ids
     assert len({tuple(o.token_ids) for o in batch}) == 8
-    again = Driver(model, tok, max_slots=8).run([reqs[0]] * 3)  # same seed, same tokens
+    again = Driver(model, tok, max_batch_size=8).run([reqs[0]] * 3)  # same seed, same tokens
     assert all(o.token_ids == batch[0].token_ids for o in again)
 
 
@@ -204,7 +215,7 @@ def test_streamed_text_adds_up_to_the_decoded_tokens(golden_model):
 def test_abort_and_deadline_free_their_slots(golden_model):
     model, tok = golden_model
     p = random_prompts(3, tok.n_words, seed=14)
-    d = Driver(model, tok, max_slots=2)
+    d = Driver(model, tok, max_batch_size=2)
     d.submit("a", greedy(p[0], 60))
     d.submit("b", GenerationRequest(tuple(p[1]), SamplingParams(max_tokens=60, temperature=0), timeout_s=0.0))
     d.submit("c", greedy(p[2], 5))
@@ -232,7 +243,7 @@ def test_caller_mistakes_raise_at_submit_and_the_engine_goes_on(golden_model):
 def test_no_slot_leaks_after_200_mixed_requests(golden_model):
     model, tok = golden_model
     rng = random.Random(15)
-    d = Driver(model, tok, max_slots=6, prefill_chunk=24)
+    d = Driver(model, tok, max_batch_size=6, prefill_chunk=24)
     prompts = random_prompts(200, tok.n_words, seed=15, hi=50)
     ids = []
     for i, p in enumerate(prompts):
@@ -261,21 +272,9 @@ def test_no_slot_leaks_after_200_mixed_requests(golden_model):
     assert load["finished"] == 200
 
 
-def test_step_plan_round_trips_through_its_tensor():
-    from llama.step_plan import LOGITS_ALL, LOGITS_LAST, Segment, SlotCopy, StepPlan
-
-    plan = StepPlan((Segment(3, 10, 1, LOGITS_LAST), Segment(0, 0, 5, LOGITS_ALL)), (7, 1, 2, 3, 4, 5), freed=(2,),
-                    copies=(SlotCopy(3, 1, 9),))
-    cap = StepPlan.capacity(4, 8)
-    assert StepPlan.from_tensor(plan.to_tensor(cap)) == plan
-    assert StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap)).stop
-    with pytest.raises(AssertionError):
-        StepPlan((Segment(0, 0, 60, 1),), tuple(range(60))).to_tensor(cap)
-
-
 def test_a_sink_that_fails_ends_its_request_not_the_engine(golden_model):
     model, tok = golden_model
-    d = Driver(model, tok, max_slots=2)
+    d = Driver(model, tok, max_batch_size=2)
 
     def broken(_delta) -> None:
         raise RuntimeError("the caller's queue is gone")
@@ -295,7 +294,7 @@ def test_an_idle_driver_sends_heartbeat_plans_and_a_stop_plan_at_the_end(golden_
 
     model, tok = golden_model
     plans = []
-    engine = Engine(model, tok, EngineConfig(max_slots=2, max_seq_len=96, heartbeat_s=0.05), publish=plans.append)
+    engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=96, heartbeat_s=0.05), publish=plans.append)
     stop = threading.Event()
     loop = threading.Thread(target=engine.run, args=(stop,))
     loop.start()
@@ -317,6 +316,6 @@ def test_choices_of_one_prompt_prefill_it_once_and_each_gives_its_tokens_alone(g
     assert stats.shared_prefill_tokens == 4 * 40
     assert stats.prefill_tokens == 41 + 4 * 1 + 40
     for r, o in zip(seeded + [greedy(prompt, 10)], out):
-        assert o.token_ids == Driver(model, tok, max_slots=1).run([r])[0].token_ids
+        assert o.token_ids == Driver(model, tok, max_batch_size=1).run([r])[0].token_ids
     assert len({tuple(o.token_ids) for o in out[:4]}) > 1
     assert d.engine.scheduler.free_slots == 4

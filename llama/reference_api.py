@@ -1,8 +1,9 @@
-"""Llama: the reference-compatible single-process API (`from llama import Llama`).
+"""Llama: Meta's reference API (`from llama import Llama`), run on the continuous engine.
 
-Same names, arguments and results as Meta's reference (shared/REFERENCE.md). Differences:
-gloo on CPU / nccl on CUDA instead of NCCL only; any model_parallel_size the head counts allow
-(the checkpoint is resharded); device and dtype are keyword-only extras.
+Same names, arguments and results as Meta's reference `llama/generation.py` (greedy tokens
+and logprobs equal). Differences: gloo on CPU / nccl on CUDA instead of NCCL only; any
+model_parallel_size the head counts allow (the checkpoint is resharded); device and dtype are
+keyword-only extras; sampled draws are per row (see `_seed_from_global_rng`).
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ from llama.distributed import (
     resolve_device,
     resolve_dtype,
 )
-from llama.generate import generate_batch
-from llama.kv_cache import KVCache
+from llama.engine import Engine, EngineConfig, check_request
 from llama.model import Transformer
-from llama.request import GenerationRequest, SamplingParams
+from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,18 +79,26 @@ class Llama:
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         mp = model_parallel_size or dist.get_world_size()
-        info = inspect_checkpoint(ckpt_dir, tokenizer_path, max_seq_len, max_batch_size, mp)
+        # Every prompt of a call prefills in one step, as the reference's first forward does.
+        config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                              prefill_chunk=max_batch_size * max_seq_len, seed=seed)
+        info = inspect_checkpoint(ckpt_dir, tokenizer_path, mp)
         init_model_parallel(mp)
-        torch.manual_seed(seed)  # every rank draws the same tokens
-        model = Transformer(info.args, device=dev, dtype=resolve_dtype(dtype, dev))
+        torch.manual_seed(seed)  # every rank draws the same seeds, so every rank picks the same tokens
+        model = Transformer(info.args, max_seq_len, device=dev, dtype=resolve_dtype(dtype, dev))
         load_into(model, info, model_parallel_rank(), mp)
         log.info("loaded %s on %s (%s) at model parallel size %d in %.2fs", ckpt_dir, dev, model.dtype, mp, time.perf_counter() - t0)
-        return Llama(model, Tokenizer(info.tokenizer_path))
+        return Llama(model, Tokenizer(info.tokenizer_path), config)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig):
         self.model = model
         self.tokenizer = tokenizer
-        self.cache: KVCache = model.new_cache(model.args.max_batch_size)
+        self.config = config
+        # Stepped on the caller's thread. Under torchrun every rank runs its own engine on the
+        # same inputs: the scheduler is deterministic and the seeds come from an RNG seeded alike
+        # on every rank, so all ranks make the same steps (the reference's lockstep).
+        self.engine = Engine(model, tokenizer, config)
+        self._calls = 0
 
     def generate(
         self,
@@ -101,10 +109,19 @@ class Llama:
         logprobs: bool = False,
         echo: bool = False,
     ) -> tuple[list[list[int]], list[list[float]] | None]:
-        params = SamplingParams(max_tokens=max_gen_len, temperature=temperature, top_p=top_p,
-                                logprobs=0 if logprobs else None, echo=echo)
-        requests = [GenerationRequest(tuple(int(t) for t in p), params) for p in prompt_tokens]
-        outs = generate_batch(self.model, self.tokenizer, self.cache, requests)
+        if not prompt_tokens:
+            raise ValueError("no prompts given.")
+        if len(prompt_tokens) > self.config.max_batch_size:
+            raise ValueError(f"{len(prompt_tokens)} prompts in one call; this model was built for max_batch_size "
+                             f"{self.config.max_batch_size}. Pass fewer prompts or build with a larger max_batch_size.")
+        requests = [
+            GenerationRequest(tuple(int(t) for t in p), SamplingParams(
+                max_tokens=max_gen_len, temperature=temperature, top_p=top_p,
+                seed=_seed_from_global_rng() if temperature > 0 else None,
+                logprobs=0 if logprobs else None, echo=echo))
+            for p in prompt_tokens
+        ]
+        outs = self._run(requests)
         out_tokens, out_logprobs = [], []
         for o in outs:
             toks, lps = o.token_ids, o.logprobs
@@ -117,6 +134,22 @@ class Llama:
             out_tokens.append(toks)
             out_logprobs.append(lps)
         return out_tokens, (out_logprobs if logprobs else None)
+
+    def _run(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
+        """Submit every request (all checked first, so a bad one leaves nothing queued) and step
+        the engine until each has finished."""
+        for r in requests:
+            check_request(r, self.config.max_seq_len, self.model.args.vocab_size)
+        self._calls += 1
+        sinks: list[list[StreamDelta]] = [[] for _ in requests]
+        for i, r in enumerate(requests):
+            self.engine.submit(f"{self._calls}-{i}", r, sinks[i].append)
+        while self.engine.step():
+            pass
+        for s in sinks:
+            if s and isinstance(s[-1], BaseException):
+                raise s[-1]
+        return [collect(list(r.prompt_tokens), s) for r, s in zip(requests, sinks)]
 
     def text_completion(
         self,
@@ -160,3 +193,12 @@ class Llama:
                 item["logprobs"] = lps[i]
             results.append(item)
         return results
+
+
+def _seed_from_global_rng() -> int:
+    """Compatibility shim. The reference draws every row's token from torch's global RNG, so
+    `torch.manual_seed(s)` before `generate` makes its samples repeatable; callers rely on that.
+    The engine samples each row from a generator of its own, so each sampled row's seed is drawn
+    from the global RNG here: the promise holds (and every rank draws alike), though the sampled
+    tokens are not the reference's own draws. Greedy results are the reference's exactly."""
+    return int(torch.randint(0, 2**62, (1,)).item())
