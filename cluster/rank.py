@@ -62,6 +62,7 @@ class RankActor:
         self.world_size = config.parallel.model_parallel_size
         self.model: Transformer | None = None
         self.engine: Engine | None = None  # rank 0 only
+        self.runner: ModelRunner | None = None  # the other ranks: run the driver's plans
         self.channel: PlanChannel | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None

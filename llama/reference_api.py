@@ -161,7 +161,7 @@ class Llama:
         echo: bool = False,
     ) -> list[CompletionPrediction]:
         if max_gen_len is None:
-            max_gen_len = self.model.args.max_seq_len - 1
+            max_gen_len = self.config.max_seq_len - 1
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
         if logprobs:
@@ -180,7 +180,7 @@ class Llama:
         logprobs: bool = False,
     ) -> list[ChatPrediction]:
         if max_gen_len is None:
-            max_gen_len = self.model.args.max_seq_len - 1
+            max_gen_len = self.config.max_seq_len - 1
         prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
         unsafe = [has_special_tags(d) for d in dialogs]
         tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)

@@ -319,3 +319,16 @@ def test_choices_of_one_prompt_prefill_it_once_and_each_gives_its_tokens_alone(g
         assert o.token_ids == Driver(model, tok, max_batch_size=1).run([r])[0].token_ids
     assert len({tuple(o.token_ids) for o in out[:4]}) > 1
     assert d.engine.scheduler.free_slots == 4
+
+
+def test_the_configured_request_timeout_applies_to_requests_that_bring_none(golden_model):
+    model, tok = golden_model
+    p = random_prompts(2, tok.n_words, seed=17)
+    d = Driver(model, tok, request_timeout_s=1e-9)
+    d.submit("late", greedy(p[0], 40))
+    own = GenerationRequest(tuple(p[1]), SamplingParams(max_tokens=5, temperature=0), timeout_s=3600.0)
+    d.submit("own", own)  # its own deadline wins over the configured one
+    d.drain()
+    assert d.deltas["late"][-1].finish_reason == "timeout"
+    assert d.output("own").finish_reason in ("stop", "length")
+    assert d.engine.scheduler.free_slots == 4

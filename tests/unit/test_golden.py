@@ -103,3 +103,11 @@ def test_caller_mistakes_are_value_errors(generator, golden):
         generator.generate([[1, 2]], 4, top_p=0)
     with pytest.raises(ValueError, match="max_tokens"):
         generator.generate([[1, 2]], 0)
+
+
+def test_max_gen_len_defaults_to_what_fits(generator, golden):
+    # The reference's default: max_seq_len - 1 new tokens, cut by max_seq_len in all.
+    (out,) = generator.text_completion([golden["completions"]["prompts"][0]], temperature=0)
+    (want,) = generator.text_completion([golden["completions"]["prompts"][0]], temperature=0,
+                                        max_gen_len=golden["max_seq_len"] - 1)
+    assert out == want and out["generation"]
