@@ -1,9 +1,9 @@
-"""The OpenAI-compatible HTTP API in front of an Engine.
+"""The OpenAI-compatible HTTP API in front of an EngineClient.
 
-build_api turns each HTTP request into one list of GenerationRequests (one per prompt and
-choice). Without stream, it makes one engine.generate call and shapes the outputs as OpenAI
-does; with stream=true, deploy/sse.py runs one engine stream per choice and sends chunks. It
-needs no Ray: the Serve deployment passes its RankGroup as the engine, the unit tests a fake.
+build_api turns each HTTP request into one GenerationRequest per prompt and choice, opens an
+engine stream for each (deploy/choice_streams.py) and shapes every choice with one
+ChoiceShaper (deploy/choices.py): whole, or chunk by chunk with stream=true (deploy/sse.py).
+It needs no Ray: the Serve deployment passes its RankGroup as the engine, the unit tests a fake.
 """
 from __future__ import annotations
 
@@ -15,36 +15,34 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
-from deploy.engine import Engine
-from deploy.errors import UNAVAILABLE, APIError, error_response, install_error_handlers, unfinished_error
-from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
+from deploy.choice_streams import ChoiceStreams
+from deploy.choices import ChoiceShaper, ChoiceSpec, Echo, Piece, total_usage
+from deploy.engine_client import EngineClient
+from deploy.errors import UNAVAILABLE, APIError, error_response, install_error_handlers
 from deploy.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatLogprobs,
     CompletionChoice,
-    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
     OpenAIRequest,
-    Usage,
 )
-from deploy.sse import ChoiceStreams, EventStream, StreamSpec, chat_stream, completion_stream
+from deploy.sse import EventStream, StreamSpec, chat_stream, completion_stream
 from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
-from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta
+from llama.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
-MAX_CHOICES = 64  # prompts x n in one HTTP request; bounds one engine call
+MAX_CHOICES = 64  # prompts x n in one HTTP request; bounds the engine streams one request opens
 _SEED_MODULUS = 2**63  # per-choice seeds wrap here, so they stay valid int64 and torch seeds
 
 
-def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: int) -> FastAPI:
+def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq_len: int) -> FastAPI:
     app = FastAPI(title="llama-ray", summary="OpenAI-compatible API for Meta-format Llama checkpoints")
     install_error_handlers(app)  # before the routes: it sets the route class they are built with
     started = int(time.time())
@@ -63,31 +61,26 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
         for i, (tokens, _) in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             _check_length(len(tokens), body.max_tokens, max_seq_len, which, param="prompt")
-        want_logprobs = body.logprobs is not None
         requests = [
             GenerationRequest(tuple(tokens), params)
             for tokens, _ in prompts
             for params in _choice_params(body, body.max_tokens, body.logprobs, body.echo)
         ]
+        spec = ChoiceSpec(chat=False, logprobs=body.logprobs is not None, return_token_ids=body.return_token_ids)
+        shapers = [ChoiceShaper(tokenizer, spec, Echo(*prompts[k // body.n]) if body.echo else None)
+                   for k in range(len(requests))]
         cmpl_id, n_prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(len(t) for t, _ in prompts)
+        streams = await ChoiceStreams.open(engine, requests)
         if body.stream:
-            streams = await ChoiceStreams.open(engine, requests)
-            spec = _stream_spec(body, cmpl_id, model_id, "POST /v1/completions", n_prompt_tokens, want_logprobs)
-            echo = [prompts[k // body.n] for k in range(len(requests))] if body.echo else None
-            return completion_stream(streams, tokenizer, spec, echo)
-        outputs = await _generate(engine, requests)
-        choices = []
-        for k, out in enumerate(outputs):
-            prompt_text = prompts[k // body.n][1]
-            choices.append(CompletionChoice(
-                index=k,
-                text=_echo_text(out, prompt_text, tokenizer) if body.echo else out.text,
-                logprobs=_completion_logprobs(out, tokenizer, body.echo, prompt_text) if want_logprobs else None,
-                finish_reason=out.finish_reason,
-                token_ids=out.token_ids if body.return_token_ids else None,
-            ))
+            return completion_stream(streams, shapers, _stream_spec(body, cmpl_id, model_id, "POST /v1/completions",
+                                                                    n_prompt_tokens))
+        choices = [
+            CompletionChoice(index=k, text=p.text, logprobs=p.logprobs, finish_reason=p.finish_reason,
+                             token_ids=p.token_ids)
+            for k, p in enumerate(await _whole(streams, shapers))
+        ]
         return CompletionResponse(id=cmpl_id, created=int(time.time()), model=model_id, choices=choices,
-                                  usage=_usage(n_prompt_tokens, outputs))
+                                  usage=total_usage(n_prompt_tokens, shapers))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
     async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
@@ -109,34 +102,25 @@ def build_api(engine: Engine, tokenizer: Tokenizer, model_id: str, max_seq_len: 
         # logprobs=true: the chosen tokens' logprobs, and top_logprobs alternatives (none if not given)
         n_alternatives = (body.top_logprobs or 0) if body.logprobs else None
         requests = [GenerationRequest(tuple(tokens), p) for p in _choice_params(body, max_tokens, n_alternatives, False)]
-        # Meta's reference answers a dialog with special tags with a fixed error text instead of running it.
-        refused = has_special_tags(dialog)
-        no_lp = [] if body.logprobs else None
+        spec = ChoiceSpec(chat=True, logprobs=body.logprobs, return_token_ids=body.return_token_ids)
+        shapers = [ChoiceShaper(tokenizer, spec) for _ in requests]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if body.stream:
-            if refused:
-                streams = ChoiceStreams.finished([StreamDelta([], UNSAFE_ERROR, no_lp, no_lp, "stop")] * body.n)
-            else:
-                streams = await ChoiceStreams.open(engine, requests)
-            spec = _stream_spec(body, chat_id, model_id, "POST /v1/chat/completions", len(tokens), body.logprobs)
-            return chat_stream(streams, tokenizer, spec)
-        if refused:
-            outputs = [GenerationOutput(tokens, [], UNSAFE_ERROR, "stop", no_lp, top_logprobs=no_lp)] * body.n
+        if has_special_tags(dialog):
+            # Meta's reference answers a dialog with special tags with a fixed error text instead of running it.
+            no_lp = [] if body.logprobs else None
+            streams = ChoiceStreams.finished([StreamDelta([], UNSAFE_ERROR, no_lp, no_lp, "stop")] * body.n)
         else:
-            outputs = await _generate(engine, requests)
+            streams = await ChoiceStreams.open(engine, requests)
+        if body.stream:
+            return chat_stream(streams, shapers, _stream_spec(body, chat_id, model_id, "POST /v1/chat/completions",
+                                                              len(tokens)))
         choices = [
-            ChatChoice(
-                index=k,
-                message=AssistantMessage(content=out.text),
-                logprobs=ChatLogprobs(content=chat_logprobs(tokenizer, out.token_ids, out.logprobs or [],
-                                                             out.top_logprobs)) if body.logprobs else None,
-                finish_reason=out.finish_reason,
-                token_ids=out.token_ids if body.return_token_ids else None,
-            )
-            for k, out in enumerate(outputs)
+            ChatChoice(index=k, message=AssistantMessage(content=p.text), logprobs=p.logprobs,
+                       finish_reason=p.finish_reason, token_ids=p.token_ids)
+            for k, p in enumerate(await _whole(streams, shapers))
         ]
         return ChatCompletionResponse(id=chat_id, created=int(time.time()), model=model_id, choices=choices,
-                                      usage=_usage(len(tokens), outputs))
+                                      usage=total_usage(len(tokens), shapers))
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -205,15 +189,6 @@ def _check_length(prompt_len: int, max_tokens: int, max_seq_len: int, which: str
                             f"(max_tokens).", param=param, code="context_length_exceeded")
 
 
-def _echo_text(out: GenerationOutput, prompt_text: str, tokenizer: Tokenizer) -> str:
-    """Prompt and generation decoded together, as the reference's echo does (decoding them
-    apart would drop the space sentencepiece puts at the start of the first generated word).
-    When a stop string cut the text, that cut text is appended to the prompt's."""
-    if out.text != tokenizer.decode(out.token_ids):
-        return prompt_text + out.text
-    return tokenizer.decode([t for t in out.prompt_tokens if t != tokenizer.bos_id] + out.token_ids)
-
-
 def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, echo: bool) -> list[SamplingParams]:
     """One SamplingParams per choice. Every sampled choice carries a seed, drawn here when the
     caller gave none: each model-parallel rank then draws the same tokens from its own RNG.
@@ -231,38 +206,11 @@ def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, e
     ]
 
 
-async def _generate(engine: Engine, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-    outputs = await engine.generate(requests)
-    assert len(outputs) == len(requests), f"engine returned {len(outputs)} outputs for {len(requests)} requests"
-    for out in outputs:
-        if out.finish_reason in ("timeout", "abort"):
-            raise unfinished_error(out.finish_reason)
-    return outputs
+async def _whole(streams: ChoiceStreams, shapers: list[ChoiceShaper]) -> list[Piece]:
+    """Each choice whole: all its deltas, shaped as one piece."""
+    return [shaper.whole(deltas) for shaper, deltas in zip(shapers, await streams.collect(), strict=True)]
 
 
-def _stream_spec(body: OpenAIRequest, id: str, model_id: str, where: str, prompt_tokens: int,
-                 logprobs: bool) -> StreamSpec:
+def _stream_spec(body: OpenAIRequest, id: str, model_id: str, where: str, prompt_tokens: int) -> StreamSpec:
     return StreamSpec(id=id, created=int(time.time()), model=model_id, where=where, prompt_tokens=prompt_tokens,
-                      include_usage=body.stream_options is not None and body.stream_options.include_usage,
-                      logprobs=logprobs, return_token_ids=body.return_token_ids)
-
-
-# ---- engine -> response ---------------------------------------------------------------------
-
-
-def _usage(prompt_tokens: int, outputs: list[GenerationOutput]) -> Usage:
-    return Usage.of(prompt_tokens, sum(len(o.token_ids) for o in outputs))
-
-
-def _completion_logprobs(out: GenerationOutput, tokenizer: Tokenizer, echo: bool, prompt_text: str) -> CompletionLogprobs:
-    """Offsets add up piece lengths from the start of the choice's text, restarting at
-    len(prompt_text) for the generation since the pieces of a string prompt need not add up to
-    the string."""
-    assert out.logprobs is not None
-    generated = completion_logprobs(tokenizer, out.token_ids, out.logprobs, out.top_logprobs,
-                                    offset=len(prompt_text) if echo else 0)
-    if not echo:
-        return generated
-    assert out.prompt_logprobs is not None and len(out.prompt_logprobs) == len(out.prompt_tokens)
-    return joined(prompt_logprobs(tokenizer, out.prompt_tokens, out.prompt_logprobs, out.prompt_top_logprobs),
-                  generated)
+                      include_usage=body.stream_options is not None and body.stream_options.include_usage)

@@ -6,9 +6,10 @@ must keep their no-op value. The mapping to engine requests lives in deploy/api.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -36,6 +37,17 @@ def _one_of(expected: str) -> WrapValidator:
             raise PydanticCustomError("invalid_union", "expected {expected}", {"expected": expected}) from None
 
     return WrapValidator(check)
+
+
+def _only_with(other: str, rule: str) -> AfterValidator:
+    """A field that may be set only when `other` (declared before it, so validated first) is."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not info.data.get(other):
+            raise ValueError(f"{info.field_name} {rule}")
+        return value
+
+    return AfterValidator(check)
 
 
 Prompt = Annotated[
@@ -78,7 +90,7 @@ class OpenAIRequest(BaseModel):
     stop: Stop = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)  # OpenAI's range (int64)
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: Annotated[StreamOptions | None, _only_with("stream", "is only allowed when stream is true")] = None
     user: str | None = None  # accepted and ignored: we keep no per-user state
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -87,13 +99,6 @@ class OpenAIRequest(BaseModel):
     top_k: int = 0
     # Our extension: the generated token ids on each choice, so callers can compare runs exactly.
     return_token_ids: bool = False
-
-    @field_validator("stream_options")
-    @classmethod
-    def _options_need_stream(cls, v: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if v is not None and not info.data.get("stream"):
-            raise ValueError("stream_options is only allowed when stream is true")
-        return v
 
     @field_validator("top_k")
     @classmethod
@@ -186,20 +191,14 @@ class ChatCompletionRequest(OpenAIRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-
-    @field_validator("top_logprobs")
-    @classmethod
-    def _top_logprobs_needs_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
-        if v is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs=true")
-        return v
+    top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS),
+                            _only_with("logprobs", "needs logprobs=true")] = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-# ---- responses ---------------------------------------------------------------------------
+# ---- responses, and stream chunks (stream=true: one per server-sent event) ------------------
 
 
 class Usage(BaseModel):
@@ -224,24 +223,6 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # character offset of each token in the choice's text
 
 
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
-    # Only present when the request set return_token_ids.
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Usage
-
-
 class TopLogprob(BaseModel):
     token: str
     logprob: float
@@ -261,63 +242,77 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"]
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: Usage
-
-
-# ---- stream chunks (stream=true): one per server-sent event ----------------------------------
-
-
-class CompletionChunkChoice(BaseModel):
-    index: int
-    text: str  # new text since this choice's previous chunk
-    logprobs: CompletionLogprobs | None  # for the tokens of this chunk
-    finish_reason: Literal["stop", "length"] | None  # on the choice's last chunk only
-    token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
-
-
-class CompletionChunk(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChunkChoice]  # one choice per chunk; none in the usage chunk
-    usage: Usage | None = None  # sent (null but in the last chunk) only with stream_options.include_usage
-
-
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)  # first chunk only
     content: str | None = Field(None, exclude_if=lambda v: v is None)  # absent in the last chunk
 
 
-class ChatChunkChoice(BaseModel):
+FinishReason = Literal["stop", "length"]  # the engine's "timeout" and "abort" are errors (deploy/choice_streams.py)
+
+
+class _Choice(BaseModel):
+    """What every choice has, whole or in a chunk. Each kind below narrows logprobs and adds what
+    the choice says; pydantic writes these fields first, in this order, then the kind's own."""
+
     index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"] | None
+    logprobs: CompletionLogprobs | ChatLogprobs | None  # in a chunk, for the chunk's tokens
+    finish_reason: FinishReason | None  # in a stream, on the choice's last chunk only
+    # Only present when the request set return_token_ids.
     token_ids: list[int] | None = Field(None, exclude_if=lambda v: v is None)
 
 
-class ChatChunk(BaseModel):
+class CompletionChunkChoice(_Choice):
+    logprobs: CompletionLogprobs | None
+    text: str  # in a chunk, the new text since the choice's previous chunk
+
+
+class CompletionChoice(CompletionChunkChoice):  # a whole choice: all of its text, and finished
+    finish_reason: FinishReason
+
+
+class ChatChunkChoice(_Choice):
+    logprobs: ChatLogprobs | None
+    delta: ChatDelta
+
+
+class ChatChoice(_Choice):
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
+    message: AssistantMessage
+
+
+ChoiceT = TypeVar("ChoiceT", bound=_Choice)
+
+
+class _Response(BaseModel, Generic[ChoiceT]):
+    """What every response and chunk carries around its choices; each kind sets `object`."""
+
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    object: str
     created: int
     model: str
-    choices: list[ChatChunkChoice]
-    usage: Usage | None = None
+    choices: list[ChoiceT]  # in a chunk: one choice, or none in the usage chunk
+    usage: Usage
+
+
+class _Chunk(_Response[ChoiceT], Generic[ChoiceT]):
+    usage: Usage | None = None  # sent (null but in the last chunk) only with stream_options.include_usage
+
+
+class CompletionResponse(_Response[CompletionChoice]):
+    object: Literal["text_completion"] = "text_completion"
+
+
+class CompletionChunk(_Chunk[CompletionChunkChoice]):
+    object: Literal["text_completion"] = "text_completion"
+
+
+class ChatCompletionResponse(_Response[ChatChoice]):
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class ChatChunk(_Chunk[ChatChunkChoice]):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
 
 
 class ModelCard(BaseModel):

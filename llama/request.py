@@ -88,18 +88,32 @@ class GenerationOutput:
     prompt_top_logprobs: list[TopLogprobs] | None = None  # one per prompt token, when echo
 
 
-def collect(prompt_tokens: list[int], deltas: list[StreamDelta]) -> GenerationOutput:
-    """Join a finished stream's deltas into one output."""
+def join(deltas: list[StreamDelta]) -> StreamDelta:
+    """A finished stream's deltas as one delta: everything the stream said, at once."""
     if not deltas or deltas[-1].finish_reason is None:
-        raise ValueError("collect() needs a finished stream: its last delta has a finish_reason.")
-    want_lp = deltas[0].logprobs is not None
-    return GenerationOutput(
-        prompt_tokens=list(prompt_tokens),
+        raise ValueError("join() needs a finished stream: its last delta has a finish_reason.")
+    want_lp = deltas[0].logprobs is not None  # the engine sends lists on every delta, or on none
+    return StreamDelta(
         token_ids=[t for d in deltas for t in d.token_ids],
         text="".join(d.text for d in deltas),
-        finish_reason=deltas[-1].finish_reason,
         logprobs=[x for d in deltas for x in (d.logprobs or [])] if want_lp else None,
-        prompt_logprobs=deltas[0].prompt_logprobs,
         top_logprobs=[x for d in deltas for x in (d.top_logprobs or [])] if want_lp else None,
+        finish_reason=deltas[-1].finish_reason,
+        prompt_logprobs=deltas[0].prompt_logprobs,  # only the first delta has them
         prompt_top_logprobs=deltas[0].prompt_top_logprobs,
+    )
+
+
+def collect(prompt_tokens: list[int], deltas: list[StreamDelta]) -> GenerationOutput:
+    """A finished stream as one output."""
+    d = join(deltas)
+    return GenerationOutput(
+        prompt_tokens=list(prompt_tokens),
+        token_ids=d.token_ids,
+        text=d.text,
+        finish_reason=d.finish_reason,
+        logprobs=d.logprobs,
+        prompt_logprobs=d.prompt_logprobs,
+        top_logprobs=d.top_logprobs,
+        prompt_top_logprobs=d.prompt_top_logprobs,
     )

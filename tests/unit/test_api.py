@@ -1,4 +1,4 @@
-"""The OpenAI-compatible HTTP layer (deploy/api.py) against a fake engine, through the official
+"""The OpenAI-compatible HTTP layer (deploy/api.py) against a fake EngineClient, through the official
 openai client where a client would go, and raw HTTP where the client cannot send the mistake."""
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from deploy.api import build_api
 from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
 from llama.make_tiny import make_tiny
-from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
+from llama.request import GenerationRequest, StreamDelta
 from llama.tokenizer import Tokenizer
 
 MODEL = "tiny-llama"
@@ -27,36 +27,37 @@ MAX_SEQ_LEN = 128
 
 
 class FakeEngine:
-    """Generates the prompt back (BOS dropped), then EOS, one token per delta; cuts at stop strings
-    as the real engine does. `generate` collects streams, as the real one does. Records every
-    request and every stream closed before its end, so tests can check how HTTP fields became
-    SamplingParams and that the HTTP layer cancels what it started."""
+    """An EngineClient that generates the prompt back (BOS dropped), then EOS, one token per
+    delta; cuts at stop strings as the real engine does. Records every request and every stream
+    closed before its end, so tests can check how HTTP fields became SamplingParams and that
+    the HTTP layer cancels what it started."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tok = tokenizer
-        self.calls: list[list[GenerationRequest]] = []  # one list per generate call
+        # The stream calls of each HTTP request, one list per request: a request opens all its
+        # choices' streams from the one task that serves it.
+        self.calls: list[list[GenerationRequest]] = []
+        self._caller: asyncio.Task | None = None  # the task that made the last stream call
         self.streamed: list[GenerationRequest] = []  # every stream call, in order
         self.cancelled: list[GenerationRequest] = []  # streams closed (aclose or cancellation) before their end
-        self.fail: dict[str, Exception] = {}  # method name -> what it raises
+        self.fail: dict[str, Exception] = {}  # method name -> what it raises ("stream": before the first delta)
         # stream call number -> (deltas sent first, then: raise this, or end with this finish_reason)
         self.faults: dict[int, tuple[int, Exception | str]] = {}
 
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        self.calls.append(requests)
-        if "generate" in self.fail:
-            raise self.fail["generate"]
-
-        async def one(r: GenerationRequest) -> GenerationOutput:
-            return collect(list(r.prompt_tokens), [d async for d in self.stream(r)])
-
-        return list(await asyncio.gather(*(one(r) for r in requests)))
-
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        number = len(self.streamed)
+    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+        if asyncio.current_task() is not self._caller:
+            self._caller = asyncio.current_task()
+            self.calls.append([])
+        self.calls[-1].append(request)
         self.streamed.append(request)
+        return self._stream(len(self.streamed) - 1, request)
+
+    async def _stream(self, number: int, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         after, fault = self.faults.get(number, (None, None))
         ended = False  # the last delta has gone out: closing the stream now cancels nothing
         try:
+            if "stream" in self.fail:
+                raise self.fail["stream"]
             for k, delta in enumerate(self._deltas(request)):
                 await asyncio.sleep(0)  # a step: other streams (and the HTTP side) run meanwhile
                 if k == after and isinstance(fault, Exception):

@@ -129,27 +129,27 @@ class FakeRayTaskError(Exception):
 
 
 def test_engine_value_errors_are_400(client: openai.OpenAI, http: TestClient, engine: FakeEngine) -> None:
-    engine.fail["generate"] = ValueError("32 prompts in one batch; this model was built for max_batch_size 8.")
+    engine.fail["stream"] = ValueError("32 prompts in one batch; this model was built for max_batch_size 8.")
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="hi")
     assert error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}), 400)["message"] == (
         "32 prompts in one batch; this model was built for max_batch_size 8.")
     # Ray re-raises a remote ValueError as a class that is both RayTaskError and ValueError.
     ray_style = type("RayTaskError(ValueError)", (FakeRayTaskError, ValueError), {})
-    engine.fail["generate"] = ray_style(ValueError("prompt 0 is empty: send at least one token."))
+    engine.fail["stream"] = ray_style(ValueError("prompt 0 is empty: send at least one token."))
     r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
     assert error_of(r, 400)["message"] == "prompt 0 is empty: send at least one token."
 
 
 def test_engine_failures_are_5xx_without_prompt_text(http: TestClient, engine: FakeEngine,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    engine.fail["generate"] = RuntimeError("CUDA error while running 'my secret prompt'")
+    engine.fail["stream"] = RuntimeError("CUDA error while running 'my secret prompt'")
     with caplog.at_level(logging.ERROR, logger="deploy.errors"):
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "my secret prompt"})
     err = error_of(r, 500)
     assert err["type"] == "internal_error" and "RuntimeError" in err["message"] and "secret" not in r.text
     assert any(rec.exc_info for rec in caplog.records)  # the traceback is in the log for the operator
-    engine.fail["generate"] = RankFailedError("the gang failed during generation: rank 1 died")
+    engine.fail["stream"] = RankFailedError("the gang failed during generation: rank 1 died")
     err = error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": "hi"}), 503)
     assert err["message"] == "The model's workers failed (RankFailedError); this replica will be replaced. Retry shortly."
 

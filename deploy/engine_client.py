@@ -1,17 +1,18 @@
-"""Engine: what the HTTP layer needs from whatever generates tokens.
+"""EngineClient: all the HTTP layer asks of whatever generates tokens (vLLM's name for it).
 
-The Serve deployment passes a RankGroup (cluster/); unit tests pass a fake. Keeping the HTTP
-layer behind this small interface is what lets it be tested without Ray.
+Not llama/engine.py's Engine, which batches requests inside the driver: the Serve deployment
+passes its RankGroup (cluster/), which reaches that engine through Ray; unit tests pass a
+fake. This small interface is what lets the HTTP layer be tested without Ray.
 """
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from llama.request import GenerationOutput, GenerationRequest, StreamDelta
+from llama.request import GenerationRequest, StreamDelta
 
 
-class Engine(Protocol):
+class EngineClient(Protocol):
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """Run one request and yield its deltas as the engine makes them; the last one has a
         finish_reason ("stop", "length", "timeout" or "abort").
@@ -20,11 +21,6 @@ class Engine(Protocol):
         cluster.errors.ClusterError if the gang fails (before or during the stream). Closing the
         iterator early (`aclose()`, or the consuming task being cancelled) cancels the request:
         the engine frees its slot at the next step."""
-        ...
-
-    async def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
-        """Run the requests concurrently and return one output each, in order (each a collected
-        stream). Raises as `stream` does."""
         ...
 
     async def cluster_info(self) -> dict:

@@ -1,0 +1,121 @@
+"""One choice of a response, shaped from its engine deltas: its text (with the echoed prompt),
+logprobs, token ids and finish reason, and the tokens it counts towards usage.
+
+ChoiceShaper is the one place that does it, for whole responses (deploy/api.py: all of a
+choice's deltas joined, shaped once) and for streams (deploy/sse.py: each delta, one chunk).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
+from deploy.schemas import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
+from llama.request import StreamDelta, join
+from llama.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class ChoiceSpec:
+    """What the request asked each of its choices to carry."""
+
+    chat: bool  # chat's logprobs (ChatLogprobs), not the completions endpoint's (CompletionLogprobs)
+    logprobs: bool  # completions: logprobs=N; chat: logprobs=true
+    return_token_ids: bool
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A completion choice's prompt, which echo=true puts before its text."""
+
+    tokens: list[int]  # as sent to the engine (with BOS, for a string prompt)
+    text: str  # the prompt string as sent, or the token ids decoded
+
+
+@dataclass(frozen=True)
+class Piece:
+    """What a choice says for one delta (a stream chunk) or for all of them (a whole response)."""
+
+    text: str
+    logprobs: CompletionLogprobs | ChatLogprobs | None  # None unless asked for
+    token_ids: list[int] | None  # None unless return_token_ids
+    finish_reason: FinishReason | None  # on the choice's last piece only
+    # Something besides the finish reason for a chunk to carry: text, the echo, or tokens whose
+    # logprobs or ids were asked for. A stream sends no chunk without it (the engine holds text
+    # back that could start a stop string, so a delta may bring tokens and no text).
+    has_content: bool
+
+
+class ChoiceShaper:
+    """One choice's deltas, fed in order, as the pieces of its response."""
+
+    def __init__(self, tokenizer: Tokenizer, spec: ChoiceSpec, echo: Echo | None = None) -> None:
+        assert echo is None or not spec.chat, "chat completions have no echo"
+        self._tok = tokenizer
+        self._spec = spec
+        self._echo = echo
+        self._first = True  # no piece made yet: the next one carries the echo
+        # text_offset of the choice's next token. With echo the generation starts at the prompt
+        # text's length, since the pieces of a string prompt need not add up to the string.
+        self._offset = len(echo.text) if echo is not None else 0
+        self._space: bool | None = None  # see _echo_text; None until the first generated token
+        self.completion_tokens = 0  # generated so far, for usage
+
+    def whole(self, deltas: list[StreamDelta]) -> Piece:
+        """The whole choice as one piece, from all its deltas."""
+        assert self._first, "a whole choice is shaped from its first delta on"
+        return self._shape(join(deltas), whole=True)
+
+    def piece(self, delta: StreamDelta) -> Piece:
+        """A stream's next delta as its chunk's piece."""
+        return self._shape(delta, whole=False)
+
+    def _shape(self, d: StreamDelta, whole: bool) -> Piece:
+        assert d.finish_reason not in ("timeout", "abort"), "ChoiceStreams raises for an unfinished choice"
+        first, self._first = self._first, False
+        self.completion_tokens += len(d.token_ids)
+        logprobs: CompletionLogprobs | ChatLogprobs | None = None
+        if self._spec.logprobs:
+            assert d.logprobs is not None, "the engine sent no logprobs"
+            if self._spec.chat:
+                logprobs = ChatLogprobs(content=chat_logprobs(self._tok, d.token_ids, d.logprobs, d.top_logprobs))
+            else:
+                logprobs = self._completion_logprobs(d, d.logprobs, first)
+        text = d.text if self._echo is None else self._echo_text(self._echo, d, first, whole)
+        asked_for_tokens = self._spec.logprobs or self._spec.return_token_ids
+        return Piece(
+            text=text,
+            logprobs=logprobs,
+            token_ids=d.token_ids if self._spec.return_token_ids else None,
+            finish_reason=d.finish_reason,
+            has_content=bool(text) or (first and self._echo is not None) or (bool(d.token_ids) and asked_for_tokens),
+        )
+
+    def _completion_logprobs(self, d: StreamDelta, logprobs: list[float], first: bool) -> CompletionLogprobs:
+        out = completion_logprobs(self._tok, d.token_ids, logprobs, d.top_logprobs, self._offset)
+        self._offset += sum(len(t) for t in out.tokens)
+        if first and self._echo is not None:
+            assert d.prompt_logprobs is not None, "the engine sent no prompt logprobs for echo"
+            out = joined(prompt_logprobs(self._tok, self._echo.tokens, d.prompt_logprobs, d.prompt_top_logprobs), out)
+        return out
+
+    def _echo_text(self, echo: Echo, d: StreamDelta, first: bool, whole: bool) -> str:
+        """Decoding the generation alone drops the space sentencepiece puts before its first word.
+        A whole choice decodes prompt and generation together, as Meta's reference's echo does
+        (tests/ray/test_serve_http.py checks it against the reference's outputs); a stream cannot,
+        since it sends the prompt before the generation exists, so it puts that space back itself,
+        which gives the same text except in edge cases (a stop string cut the text, a string
+        prompt that does not survive encode+decode)."""
+        if whole:
+            if d.text != self._tok.decode(d.token_ids):  # a stop string cut the text: keep the cut
+                return echo.text + d.text
+            return self._tok.decode([t for t in echo.tokens if t != self._tok.bos_id] + d.token_ids)
+        text = d.text
+        if self._space is None and d.token_ids:
+            self._space = bool(echo.text) and self._tok.id_to_piece(d.token_ids[0]).startswith("\u2581")
+        if self._space and text:
+            text, self._space = " " + text, False
+        return echo.text + text if first else text
+
+
+def total_usage(prompt_tokens: int, shapers: list[ChoiceShaper]) -> Usage:
+    return Usage.of(prompt_tokens, sum(s.completion_tokens for s in shapers))
