@@ -33,7 +33,7 @@ class ParallelConfig:
                    "placement_strategy": STRATEGIES}
         bad = [f"{k} must be one of {list(v)}, got {getattr(self, k)!r}" for k, v in choices.items()
                if getattr(self, k) not in v]
-        if not isinstance(self.model_parallel_size, int) or not 1 <= self.model_parallel_size <= 64:
+        if type(self.model_parallel_size) is not int or not 1 <= self.model_parallel_size <= 64:  # bool is no count
             bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
         positive = ("cpus_per_rank", "placement_timeout_s", "init_timeout_s", "call_timeout_s")
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]

@@ -50,7 +50,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         least = {"max_batch_size": 1, "max_seq_len": 2, "prefill_chunk": 1}
         bad = [f"{k} must be an integer >= {n}, got {getattr(self, k)!r}" for k, n in least.items()
-               if not isinstance(getattr(self, k), int) or getattr(self, k) < n]
+               if type(getattr(self, k)) is not int or getattr(self, k) < n]  # bool is no count
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             bad.append(f"request_timeout_s must be > 0 seconds (or null for no limit), got {self.request_timeout_s}")
         if not self.heartbeat_s > 0:

@@ -1,0 +1,79 @@
+"""PlanChannel and follow on a real 2-process gloo group (loopback, no Ray): plans arrive in order; stop ends the loop."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import pickle
+from datetime import timedelta
+from pathlib import Path
+
+from llama.distributed import free_port
+from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan
+
+MAX_BATCH_SIZE, PREFILL_CHUNK = 4, 8
+JOIN_S = 25  # both ranks together; a healthy run takes a few seconds (mostly imports)
+
+PLANS = [
+    StepPlan((Segment(0, 0, 5, LOGITS_NONE), Segment(1, 0, 3, LOGITS_ALL)), (1, 5, 9, 30, 44, 1, 7, 7)),
+    StepPlan((Segment(1, 3, 1, LOGITS_LAST), Segment(0, 5, 2, LOGITS_LAST)), (8, 2, 3), freed=(2,),
+             copies=(SlotCopy(1, 3, 2),)),
+    StepPlan((), (), freed=(0, 3)),  # an idle driver's heartbeat, handing back slots
+    StepPlan((Segment(1, 4, 1, LOGITS_LAST),), (11,)),
+    StepPlan((), (), stop=True),
+]
+
+
+class RecordingRunner:
+    """Stands in for ModelRunner: follow only ever calls execute(plan)."""
+
+    def __init__(self) -> None:
+        self.plans: list[StepPlan] = []
+
+    def execute(self, plan: StepPlan) -> None:
+        self.plans.append(plan)
+
+
+def _rank(rank: int, port: int, out_dir: str) -> None:
+    """One process of the gang: rank 0 publishes PLANS, rank 1 follows them; each writes what it saw."""
+    import torch.distributed as dist
+
+    from cluster.lockstep import PlanChannel, follow
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank,
+                            timeout=timedelta(seconds=30))
+    try:
+        channel = PlanChannel(StepPlan.capacity(MAX_BATCH_SIZE, PREFILL_CHUNK), timeout_s=30)
+        if rank == 0:
+            for plan in PLANS:
+                channel.publish(plan)
+            result = {"sent": channel.sent}
+        else:
+            runner = RecordingRunner()
+            follow(runner, channel)  # returns only on the stop plan
+            result = {"executed": runner.plans}
+        (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_path):
+    ctx = mp.get_context("spawn")
+    port = free_port("127.0.0.1")
+    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)]
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(JOIN_S)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        assert not hung, f"ranks {hung} still running after {JOIN_S}s: follow did not return on the stop plan?"
+        assert [p.exitcode for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+    driver = pickle.loads((tmp_path / "rank0.pkl").read_bytes())
+    follower = pickle.loads((tmp_path / "rank1.pkl").read_bytes())
+    assert driver == {"sent": len(PLANS)}
+    assert follower["executed"] == PLANS[:-1]  # every step and the heartbeat, in order; the stop plan is not run
+

@@ -1,0 +1,56 @@
+"""Placement without a cluster: plan_bundles (the replica's bundle, one per rank, GPUs on cuda) and settle_device."""
+from __future__ import annotations
+
+import pytest
+import ray
+import torch
+
+from cluster.config import ParallelConfig
+from cluster.placement import plan_bundles, settle_device
+
+
+def test_the_replica_bundle_comes_first_then_one_cpu_bundle_per_rank():
+    parallel = ParallelConfig(model_parallel_size=3, device="cpu", cpus_per_rank=0.5)
+    assert plan_bundles(parallel, replica_cpus=2.0) == [{"CPU": 2.0}] + [{"CPU": 0.5}] * 3
+
+
+def test_without_a_replica_the_gang_is_just_its_ranks():
+    parallel = ParallelConfig(model_parallel_size=2, device="cpu")
+    assert plan_bundles(parallel) == [{"CPU": 1.0}, {"CPU": 1.0}]
+
+
+def test_cuda_ranks_each_take_a_whole_gpu_and_the_replica_none():
+    parallel = ParallelConfig(model_parallel_size=2, device="cuda", cpus_per_rank=4.0)
+    assert plan_bundles(parallel, replica_cpus=1.0) == [{"CPU": 1.0}, {"CPU": 4.0, "GPU": 1}, {"CPU": 4.0, "GPU": 1}]
+
+
+def test_the_rank_bundles_are_separate_dicts():
+    bundles = plan_bundles(ParallelConfig(model_parallel_size=2, device="cpu"))
+    bundles[0]["CPU"] = 99
+    assert bundles[1] == {"CPU": 1.0}
+
+
+def test_an_unsettled_device_is_refused():
+    with pytest.raises(ValueError, match="settle_device"):
+        plan_bundles(ParallelConfig(model_parallel_size=1, device="auto"))
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_a_settled_device_passes_through(device, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: pytest.fail("a settled device needs no look"))
+    parallel = ParallelConfig(model_parallel_size=2, device=device)
+    assert settle_device(parallel) is parallel
+
+
+def test_auto_before_ray_counts_this_machines_gpus():
+    assert not ray.is_initialized()  # the unit tier never starts Ray
+    parallel = ParallelConfig(model_parallel_size=1, device="auto", cpus_per_rank=0.5)
+    settled = settle_device(parallel)
+    assert settled.device == ("cuda" if torch.cuda.device_count() >= 1 else "cpu")
+    assert settled == ParallelConfig(model_parallel_size=1, device=settled.device, cpus_per_rank=0.5)  # only the device
+
+
+@pytest.mark.parametrize("gpus,mp,want", [(0, 1, "cpu"), (2, 2, "cuda"), (2, 1, "cuda"), (2, 4, "cpu")])
+def test_auto_wants_a_gpu_for_every_rank(gpus, mp, want, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert settle_device(ParallelConfig(model_parallel_size=mp, device="auto")).device == want
