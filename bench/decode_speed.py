@@ -16,6 +16,7 @@ import torch
 
 from llama.args import ModelArgs
 from llama.distributed import choose_backend, init_model_parallel, init_single_process_group, resolve_device, resolve_dtype
+from llama.make_tiny import add_shape_args
 from llama.model import Transformer
 from llama.runner import ModelRunner
 from llama.step_plan import LOGITS_LAST, Segment, StepPlan
@@ -45,11 +46,7 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--n-layers", type=int, default=16)
-    p.add_argument("--n-heads", type=int, default=16)
-    p.add_argument("--n-kv-heads", type=int, default=8)
-    p.add_argument("--vocab-size", type=int, default=32000)
+    add_shape_args(p, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, vocab_size=32000)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")

@@ -117,15 +117,18 @@ def make_tiny(
     return out
 
 
+def add_shape_args(p: argparse.ArgumentParser, **defaults: int) -> None:
+    """--dim, --n-layers, --n-heads, --n-kv-heads, --vocab-size with the given defaults: the
+    model-shape flags of every command that builds a model (this maker, the benchmarks)."""
+    for name, default in defaults.items():
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--shards", type=int, default=1, help="number of consolidated.NN.pth files (model-parallel ranks)")
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--n-heads", type=int, default=4)
-    p.add_argument("--n-kv-heads", type=int, default=2)
-    p.add_argument("--vocab-size", type=int, default=320)
+    add_shape_args(p, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320)
     p.add_argument("--multiple-of", type=int, default=32)
     p.add_argument("--ffn-dim-multiplier", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)

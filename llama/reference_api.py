@@ -151,48 +151,32 @@ class Llama:
                 raise s[-1]
         return [collect(list(r.prompt_tokens), s) for r, s in zip(requests, sinks)]
 
-    def text_completion(
-        self,
-        prompts: list[str],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: int | None = None,
-        logprobs: bool = False,
-        echo: bool = False,
-    ) -> list[CompletionPrediction]:
-        if max_gen_len is None:
-            max_gen_len = self.config.max_seq_len - 1
+    def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, logprobs: bool = False,
+                        echo: bool = False) -> list[CompletionPrediction]:
         prompt_tokens = [self.tokenizer.encode(x, bos=True, eos=False) for x in prompts]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
-        if logprobs:
-            return [
-                {"generation": self.tokenizer.decode(t), "tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}
-                for t, lp in zip(tokens, lps)
-            ]
-        return [{"generation": self.tokenizer.decode(t)} for t in tokens]
+        return [{"generation": self.tokenizer.decode(t), **extra}  # type: ignore[typeddict-item]
+                for t, extra in self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo)]
 
-    def chat_completion(
-        self,
-        dialogs: list[Dialog],
-        temperature: float = 0.6,
-        top_p: float = 0.9,
-        max_gen_len: int | None = None,
-        logprobs: bool = False,
-    ) -> list[ChatPrediction]:
+    def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, logprobs: bool = False) -> list[ChatPrediction]:
+        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
+        done = self._complete(prompt_tokens, temperature, top_p, max_gen_len, logprobs, echo=False)
+        # Meta's reference answers a dialog with special tags with a fixed error text.
+        contents = [UNSAFE_ERROR if has_special_tags(d) else self.tokenizer.decode(t) for d, (t, _) in zip(dialogs, done)]
+        return [{"generation": {"role": "assistant", "content": c}, **extra}  # type: ignore[typeddict-item]
+                for c, (_, extra) in zip(contents, done)]
+
+    def _complete(self, prompt_tokens: list[list[int]], temperature: float, top_p: float, max_gen_len: int | None,
+                  logprobs: bool, echo: bool) -> list[tuple[list[int], dict]]:
+        """generate, with the reference's default length (as many as fit), and per row its tokens
+        plus, when logprobs is set, each token decoded alone and its logprob."""
         if max_gen_len is None:
             max_gen_len = self.config.max_seq_len - 1
-        prompt_tokens = [encode_dialog(self.tokenizer, d) for d in dialogs]
-        unsafe = [has_special_tags(d) for d in dialogs]
-        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs)
-        results: list[ChatPrediction] = []
-        for i, t in enumerate(tokens):
-            content = UNSAFE_ERROR if unsafe[i] else self.tokenizer.decode(t)
-            item: ChatPrediction = {"generation": {"role": "assistant", "content": content}}
-            if logprobs:
-                item["tokens"] = [self.tokenizer.decode([x]) for x in t]
-                item["logprobs"] = lps[i]
-            results.append(item)
-        return results
+        tokens, lps = self.generate(prompt_tokens, max_gen_len, temperature, top_p, logprobs, echo)
+        if not logprobs:
+            return [(t, {}) for t in tokens]
+        return [(t, {"tokens": [self.tokenizer.decode([x]) for x in t], "logprobs": lp}) for t, lp in zip(tokens, lps)]
 
 
 def _seed_from_global_rng() -> int:
