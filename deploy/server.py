@@ -20,7 +20,7 @@ from llama.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(health_check_period_s=10, health_check_timeout_s=60, max_ongoing_requests=64)
+@serve.deployment(max_ongoing_requests=64)  # health checks: set in deploy/config.yaml
 @serve.ingress()
 class LlamaDeployment:
     async def __init__(self, gang: GangConfig, model_id: str):

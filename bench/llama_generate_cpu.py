@@ -1,0 +1,65 @@
+"""CPU time per generated token of `Llama.generate` (the reference API), for one or more trees.
+
+    python bench/llama_generate_cpu.py [--trees . /tmp/old] [--rounds 2]
+
+Compares the reference API across versions of this project: give it a worktree of an older
+commit (`git worktree add /tmp/old <commit>`) beside this one. Each tree is measured in a
+subprocess of its own (its `llama` package first on sys.path), rounds interleaved, one torch
+thread, process CPU time (wall clock on a shared machine swings too much), greedy, the best of
+3 calls per round. Model: random weights, dim 512, 8 layers, 8 heads over 4 KV heads, vocab 512.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_CHILD = r"""
+import json, random, sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+from llama import Llama
+ckpt = sys.argv[2]
+g = Llama.build(ckpt, ckpt + "/tokenizer.model", max_seq_len=256, max_batch_size=8, model_parallel_size=1)
+rng = random.Random(0)
+out = {}
+for bsz in (1, 8):
+    prompts = [[1] + [rng.randrange(3, 500) for _ in range(30)] for _ in range(bsz)]
+    g.generate(prompts, 8, temperature=0)  # warm-up
+    per_token = []
+    for _ in range(3):
+        t0 = time.process_time()
+        tokens, _ = g.generate(prompts, 64, temperature=0)
+        per_token.append((time.process_time() - t0) / sum(len(t) for t in tokens))
+    out[bsz] = min(per_token) * 1e3
+print(json.dumps(out))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--trees", nargs="+", default=["."])
+    p.add_argument("--rounds", type=int, default=2)
+    a = p.parse_args()
+    trees = [str(Path(t).resolve()) for t in a.trees]
+    ckpt = tempfile.mkdtemp(prefix="bench-generate-")
+    subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {trees[0]!r}); import torch; "
+                    f"from llama.make_tiny import make_tiny; make_tiny({ckpt!r}, dim=512, n_layers=8, n_heads=8, "
+                    f"n_kv_heads=4, vocab_size=512, multiple_of=64, dtype=torch.float32)"], check=True)
+    results: dict[str, list[dict]] = {t: [] for t in trees}
+    for _ in range(a.rounds):
+        for t in trees:
+            r = subprocess.run([sys.executable, "-c", _CHILD, t, ckpt], check=True, capture_output=True, text=True)
+            results[t].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print("ms of CPU time per generated token, best of 3 calls per round:")
+    for t, rounds in results.items():
+        cells = "   ".join(f"batch {b}: " + " / ".join(f"{r[b]:.2f}" for r in rounds) for b in ("1", "8"))
+        print(f"  {t}: {cells}")
+
+
+if __name__ == "__main__":
+    main()
