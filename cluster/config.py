@@ -27,6 +27,9 @@ class ParallelConfig:
     placement_timeout_s: float = 300.0  # waiting for the cluster to have room for the gang
     init_timeout_s: float = 600.0  # process-group rendezvous and checkpoint loading
     call_timeout_s: float = 600.0  # one engine step (a collective) longer than this is a hung gang
+    # Environment variables every rank process gets (e.g. NCCL_DEBUG: INFO), set on its actor
+    # explicitly rather than inherited from whichever shell started each node's Ray.
+    env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         choices = {"device": ("auto", "cpu", "cuda"), "dtype": ("auto", *DTYPES), "backend": (None, "nccl", "gloo"),
@@ -35,6 +38,8 @@ class ParallelConfig:
                if getattr(self, k) not in v]
         if type(self.model_parallel_size) is not int or not 1 <= self.model_parallel_size <= 64:  # bool is no count
             bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
+            bad.append(f"env must map names to string values, got {self.env!r}")
         positive = ("cpus_per_rank", "placement_timeout_s", "init_timeout_s", "call_timeout_s")
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
         if bad:

@@ -57,6 +57,7 @@ class RankGroup:
             _RemoteRank.options(
                 num_cpus=par.cpus_per_rank,
                 num_gpus=1 if par.device == "cuda" else 0,
+                runtime_env={"env_vars": dict(par.env)} if par.env else None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=first_bundle + r),
                 name=None,
             ).remote(config, r)

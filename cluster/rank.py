@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
+from cluster.network import collective_env
 from llama.checkpoint import load_into
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
 from llama.engine import Engine
@@ -121,6 +122,8 @@ class RankActor:
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
             torch.cuda.set_device(device)
         backend = choose_backend(device, par.backend)
+        bind = collective_env(ray.util.get_node_ip_address(), os.environ)
+        os.environ.update(bind)  # read by gloo and NCCL when the groups below are made
         dist.init_process_group(
             backend,
             init_method=f"tcp://{master_addr}:{master_port}",
@@ -142,8 +145,8 @@ class RankActor:
             self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len))
         self.model = model
         load_s = time.perf_counter() - t0
-        log.info("joined %s group of %d at %s:%d, loaded on %s (%s) in %.2fs",
-                 backend, self.world_size, master_addr, master_port, device, dtype, load_s)
+        log.info("joined %s group of %d at %s:%d over %s, loaded on %s (%s) in %.2fs", backend, self.world_size,
+                 master_addr, master_port, os.environ.get("GLOO_SOCKET_IFNAME"), device, dtype, load_s)
         return RankState(backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."), load_s=load_s)
 
     def _run_loop(self) -> None:

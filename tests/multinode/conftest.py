@@ -1,18 +1,21 @@
-"""Multinode tier: several Ray nodes (separate raylets) on this one machine."""
+"""Multinode tier: Ray nodes with their own addresses, process tables and /tmp/ray, built on
+this machine from network, PID and mount namespaces (tests/multinode/netns.py). Skipped, with
+the reason, where they cannot be built (not root, no `ip netns`)."""
 from __future__ import annotations
 
 import pytest
 
+from tests.multinode.netns import NetnsCluster, unavailable
+
 
 @pytest.fixture(scope="module")
-def three_nodes():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
+def three_nodes(tmp_path_factory):
+    why = unavailable()
+    if why is not None:
+        pytest.skip(why)
+    cluster = NetnsCluster(n_nodes=3, cpus_per_node=1, workdir=tmp_path_factory.mktemp("netns"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
