@@ -24,7 +24,17 @@ serve: install
 	@echo "  curl -s localhost:8000/cluster"
 	$(BIN)/serve run deploy/config.yaml
 
-test: install
+# The multinode tier builds Ray nodes from network/PID/mount namespaces, with an SSH server
+# each for `ray up`: as root on Debian/Ubuntu these packages are installed here; elsewhere
+# that tier skips and says why.
+SYSTEM_PACKAGES := iproute2 util-linux openssh-server openssh-client rsync
+sysdeps:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	    ! (command -v ip && command -v unshare && test -x /usr/sbin/sshd && command -v rsync) >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+test: install sysdeps
 	$(BIN)/python -m pytest tests -q
 
-.PHONY: install serve test
+.PHONY: install serve test sysdeps

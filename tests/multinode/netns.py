@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -24,13 +25,15 @@ SUBNET = "198.51.100"  # TEST-NET-2: documentation addresses, never routed anywh
 GCS_PORT = 6379
 
 
-def unavailable() -> str | None:
-    """Why this machine cannot build namespaced nodes, or None when it can."""
+def unavailable(ssh: bool = False) -> str | None:
+    """Why this machine cannot build namespaced nodes (with an SSH server each), or None."""
     if os.geteuid() != 0:
         return "namespaced nodes need root (network and PID namespaces)"
-    for tool in ("ip", "unshare", "nsenter", "mount"):
+    tools = ["ip", "unshare", "nsenter", "mount"] + (["/usr/sbin/sshd", "ssh-keygen", "rsync"] if ssh else [])
+    for tool in tools:
         if shutil.which(tool) is None:
-            return f"namespaced nodes need the `{tool}` command (iproute2 / util-linux)"
+            return (f"namespaced nodes need `{tool}` (Debian: iproute2, util-linux, openssh-server, rsync; "
+                    f"`make test` installs them)")
     probe = f"llr-probe-{secrets.token_hex(3)}"
     made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
     if made.returncode != 0:
@@ -40,16 +43,23 @@ def unavailable() -> str | None:
 
 
 class NetnsCluster:
-    def __init__(self, n_nodes: int, cpus_per_node: int, workdir: Path) -> None:
+    """n_nodes nodes at 198.51.100.1, .2, ...: each running Ray (`ray start`, node 0 the head),
+    or with ssh=True an SSH server only, for `ray up` to start Ray on them from a client
+    namespace at 198.51.100.100 (self.client_run)."""
+
+    def __init__(self, n_nodes: int, cpus_per_node: int, workdir: Path, ssh: bool = False) -> None:
         self.tag = secrets.token_hex(2)  # keeps names unique if an old run left something behind
         self.n_nodes = n_nodes
         self.cpus = cpus_per_node
         self.workdir = workdir
+        self.ssh = ssh
         self.ips = [f"{SUBNET}.{i + 1}" for i in range(n_nodes)]
+        self.client_ip = f"{SUBNET}.100"
         self.bridge = f"llrbr{self.tag}"
         self.namespaces: list[str] = []
         self.host_links: list[str] = []
         self.nodes: list[subprocess.Popen] = []  # `unshare` of each node; its child is PID 1 inside
+        self._ssh_dirs = set(Path("/tmp").glob("ray_ssh_*"))  # Ray's SSH control sockets: what was there before
         token = workdir / "ray_auth_token"
         token.write_text(secrets.token_hex(32))
         # Ray 2.60 clusters use token authentication: every node and driver gets the same token.
@@ -68,9 +78,16 @@ class NetnsCluster:
             _ip("link", "set", self.bridge, "up")
             for i, ip in enumerate(self.ips):
                 self._add_namespace(i, ip)
-            for i, ip in enumerate(self.ips):
-                self._start_node(i, ip)
-            self._wait_for_nodes(timeout_s)
+            if self.ssh:
+                self._add_namespace(len(self.ips), self.client_ip)
+                homes = self._prepare_ssh()
+                for i, ip in enumerate(self.ips):
+                    self._start_node(i, self._sshd(ip), homes[i])
+                self._start_node(len(self.ips), "sleep infinity", homes[-1])  # the client: where `ray up` runs
+            else:
+                for i, ip in enumerate(self.ips):
+                    self._start_node(i, self._ray_start(i, ip))
+                self._wait_for_nodes(timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -90,6 +107,8 @@ class NetnsCluster:
         for link in reversed(self.host_links):
             subprocess.run(["ip", "link", "del", link], capture_output=True)
         self.host_links.clear()
+        for d in set(Path("/tmp").glob("ray_ssh_*")) - self._ssh_dirs:
+            shutil.rmtree(d, ignore_errors=True)
 
     def kill_node(self, i: int) -> None:
         """End every process of node i at once, as a machine that loses power."""
@@ -101,13 +120,22 @@ class NetnsCluster:
     def run(self, script: str, *args: str, timeout_s: float = 300.0) -> dict:
         """Run tests/multinode/drivers/<script> inside the head node with the cluster's address
         as its first argument; it prints one JSON object last, which is returned."""
-        head = _child_of(self.nodes[0].pid)
-        cmd = ["nsenter", "-t", str(head), "-n", "-m", "-p", f"--wd={ROOT}", PYTHON,
-               str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args]
-        done = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=timeout_s)
+        out = self._enter(0, [PYTHON, str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args],
+                          self.env, timeout_s)
+        return json.loads(out.strip().splitlines()[-1])
+
+    def client_run(self, *cmd: str, timeout_s: float = 600.0) -> str:
+        """Run a command in the client namespace (ssh mode), with the client's own home; its output."""
+        return self._enter(len(self.ips), list(cmd), self.env, timeout_s)
+
+    def _enter(self, node: int, cmd: list[str], env: dict[str, str], timeout_s: float) -> str:
+        pid1 = _child_of(self.nodes[node].pid)
+        done = subprocess.run(["nsenter", "-t", str(pid1), "-n", "-m", "-p", f"--wd={ROOT}", *cmd],
+                              env=env, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
-            raise AssertionError(f"{script} failed ({done.returncode}):\n{_tail(done.stderr)}\n{_tail(done.stdout)}")
-        return json.loads(done.stdout.strip().splitlines()[-1])
+            raise AssertionError(f"{' '.join(cmd[:3])} failed ({done.returncode}):\n{_tail(done.stderr)}\n"
+                                 f"{_tail(done.stdout)}")
+        return done.stdout
 
     # ---------------------------------------------------------------- details
     def _add_namespace(self, i: int, ip: str) -> None:
@@ -122,24 +150,60 @@ class NetnsCluster:
         _ip("-n", ns, "addr", "add", f"{ip}/24", "dev", node_end)
         _ip("-n", ns, "link", "set", node_end, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
+        # A default route to an address nobody has, on the test bridge alone: Ray finds a node's
+        # own address from its route table, as on a real host; nothing can leave the bridge.
+        _ip("-n", ns, "route", "add", "default", "via", f"{SUBNET}.254")
 
-    def _start_node(self, i: int, ip: str) -> None:
-        role = [f"--head", f"--port={GCS_PORT}", "--include-dashboard=false"] if i == 0 else [f"--address={self.address}"]
-        ray_start = [RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={self.cpus}",
-                     "--disable-usage-stats", *role]
-        # A private /tmp/ray (sessions, sockets) per node, then Ray as the namespace's PID 1's child.
-        inner = "mount -t tmpfs tmpfs /tmp/ray && exec " + " ".join(ray_start)
+    def _ray_start(self, i: int, ip: str) -> str:
+        role = ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"] if i == 0 else [f"--address={self.address}"]
+        return " ".join([RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={self.cpus}",
+                         "--disable-usage-stats", *role])
+
+    def _start_node(self, i: int, command: str, home: Path | None = None) -> None:
+        """Namespace i's PID 1: a private /tmp/ray (sessions, sockets) and, with `home`, the user's
+        home overlaid with that directory (what the node writes there lands in it; ssh and Ray
+        find ~ in the password file, not in $HOME), then `command`."""
+        mounts = ["mkdir -p /run/sshd", "mount -t tmpfs tmpfs /tmp/ray"]
+        if home is not None:
+            real = pwd.getpwuid(os.getuid()).pw_dir
+            (home.parent / "overlay-work").mkdir()
+            mounts.append(f"mount -t overlay overlay -o lowerdir={real},upperdir={home},"
+                          f"workdir={home.parent / 'overlay-work'} {real}")
+        inner = " && ".join(mounts) + " && exec " + command
         log = open(self.workdir / f"node{i}.log", "w")
         self.nodes.append(subprocess.Popen(
             ["ip", "netns", "exec", self.namespaces[i], "unshare", "--pid", "--fork", "--mount-proc", "--mount",
              "sh", "-c", inner],
             env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         ))
+        deadline = time.monotonic() + 30
+        while _child_of(self.nodes[-1].pid) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    # ---------------------------------------------------------------- ssh mode
+    def _prepare_ssh(self) -> list[Path]:
+        """Keys, and each namespace's home (an overlay on the real one, which is never written):
+        the machines' hold ~/llama-ray, this checkout; the client's, the cluster's Ray token."""
+        w = self.workdir
+        for key in ("id", "host_key"):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(w / key)], check=True)
+        (w / "authorized_keys").write_text((w / "id.pub").read_text())
+        homes = [w / f"ns{i}" / "home" for i in range(len(self.ips) + 1)]
+        for home in homes[:-1]:
+            home.mkdir(parents=True)
+            (home / "llama-ray").symlink_to(ROOT)
+        homes[-1].joinpath(".ray").mkdir(parents=True)
+        homes[-1].joinpath(".ray", "auth_token").write_text((w / "ray_auth_token").read_text())
+        return homes
+
+    def _sshd(self, ip: str) -> str:
+        w = self.workdir
+        opts = {"ListenAddress": ip, "HostKey": w / "host_key", "AuthorizedKeysFile": w / "authorized_keys",
+                "PidFile": "none", "StrictModes": "no", "UsePAM": "no", "PasswordAuthentication": "no",
+                "PermitRootLogin": "prohibit-password", "Subsystem": "sftp internal-sftp"}
+        return "/usr/sbin/sshd -D -e -f /dev/null " + " ".join(f"-o '{k} {v}'" for k, v in opts.items())
 
     def _wait_for_nodes(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while _child_of(self.nodes[0].pid) is None and time.monotonic() < deadline:
-            time.sleep(0.2)
         seen = self.run("wait_for_nodes.py", str(self.n_nodes), str(timeout_s), timeout_s=timeout_s + 30)
         if sorted(seen["ips"]) != sorted(self.ips):
             raise RuntimeError(f"expected nodes at {self.ips}, the cluster has {seen['ips']}")
