@@ -169,6 +169,7 @@ class RankGroup:
             "device": s.device,
             "dtype": s.dtype,
             "healthy": self._failed is None,
+            "replica_node_ip": ray.util.get_node_ip_address(),  # where this gang's owner (a Serve replica) runs
             "placement_group_id": self.placement.id.hex(),
             "ranks": [
                 {**asdict(i), "gpu_ids": list(i.gpu_ids), "load_s": round(st.load_s, 3)}

@@ -20,7 +20,11 @@ from llama.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(max_ongoing_requests=64)  # health checks: set in deploy/config.yaml
+# A failed gang is replaced, never repaired: the health check (a ping to every rank, cheap) runs
+# every 2 s so Serve notices soon, and a replica whose gang failed has nothing left to drain.
+# deploy/config.yaml's `deployments:` section may override these, as any Serve option.
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=5)
 @serve.ingress()
 class LlamaDeployment:
     async def __init__(self, gang: GangConfig, model_id: str):

@@ -9,11 +9,13 @@ from tests.multinode.netns import NetnsCluster, unavailable
 
 
 @pytest.fixture(scope="module")
-def three_nodes(tmp_path_factory):
+def nodes(tmp_path_factory):
+    """A head that runs no model work (0 CPUs: GCS, Serve controller and proxy, drivers) and
+    three machines of one CPU each."""
     why = unavailable()
     if why is not None:
         pytest.skip(why)
-    cluster = NetnsCluster(n_nodes=3, cpus_per_node=1, workdir=tmp_path_factory.mktemp("netns"))
+    cluster = NetnsCluster(n_nodes=4, cpus_per_node=1, head_cpus=0, workdir=tmp_path_factory.mktemp("netns"))
     cluster.start()
     try:
         yield cluster

@@ -47,10 +47,12 @@ class NetnsCluster:
     or with ssh=True an SSH server only, for `ray up` to start Ray on them from a client
     namespace at 198.51.100.100 (self.client_run)."""
 
-    def __init__(self, n_nodes: int, cpus_per_node: int, workdir: Path, ssh: bool = False) -> None:
+    def __init__(self, n_nodes: int, cpus_per_node: int, workdir: Path, ssh: bool = False,
+                 head_cpus: int | None = None) -> None:
         self.tag = secrets.token_hex(2)  # keeps names unique if an old run left something behind
         self.n_nodes = n_nodes
         self.cpus = cpus_per_node
+        self.head_cpus = cpus_per_node if head_cpus is None else head_cpus  # 0: the head runs no rank
         self.workdir = workdir
         self.ssh = ssh
         self.ips = [f"{SUBNET}.{i + 1}" for i in range(n_nodes)]
@@ -124,6 +126,13 @@ class NetnsCluster:
                           self.env, timeout_s)
         return json.loads(out.strip().splitlines()[-1])
 
+    def start_driver(self, script: str, *args: str) -> subprocess.Popen:
+        """Like run, without waiting: for a driver the test acts alongside (see node_loss.py)."""
+        pid1 = _child_of(self.nodes[0].pid)
+        return subprocess.Popen(["nsenter", "-t", str(pid1), "-n", "-m", "-p", f"--wd={ROOT}", PYTHON,
+                                 str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
     def client_run(self, *cmd: str, timeout_s: float = 600.0) -> str:
         """Run a command in the client namespace (ssh mode), with the client's own home; its output."""
         return self._enter(len(self.ips), list(cmd), self.env, timeout_s)
@@ -156,7 +165,8 @@ class NetnsCluster:
 
     def _ray_start(self, i: int, ip: str) -> str:
         role = ["--head", f"--port={GCS_PORT}", "--include-dashboard=false"] if i == 0 else [f"--address={self.address}"]
-        return " ".join([RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={self.cpus}",
+        cpus = self.head_cpus if i == 0 else self.cpus
+        return " ".join([RAY, "start", "--block", f"--node-ip-address={ip}", f"--num-cpus={cpus}",
                          "--disable-usage-stats", *role])
 
     def _start_node(self, i: int, command: str, home: Path | None = None) -> None:

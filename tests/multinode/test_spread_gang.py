@@ -1,21 +1,49 @@
 """A gang spread over nodes that have their own addresses: one rank per node (STRICT_SPREAD),
 collectives bound to each node's interface, rendezvous at rank 0's node; Meta's golden tokens,
-directly and through Serve; and a clear error when the cluster is too small."""
+directly and through Serve; a clear error when the cluster is too small; and a machine lost
+mid-stream: the request ends with an error at once, Serve replaces the gang on the others."""
 from __future__ import annotations
 
+import json
+import time
 
-def test_two_ranks_on_two_nodes_match_the_reference(three_nodes, golden):
-    got = three_nodes.run("gang_golden.py")
-    assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(three_nodes.ips)
+
+def test_two_ranks_on_two_nodes_match_the_reference(nodes, golden):
+    got = nodes.run("gang_golden.py")
+    assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(nodes.ips)
     assert got["tokens"] == golden["completions"]["generated_token_ids"]
 
 
-def test_served_over_three_nodes_the_cluster_page_shows_each_rank_on_its_own_address(three_nodes, golden):
-    got = three_nodes.run("serve_golden.py")
-    assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(three_nodes.ips)
+def test_served_over_nodes_the_cluster_page_shows_each_rank_on_its_own_address(nodes, golden):
+    got = nodes.run("serve_golden.py")
+    assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(nodes.ips)
     assert got["tokens"] == golden["completions"]["generated_token_ids"]
 
 
-def test_too_few_nodes_is_a_placement_timeout_that_says_what_to_do(three_nodes, tiny_ckpts):
-    got = three_nodes.run("too_few_nodes.py", "4", str(tiny_ckpts["mha1"]))
+def test_too_few_nodes_is_a_placement_timeout_that_says_what_to_do(nodes, tiny_ckpts):
+    got = nodes.run("too_few_nodes.py", "4", str(tiny_ckpts["mha1"]))  # 4 ranks, 3 machines with CPUs
     assert "Add nodes, lower model_parallel_size" in got["error"]
+
+
+def test_losing_a_node_ends_the_stream_with_an_error_and_service_comes_back(nodes, tmp_path):
+    driver = nodes.start_driver("node_loss.py", str(tmp_path))
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "kill").exists():
+            assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+            time.sleep(0.1)
+        nodes.kill_node(nodes.ips.index((tmp_path / "kill").read_text()))
+        (tmp_path / "killed").write_text("")
+        stdout, stderr = driver.communicate(timeout=400)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 0, stderr[-3000:]
+    got = json.loads(stdout.strip().splitlines()[-1])
+    print(f"\nnode loss: the stream ended {got['stream_end_s']:.2f}s after the kill with {got['last_event'][:80]}...; "
+          f"right answers again {got['right_again_s']:.1f}s after it, ranks on {got['rank_ips_after']}")
+    # The request in flight is told at once (an error event, not a timeout or a cut connection) ...
+    assert got["last_event"].startswith('data: {"error"') and "replica will be replaced" in got["last_event"]
+    assert got["stream_end_s"] < 5
+    # ... and Serve replaces the gang on the machines left, without a person.
+    assert got["right_again_s"] is not None and got["victim"] not in got["rank_ips_after"]
