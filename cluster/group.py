@@ -16,11 +16,10 @@ from dataclasses import asdict, replace
 
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import GangConfig
 from cluster.errors import RankFailedError
-from cluster.placement import acquire, plan_bundles, settle_device
+from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
@@ -53,16 +52,8 @@ class RankGroup:
         if owns:
             placement = acquire(plan_bundles(par), par.placement_strategy, par.placement_timeout_s)
             first_bundle = 0
-        actors = [
-            _RemoteRank.options(
-                num_cpus=par.cpus_per_rank,
-                num_gpus=1 if par.device == "cuda" else 0,
-                runtime_env={"env_vars": dict(par.env)} if par.env else None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=first_bundle + r),
-                name=None,
-            ).remote(config, r)
-            for r in range(n)
-        ]
+        actors = [_RemoteRank.options(**rank_options(par, placement, first_bundle + r)).remote(config, r)
+                  for r in range(n)]
         try:
             addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=par.init_timeout_s)
             states = ray.get([a.setup.remote(addr, port) for a in actors], timeout=par.init_timeout_s)

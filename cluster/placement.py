@@ -12,6 +12,7 @@ from dataclasses import replace
 import ray
 import torch
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import STRATEGIES, ParallelConfig
 from cluster.errors import PlacementTimeoutError
@@ -30,6 +31,17 @@ def plan_bundles(parallel: ParallelConfig, replica_cpus: float | None = None) ->
         rank["GPU"] = 1
     head = [] if replica_cpus is None else [{"CPU": replica_cpus}]
     return head + [dict(rank) for _ in range(parallel.model_parallel_size)]
+
+
+def rank_options(parallel: ParallelConfig, placement: PlacementGroup, bundle: int) -> dict:
+    """Ray actor options for one rank's process (or the doctor's probe of it) on `bundle`: its
+    resources, the variables every rank gets (parallel.env), its place."""
+    return {
+        "num_cpus": parallel.cpus_per_rank,
+        "num_gpus": 1 if parallel.device == "cuda" else 0,
+        "runtime_env": {"env_vars": dict(parallel.env)} if parallel.env else None,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=bundle),
+    }
 
 
 def settle_device(parallel: ParallelConfig) -> ParallelConfig:

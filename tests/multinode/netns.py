@@ -126,6 +126,13 @@ class NetnsCluster:
                           self.env, timeout_s)
         return json.loads(out.strip().splitlines()[-1])
 
+    def node_shell(self, i: int, command: str) -> None:
+        """Run a shell command in node i's mount namespace (e.g. to change what its files read)."""
+        pid1 = _child_of(self.nodes[i].pid)
+        done = subprocess.run(["nsenter", "-t", str(pid1), "-m", "sh", "-c", command], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"node {i}: {command}: {done.stderr.strip()} ({done.returncode})")
+
     def start_driver(self, script: str, *args: str) -> subprocess.Popen:
         """Like run, without waiting: for a driver the test acts alongside (see node_loss.py)."""
         pid1 = _child_of(self.nodes[0].pid)
