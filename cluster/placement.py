@@ -63,11 +63,24 @@ def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float) ->
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         remove_placement_group(pg)
-        have = ray.available_resources()
         raise PlacementTimeoutError(
-            f"the cluster could not place bundles {bundles} with strategy {strategy} within "
-            f"{timeout_s:.0f}s (available now: CPU {have.get('CPU', 0)}, GPU {have.get('GPU', 0)}). "
-            f"Add nodes, lower model_parallel_size, or use a looser strategy than {strategy}."
+            f"the cluster could not place the gang within {timeout_s:.0f}s: {describe_need(bundles, strategy)}; "
+            f"{describe_nodes(ray.nodes())}. Add nodes, lower model_parallel_size, or use a looser strategy "
+            f"than {strategy}."
         )
     log.info("placement group of %d bundles ready in %.2fs", len(bundles), time.perf_counter() - t0)
     return pg
+
+
+def describe_need(bundles: list[dict[str, float]], strategy: str) -> str:
+    """'3 bundles, STRICT_SPREAD (each on its own node): [{CPU: 0.5}, {CPU: 0.5}, {CPU: 0.5}]'."""
+    how = {"STRICT_SPREAD": "each on its own node", "STRICT_PACK": "all on one node"}.get(strategy, "anywhere")
+    return f"{len(bundles)} bundles, {strategy} ({how}): {bundles}"
+
+
+def describe_nodes(nodes: list[dict]) -> str:
+    """What each alive node has in all (ray.nodes() entries): 'nodes: 198.51.100.2 {CPU: 1.0}, ...'."""
+    alive = [n for n in nodes if n.get("Alive")]
+    shown = ", ".join(f"{n['NodeManagerAddress']} {{{', '.join(f'{k}: {v:g}' for k, v in sorted(n['Resources'].items()) if k in ('CPU', 'GPU'))}}}"
+                      for n in alive)
+    return f"the cluster's {len(alive)} alive node(s) have in all: {shown or 'none'}"

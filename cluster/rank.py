@@ -85,6 +85,13 @@ class RankActor:
             raise RuntimeError(f"rank {self.rank}'s loop failed: {self._loop_error!r}")
         if self._loop is not None and not self._loop.is_alive() and not self._stop.is_set():
             raise RuntimeError(f"rank {self.rank}'s loop has ended")
+        runner = self.engine.runner if self.engine is not None else self.runner
+        since = runner.busy_since if runner is not None else None
+        limit = self.config.parallel.call_timeout_s
+        if since is not None and time.monotonic() - since > limit:  # the watchdog: a step that never ends
+            raise RuntimeError(f"rank {self.rank}'s step has run for {time.monotonic() - since:.0f}s, past "
+                               f"call_timeout_s {limit:g}s: a collective or the device is hung; the gang must be "
+                               f"replaced")
         return self.rank
 
     @ray.method(concurrency_group="control")

@@ -7,6 +7,7 @@ chunks together), each segment against its own slot's cached positions.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -95,10 +96,18 @@ class ModelRunner:
         self.model = model
         self.cache = cache
         self.active: set[int] = set()  # slots holding a sequence, as the plans have said
+        self.busy_since: float | None = None  # time.monotonic() when the step now running began
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
+        self.busy_since = time.monotonic()  # a watchdog (cluster/rank.py) reads it from another thread
+        try:
+            return self._execute(plan)
+        finally:
+            self.busy_since = None
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> torch.Tensor:
         self.active.difference_update(plan.freed)
         for c in plan.copies:
             assert c.src in self.active, f"plan copies slot {c.src}, which holds no sequence"

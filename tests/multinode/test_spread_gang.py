@@ -23,6 +23,7 @@ def test_served_over_nodes_the_cluster_page_shows_each_rank_on_its_own_address(n
 def test_too_few_nodes_is_a_placement_timeout_that_says_what_to_do(nodes, tiny_ckpts):
     got = nodes.run("too_few_nodes.py", "4", str(tiny_ckpts["mha1"]))  # 4 ranks, 3 machines with CPUs
     assert "Add nodes, lower model_parallel_size" in got["error"]
+    assert "4 bundles, STRICT_SPREAD (each on its own node)" in got["error"] and "4 alive node(s)" in got["error"]
 
 
 def test_losing_a_node_ends_the_stream_with_an_error_and_service_comes_back(nodes, tmp_path):

@@ -54,3 +54,15 @@ def test_auto_before_ray_counts_this_machines_gpus():
 def test_auto_wants_a_gpu_for_every_rank(gpus, mp, want, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
     assert settle_device(ParallelConfig(model_parallel_size=mp, device="auto")).device == want
+
+
+def test_a_placement_timeout_names_what_the_gang_needs_and_what_each_node_has():
+    from cluster.placement import describe_need, describe_nodes
+
+    need = describe_need([{"CPU": 0.5}] * 4, "STRICT_SPREAD")
+    assert need == "4 bundles, STRICT_SPREAD (each on its own node): [{'CPU': 0.5}, {'CPU': 0.5}, {'CPU': 0.5}, {'CPU': 0.5}]"
+    nodes = [{"Alive": True, "NodeManagerAddress": "198.51.100.2", "Resources": {"CPU": 1.0, "memory": 5e9}},
+             {"Alive": False, "NodeManagerAddress": "198.51.100.3", "Resources": {"CPU": 1.0}},
+             {"Alive": True, "NodeManagerAddress": "198.51.100.4", "Resources": {"CPU": 2.0, "GPU": 1.0}}]
+    assert describe_nodes(nodes) == ("the cluster's 2 alive node(s) have in all: 198.51.100.2 {CPU: 1}, "
+                                     "198.51.100.4 {CPU: 2, GPU: 1}")

@@ -1,0 +1,47 @@
+"""cluster/rank.py's watchdog, in process (no Ray runtime): a rank whose step has run past
+call_timeout_s fails its ping, so the gang's health check fails and Serve replaces it."""
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from cluster.rank import RankActor
+from tests.conftest import GOLDEN_CKPT, gang_config
+
+
+@pytest.mark.parametrize("rank", [0, 1])  # the driver (its engine's runner) and a follower (its runner)
+def test_a_step_past_call_timeout_fails_the_ping_and_a_short_one_does_not(rank: int):
+    actor = RankActor(gang_config(GOLDEN_CKPT, 2, call_timeout_s=5.0), rank)
+    runner = SimpleNamespace(busy_since=None)
+    if rank == 0:
+        actor.engine = SimpleNamespace(runner=runner)
+    else:
+        actor.runner = runner
+    assert asyncio.run(actor.ping()) == rank  # idle
+    runner.busy_since = time.monotonic() - 1.0
+    assert asyncio.run(actor.ping()) == rank  # a step under way, within the limit
+    runner.busy_since = time.monotonic() - 6.0
+    with pytest.raises(RuntimeError, match="past call_timeout_s 5s: a collective or the device is hung"):
+        asyncio.run(actor.ping())
+
+
+def test_the_runner_marks_its_step_busy_while_it_runs(tiny_ckpts, mp1):
+    import torch
+
+    from llama.checkpoint import inspect_checkpoint, load_into
+    from llama.model import Transformer
+    from llama.runner import ModelRunner
+    from llama.step_plan import StepPlan
+
+    info = inspect_checkpoint(tiny_ckpts["gqa1"])
+    model = Transformer(info.args, 32, dtype=torch.float32)
+    load_into(model, info, 0, 1)
+    runner = ModelRunner(model, model.new_cache(1, 32))
+    seen = []
+    original = model.forward
+    model.forward = lambda *a: (seen.append(runner.busy_since), original(*a))[1]
+    runner.execute(StepPlan.prefill([[1, 5, 9]]))
+    assert seen and seen[0] is not None and runner.busy_since is None
