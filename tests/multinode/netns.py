@@ -1,6 +1,7 @@
-"""Ray nodes with their own addresses on this machine: each node is a network namespace on a
+"""Machines with their own addresses on this machine: each node is a network namespace on a
 bridge (198.51.100.0/24), a PID namespace and a mount namespace with a private /tmp/ray, running
-`ray start --block`. Drivers run inside the head node (a Ray driver needs a local raylet).
+`ray start --block`, or an SSH server for `ray up` to start Ray on. Drivers run inside the head
+node (a Ray driver needs a local raylet).
 
 Nothing outside 198.51.100.0/24 and the namespaces made here is touched, and `stop` removes
 every namespace, link and process it made, also after a failure half-way through `start`.
