@@ -163,7 +163,7 @@ class RankGroup:
             "replica_node_ip": ray.util.get_node_ip_address(),  # where this gang's owner (a Serve replica) runs
             "placement_group_id": self.placement.id.hex(),
             "ranks": [
-                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load_s": round(st.load_s, 3)}
+                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load_s": round(st.load_s, 3), "weights_from": st.weights_from}
                 for i, st in zip(self.infos, self.states)
             ],
         }

@@ -24,14 +24,14 @@ import torch.distributed as dist
 from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
 from cluster.network import collective_env
-from llama.checkpoint import load_into
+from cluster.weights import find_holder, slices_from
+from llama.checkpoint import copy_into, load_into, missing_files
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
 from llama.engine import Engine
 from llama.model import Transformer
 from llama.request import GenerationRequest, StreamDelta
 from llama.runner import ModelRunner
 from llama.step_plan import StepPlan
-from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class RankState:
     device: str
     dtype: str
     load_s: float
+    weights_from: str  # "local files", or the object store from a machine that has them
 
 
 class RankActor:
@@ -64,6 +65,7 @@ class RankActor:
         self.model: Transformer | None = None
         self.engine: Engine | None = None  # rank 0 only
         self.runner: ModelRunner | None = None  # the other ranks: run the driver's plans
+        self.weights_from = "local files"  # or the object store, from a machine that has them
         self.channel: PlanChannel | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -144,17 +146,26 @@ class RankActor:
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
         dtype = resolve_dtype(par.dtype, device)
         model = Transformer(ckpt.args, eng.max_seq_len, device=device, dtype=dtype)
-        load_into(model, ckpt, self.rank, self.world_size)
+        if missing_files(ckpt):  # this machine has no copy: the slices come from one that has
+            holder = find_holder(ckpt)
+            t1 = time.perf_counter()
+            nbytes = copy_into(model, slices_from(holder, ckpt, self.rank, self.world_size))
+            self.weights_from = f"object store from node {holder[:12]}"
+            log.info("received %.1f MB of slices through the object store from node %s in %.2fs", nbytes / 1e6,
+                     holder[:12], time.perf_counter() - t1)
+        else:
+            load_into(model, ckpt, self.rank, self.world_size)
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
-            self.engine = Engine(model, Tokenizer(ckpt.tokenizer_path), eng, publish=publish)
+            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish)
         else:
             self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len))
         self.model = model
         load_s = time.perf_counter() - t0
         log.info("joined %s group of %d at %s:%d over %s, loaded on %s (%s) in %.2fs", backend, self.world_size,
                  master_addr, master_port, os.environ.get("GLOO_SOCKET_IFNAME"), device, dtype, load_s)
-        return RankState(backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."), load_s=load_s)
+        return RankState(backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."), load_s=load_s,
+                         weights_from=self.weights_from)
 
     def _run_loop(self) -> None:
         try:

@@ -15,7 +15,6 @@ from ray.util import get_current_placement_group
 from cluster.config import GangConfig
 from cluster.group import RankGroup
 from deploy.api import build_api
-from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +36,7 @@ class LlamaDeployment:
             self.group = await asyncio.to_thread(RankGroup.start, gang)
         else:
             self.group = await asyncio.to_thread(RankGroup.start, gang, pg, 1)
-        self.tokenizer = Tokenizer(gang.checkpoint.tokenizer_path)
+        self.tokenizer = gang.checkpoint.tokenizer()
 
     def __serve_build_asgi_app__(self):
         return build_api(self.group, self.tokenizer, self.model_id, self.gang.engine.max_seq_len)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +31,12 @@ class CheckpointInfo:
     tokenizer_path: Path
     shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order
     args: ModelArgs  # vocab_size resolved from the tokenizer
+    # The tokenizer file's bytes (hundreds of KB), so ranks and replicas on machines without the
+    # checkpoint still have it.
+    tokenizer_proto: bytes = field(repr=False, default=b"")
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.tokenizer_path, self.tokenizer_proto or None)
 
 
 def inspect_checkpoint(
@@ -76,7 +83,8 @@ def inspect_checkpoint(
     except ValueError as e:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
     _check_shapes(args, shards)
-    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args)
+    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args,
+                          tokenizer_proto=tok_path.read_bytes())
 
 
 def _open(path: Path) -> dict[str, torch.Tensor]:
@@ -134,20 +142,35 @@ def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[st
     return out
 
 
-def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int) -> None:
-    """Copy rank's slices into `model`'s parameters (any device/dtype), converting as it goes."""
-    t0 = time.perf_counter()
-    state = load_rank_state(info, rank, world_size)
+def missing_files(info: CheckpointInfo) -> list[Path]:
+    """The checkpoint's weight files that this machine does not have (at the inspected paths)."""
+    return [p for p in info.shard_paths if not p.is_file()]
+
+
+def copy_into(model: torch.nn.Module, slices: Iterable[tuple[str, torch.Tensor]]) -> int:
+    """Copy (name, tensor) slices into `model`'s parameters (any device/dtype), one at a time, so
+    only one slice need be in memory; every parameter must come exactly once. Returns the bytes."""
     params = dict(model.named_parameters())
-    if set(params) != set(state):
-        raise CheckpointError(
-            f"model and checkpoint disagree on parameter names: only in model {sorted(set(params) - set(state))[:3]}, "
-            f"only in checkpoint {sorted(set(state) - set(params))[:3]}."
-        )
+    seen: set[str] = set()
+    nbytes = 0
     with torch.no_grad():
-        for key, p in params.items():
-            src = state[key]
+        for key, src in slices:
+            p = params.get(key)
+            if p is None or key in seen:
+                raise CheckpointError(f"the checkpoint gave {key!r}, which the model {'has already' if p is not None else 'does not have'}.")
             if tuple(src.shape) != tuple(p.shape):
                 raise CheckpointError(f"{key}: slice shape {list(src.shape)} does not fit parameter {list(p.shape)}.")
             p.copy_(src)
-    log.info("rank %d/%d: loaded %d tensors from %d shard(s) in %.2fs", rank, world_size, len(state), len(info.shard_paths), time.perf_counter() - t0)
+            seen.add(key)
+            nbytes += src.numel() * src.element_size()
+    if seen != set(params):
+        raise CheckpointError(f"the checkpoint lacks parameters the model has, e.g. {sorted(set(params) - seen)[:3]}.")
+    return nbytes
+
+
+def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int) -> None:
+    """Copy rank's slices, read from this machine's files, into `model`'s parameters."""
+    t0 = time.perf_counter()
+    nbytes = copy_into(model, load_rank_state(info, rank, world_size).items())
+    log.info("rank %d/%d: loaded %.1f MB from %d shard(s) in %.2fs", rank, world_size, nbytes / 1e6,
+             len(info.shard_paths), time.perf_counter() - t0)

@@ -88,7 +88,7 @@ class Llama:
         model = Transformer(info.args, max_seq_len, device=dev, dtype=resolve_dtype(dtype, dev))
         load_into(model, info, model_parallel_rank(), mp)
         log.info("loaded %s on %s (%s) at model parallel size %d in %.2fs", ckpt_dir, dev, model.dtype, mp, time.perf_counter() - t0)
-        return Llama(model, Tokenizer(info.tokenizer_path), config)
+        return Llama(model, info.tokenizer(), config)
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig):
         self.model = model

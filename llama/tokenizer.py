@@ -7,15 +7,18 @@ from sentencepiece import SentencePieceProcessor
 
 
 class Tokenizer:
-    def __init__(self, model_path: str | Path):
+    def __init__(self, model_path: str | Path, model_proto: bytes | None = None):
+        """From the file at model_path, or from its bytes (model_proto) where the file is not
+        on this machine; the path then only names it in messages."""
         path = Path(model_path)
-        if not path.is_file():
+        if model_proto is None and not path.is_file():
             raise FileNotFoundError(
                 f"tokenizer not found at {path}: pass the sentencepiece tokenizer.model that came "
                 f"with the checkpoint (tokenizer_path)."
             )
         try:
-            self.sp_model = SentencePieceProcessor(model_file=str(path))
+            self.sp_model = (SentencePieceProcessor(model_proto=model_proto) if model_proto is not None
+                             else SentencePieceProcessor(model_file=str(path)))
         except Exception as e:  # sentencepiece raises RuntimeError/OSError with terse text
             raise ValueError(f"{path} is not a sentencepiece model ({e}).") from None
         self.n_words: int = self.sp_model.vocab_size()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import time
 
+from tests.conftest import GOLDEN_CKPT
+
 
 def test_two_ranks_on_two_nodes_match_the_reference(nodes, golden):
     got = nodes.run("gang_golden.py")
@@ -14,7 +16,22 @@ def test_two_ranks_on_two_nodes_match_the_reference(nodes, golden):
     assert got["tokens"] == golden["completions"]["generated_token_ids"]
 
 
-def test_served_over_nodes_the_cluster_page_shows_each_rank_on_its_own_address(nodes, golden):
+def test_machines_without_the_checkpoint_get_their_slices_through_the_object_store(nodes, golden):
+    # Only the head has the checkpoint: the three machines that run ranks have an empty directory
+    # mounted over it (in their own mount namespace), so every rank's slices travel.
+    hidden = (1, 2, 3)
+    for i in hidden:
+        nodes.node_shell(i, f"mount -t tmpfs tmpfs {GOLDEN_CKPT}")
+    try:
+        got = nodes.run("gang_golden.py")
+    finally:
+        for i in hidden:
+            nodes.node_shell(i, f"umount {GOLDEN_CKPT}")
+    assert got["tokens"] == golden["completions"]["generated_token_ids"]
+    assert len(got["weights_from"]) == 2 and all(w.startswith("object store from node") for w in got["weights_from"])
+
+
+def test_served_over_three_machines_the_cluster_page_shows_each_rank_on_its_own_address(nodes, golden):
     got = nodes.run("serve_golden.py")
     assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(nodes.ips)
     assert got["tokens"] == golden["completions"]["generated_token_ids"]

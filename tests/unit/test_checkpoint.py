@@ -136,3 +136,30 @@ def test_rank_reads_only_its_slice_views(tiny_ckpts):
     state = load_rank_state(info, 2, 4)
     wq = state["layers.0.attention.wq.weight"]
     assert wq.shape[0] == info.args.n_heads * info.args.head_dim // 4
+
+
+def test_copy_into_takes_slices_one_at_a_time_and_checks_every_parameter_comes_once(tiny_ckpts, mp1):
+    from llama.checkpoint import copy_into, missing_files
+    from llama.model import Transformer
+
+    info = inspect_checkpoint(tiny_ckpts["gqa1"])
+    assert missing_files(info) == []
+    model = Transformer(info.args, 32)
+    items = list(load_rank_state(info, 0, 1).items())
+    assert copy_into(model, iter(items)) == sum(t.numel() * t.element_size() for _, t in items)
+    with pytest.raises(CheckpointError, match="lacks parameters"):
+        copy_into(model, iter(items[1:]))
+    with pytest.raises(CheckpointError, match="has already"):
+        copy_into(model, iter(items + items[:1]))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        copy_into(model, iter([(items[0][0], items[0][1][:1])]))
+
+
+def test_the_tokenizer_travels_with_the_checkpoint_info(tiny_ckpts, tmp_path):
+    import shutil
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_ckpts["gqa1"], copy)
+    info = inspect_checkpoint(copy)
+    (copy / "tokenizer.model").unlink()  # a machine without the file still has the tokenizer
+    assert info.tokenizer().encode("hello", bos=True, eos=False)[0] == 1

@@ -20,4 +20,5 @@ try:
     tokens = [o.token_ids for o in group.generate(reqs)]
 finally:
     group.shutdown()
-print(json.dumps({"rank_ips": [r["node_ip"] for r in info["ranks"]], "tokens": tokens}))
+print(json.dumps({"rank_ips": [r["node_ip"] for r in info["ranks"]], "tokens": tokens,
+                  "weights_from": [r["weights_from"] for r in info["ranks"]]}))
