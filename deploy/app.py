@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from cluster.config import GangConfig
 from cluster.placement import plan_bundles, settle_device
-from deploy.default_model import default_checkpoint
 from deploy.server import LlamaDeployment
 from deploy.settings import AppArgs
 
@@ -20,7 +18,7 @@ def build_app(raw_args: dict) -> Application:
     args = AppArgs.parse(raw_args)
     parallel = settle_device(args.parallel)
     # Fail here, with the file and the fix named, rather than inside N rank actors.
-    gang = GangConfig.inspect(args.ckpt_dir or default_checkpoint(), args.tokenizer_path, parallel, args.engine)
+    gang = args.gang_config(parallel)
     return LlamaDeployment.options(
         placement_group_bundles=plan_bundles(parallel, replica_cpus=args.replica_cpus),
         placement_group_strategy=parallel.placement_strategy,

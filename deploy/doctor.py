@@ -9,9 +9,7 @@ from pathlib import Path
 import ray
 import yaml
 
-from cluster.config import GangConfig
 from cluster.doctor import diagnose, render
-from deploy.default_model import default_checkpoint
 from deploy.settings import AppArgs
 
 
@@ -20,7 +18,7 @@ def main(argv: list[str]) -> int:
     try:
         apps = yaml.safe_load(path.read_text())["applications"]
         args = AppArgs.parse(apps[0].get("args"))
-        gang = GangConfig.inspect(args.ckpt_dir or default_checkpoint(), args.tokenizer_path, args.parallel, args.engine)
+        gang = args.gang_config()
     except (OSError, KeyError, IndexError, ValueError) as e:
         print(f"{path}: cannot check this configuration: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.config import ParallelConfig
+from cluster.config import GangConfig, ParallelConfig
+from deploy.default_model import default_checkpoint
 from llama.engine import EngineConfig
 
 
@@ -27,6 +28,12 @@ class AppArgs(BaseModel):
         if self.tokenizer_path and not self.ckpt_dir:
             raise ValueError("tokenizer_path is set but ckpt_dir is not: give both, or neither for the demo model.")
         return self
+
+    def gang_config(self, parallel: ParallelConfig | None = None) -> GangConfig:
+        """The gang these args describe, its checkpoint inspected (the embedded demo model when
+        ckpt_dir is unset); `parallel` replaces the args' own (e.g. with the device settled)."""
+        return GangConfig.inspect(self.ckpt_dir or default_checkpoint(), self.tokenizer_path,
+                                  parallel or self.parallel, self.engine)
 
     @classmethod
     def parse(cls, raw: dict | None) -> "AppArgs":
