@@ -7,6 +7,7 @@ only the bytes of its own slices, never the whole model.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llama.args import ModelArgs
+from llama.load_progress import LoadProgress
 from llama.layout import IGNORED_KEYS, full_shapes, shard_range, split_dim
 from llama.tokenizer import Tokenizer
 
@@ -34,6 +36,7 @@ class CheckpointInfo:
     # The tokenizer file's bytes (hundreds of KB), so ranks and replicas on machines without the
     # checkpoint still have it.
     tokenizer_proto: bytes = field(repr=False, default=b"")
+    itemsize: int = 4  # bytes per value in the weight files (2 for Meta's bfloat16 releases)
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer(self.tokenizer_path, self.tokenizer_proto or None)
@@ -82,9 +85,9 @@ def inspect_checkpoint(
         args.validate_for(model_parallel_size)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
-    _check_shapes(args, shards)
+    itemsize = _check_shapes(args, shards)
     return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args,
-                          tokenizer_proto=tok_path.read_bytes())
+                          tokenizer_proto=tok_path.read_bytes(), itemsize=itemsize)
 
 
 def _open(path: Path) -> dict[str, torch.Tensor]:
@@ -94,7 +97,8 @@ def _open(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"cannot read {path} as a PyTorch state dict ({type(e).__name__}: {e}).") from None
 
 
-def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> None:
+def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> int:
+    """Check every shard against params.json; return the files' bytes per value."""
     n = len(shards)
     expected = full_shapes(args)
     for path in shards:
@@ -117,6 +121,7 @@ def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> None:
                     f"{path}: {key} has shape {list(shape)}, expected {list(want)} for the model in "
                     f"params.json cut into {n} shard(s). Does params.json belong to these files?"
                 )
+    return sd["tok_embeddings.weight"].element_size()
 
 
 def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[str, torch.Tensor]:
@@ -142,14 +147,24 @@ def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[st
     return out
 
 
+def rank_nbytes(info: CheckpointInfo, rank: int, world_size: int) -> int:
+    """The bytes of rank's slices in the files, known before any is read (for LoadProgress)."""
+    total = 0
+    for key, full in full_shapes(info.args).items():  # a cut tensor: an equal 1/world_size of it
+        total += math.prod(full) // (world_size if split_dim(key) is not None else 1)
+    return total * info.itemsize
+
+
 def missing_files(info: CheckpointInfo) -> list[Path]:
     """The checkpoint's weight files that this machine does not have (at the inspected paths)."""
     return [p for p in info.shard_paths if not p.is_file()]
 
 
-def copy_into(model: torch.nn.Module, slices: Iterable[tuple[str, torch.Tensor]]) -> int:
+def copy_into(model: torch.nn.Module, slices: Iterable[tuple[str, torch.Tensor]],
+              progress: LoadProgress | None = None) -> int:
     """Copy (name, tensor) slices into `model`'s parameters (any device/dtype), one at a time, so
-    only one slice need be in memory; every parameter must come exactly once. Returns the bytes."""
+    only one slice need be in memory; every parameter must come exactly once. Returns the bytes,
+    also counted into `progress` as each slice lands."""
     params = dict(model.named_parameters())
     seen: set[str] = set()
     nbytes = 0
@@ -163,14 +178,17 @@ def copy_into(model: torch.nn.Module, slices: Iterable[tuple[str, torch.Tensor]]
             p.copy_(src)
             seen.add(key)
             nbytes += src.numel() * src.element_size()
+            if progress is not None:
+                progress.add(src.numel() * src.element_size())
     if seen != set(params):
         raise CheckpointError(f"the checkpoint lacks parameters the model has, e.g. {sorted(set(params) - seen)[:3]}.")
     return nbytes
 
 
-def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int) -> None:
+def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int,
+              progress: LoadProgress | None = None) -> None:
     """Copy rank's slices, read from this machine's files, into `model`'s parameters."""
     t0 = time.perf_counter()
-    nbytes = copy_into(model, load_rank_state(info, rank, world_size).items())
+    nbytes = copy_into(model, load_rank_state(info, rank, world_size).items(), progress)
     log.info("rank %d/%d: loaded %.1f MB from %d shard(s) in %.2fs", rank, world_size, nbytes / 1e6,
              len(info.shard_paths), time.perf_counter() - t0)
