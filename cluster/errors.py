@@ -6,9 +6,29 @@ class ClusterError(RuntimeError):
     """Base for gang failures: the gang is unusable and must be replaced, never repaired."""
 
 
-class PlacementTimeoutError(ClusterError):
+class PlacementError(ClusterError):
+    """The gang's bundles cannot be placed."""
+
+
+class PlacementTimeoutError(PlacementError):
     """The cluster did not have room for the gang's bundles in time."""
+
+
+class PlacementImpossibleError(PlacementError):
+    """The cluster's nodes could not hold the gang's bundles even if they were empty."""
 
 
 class RankFailedError(ClusterError):
     """A rank actor died, hung, or failed while running a collective step."""
+
+
+class GangStartError(ClusterError):
+    """The gang did not start: a stage passed its deadline, or a rank failed while starting."""
+
+
+class GangStartingError(ClusterError):
+    """The gang is still starting (not a failure): retry later. `progress` says where it is."""
+
+    def __init__(self, message: str, progress: dict):
+        super().__init__(message)
+        self.progress = progress

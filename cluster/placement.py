@@ -15,7 +15,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import STRATEGIES, ParallelConfig
-from cluster.errors import PlacementTimeoutError
+from cluster.errors import PlacementImpossibleError, PlacementTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,15 @@ def settle_device(parallel: ParallelConfig) -> ParallelConfig:
     return replace(parallel, device="cuda" if gpus >= parallel.model_parallel_size else "cpu")
 
 
-def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> PlacementGroup:
-    """Reserve the bundles; raise PlacementTimeoutError (and release them) if not ready in time."""
+def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float,
+            autoscaling: bool = False) -> PlacementGroup:
+    """Reserve the bundles. Raise PlacementImpossibleError at once if the cluster's nodes could
+    never hold them (unless the cluster adds nodes on demand), PlacementTimeoutError (and
+    release them) if they are not ready in time."""
     if strategy not in STRATEGIES:
         raise ValueError(f"placement strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    if not autoscaling:
+        check_possible(bundles, strategy, ray.nodes())
     t0 = time.perf_counter()
     pg = placement_group(bundles, strategy=strategy)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
@@ -70,6 +75,71 @@ def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float) ->
         )
     log.info("placement group of %d bundles ready in %.2fs", len(bundles), time.perf_counter() - t0)
     return pg
+
+
+def check_possible(bundles: list[dict[str, float]], strategy: str, nodes: list[dict]) -> None:
+    """Raise PlacementImpossibleError, naming what the bundles need and what the nodes have,
+    when the alive nodes (ray.nodes() entries) could not hold the bundles under `strategy` even
+    if nothing else ran on them."""
+    capacities = [n["Resources"] for n in nodes if n.get("Alive")]
+    if not fits(bundles, strategy, capacities):
+        raise PlacementImpossibleError(
+            f"this cluster can never place the gang: {describe_need(bundles, strategy)}; {describe_nodes(nodes)}. "
+            f"Add nodes, lower model_parallel_size or the CPUs per bundle (parallel.cpus_per_rank, replica_cpus), "
+            f"or use a looser strategy than {strategy}. On a cluster that adds nodes on demand, set "
+            f"parallel.autoscaling: true to wait for them instead."
+        )
+
+
+def fits(bundles: list[dict[str, float]], strategy: str, capacities: list[dict[str, float]],
+         max_steps: int = 100_000) -> bool:
+    """Whether the bundles can be put on nodes of these total resources under `strategy`: Ray's
+    STRICT_PACK needs one node for all, STRICT_SPREAD a node each, PACK and SPREAD any
+    assignment (searched exactly; a search too long to finish answers True, never a false no)."""
+    def holds(free: dict[str, float], need: dict[str, float]) -> bool:
+        return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items() if v > 0)
+
+    if strategy == "STRICT_PACK":
+        total: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                total[k] = total.get(k, 0.0) + v
+        return any(holds(c, total) for c in capacities)
+    if strategy == "STRICT_SPREAD":  # a matching of bundles to distinct nodes (augmenting paths)
+        owner: dict[int, int] = {}
+
+        def place(b: int, seen: set[int]) -> bool:
+            for n, c in enumerate(capacities):
+                if n not in seen and holds(c, bundles[b]):
+                    seen.add(n)
+                    if n not in owner or place(owner[n], seen):
+                        owner[n] = b
+                        return True
+            return False
+
+        return all(place(b, set()) for b in range(len(bundles)))
+    order = sorted(bundles, key=lambda b: sorted(b.items(), reverse=True), reverse=True)  # big ones first
+    free = [dict(c) for c in capacities]
+    steps = 0
+
+    def search(i: int) -> bool:
+        nonlocal steps
+        steps += 1
+        if i == len(order) or steps > max_steps:
+            return True
+        tried: list[dict[str, float]] = []
+        for f in free:
+            if holds(f, order[i]) and f not in tried:  # nodes left alike are tried once
+                tried.append(dict(f))
+                for k, v in order[i].items():
+                    f[k] = f.get(k, 0.0) - v
+                if search(i + 1):
+                    return True
+                for k, v in order[i].items():
+                    f[k] += v
+        return False
+
+    return search(0)
 
 
 def describe_need(bundles: list[dict[str, float]], strategy: str) -> str:

@@ -66,3 +66,46 @@ def test_a_placement_timeout_names_what_the_gang_needs_and_what_each_node_has():
              {"Alive": True, "NodeManagerAddress": "198.51.100.4", "Resources": {"CPU": 2.0, "GPU": 1.0}}]
     assert describe_nodes(nodes) == ("the cluster's 2 alive node(s) have in all: 198.51.100.2 {CPU: 1}, "
                                      "198.51.100.4 {CPU: 2, GPU: 1}")
+
+
+# ---- whether the cluster could ever hold a gang (fail fast instead of waiting) --------------
+from cluster.errors import PlacementImpossibleError  # noqa: E402
+from cluster.placement import check_possible, fits  # noqa: E402
+
+ONE_CPU = {"CPU": 1.0, "memory": 1e9}
+
+
+@pytest.mark.parametrize("strategy,bundles,nodes,ok", [
+    ("STRICT_SPREAD", [{"CPU": 0.5}] * 3, [ONE_CPU] * 3, True),
+    ("STRICT_SPREAD", [{"CPU": 0.5}] * 4, [ONE_CPU] * 3, False),  # one node each: 4 bundles, 3 nodes
+    ("STRICT_SPREAD", [{"CPU": 2.0}, {"CPU": 0.5}], [{"CPU": 2.0}, {"CPU": 0.5}], True),  # needs the matching
+    ("STRICT_SPREAD", [{"CPU": 0.5}, {"CPU": 2.0}], [{"CPU": 2.0}, {"CPU": 0.5}], True),  # ... in either order
+    ("STRICT_PACK", [{"CPU": 0.5}] * 2, [ONE_CPU, ONE_CPU], True),
+    ("STRICT_PACK", [{"CPU": 0.5}] * 3, [ONE_CPU, ONE_CPU], False),  # 1.5 CPUs on one node
+    ("PACK", [{"CPU": 0.5}] * 6, [ONE_CPU] * 3, True),
+    ("PACK", [{"CPU": 0.5}] * 7, [ONE_CPU] * 3, False),
+    ("SPREAD", [{"CPU": 0.6}] * 3, [ONE_CPU] * 2, False),  # 1.8 CPUs in all, but 0.6 twice fits no node
+    ("PACK", [{"CPU": 1.0, "GPU": 1}] * 2, [{"CPU": 8.0, "GPU": 1}] * 2, True),
+    ("PACK", [{"CPU": 1.0, "GPU": 1}] * 2, [{"CPU": 8.0, "GPU": 1}, {"CPU": 8.0}], False),  # a GPU each
+    ("PACK", [{"CPU": 0.0}], [{}], True),  # nothing asked, nothing needed
+    ("PACK", [{"CPU": 3.0}, {"CPU": 2.0}, {"CPU": 2.0}, {"CPU": 1.0}], [{"CPU": 4.0}, {"CPU": 4.0}], True),  # 3+1, 2+2
+])
+def test_whether_the_nodes_could_ever_hold_the_bundles(strategy, bundles, nodes, ok):
+    assert fits(bundles, strategy, nodes) is ok
+
+
+def test_a_search_too_long_to_finish_never_says_no():
+    assert not fits([{"CPU": 0.6}] * 3, "PACK", [ONE_CPU] * 2)
+    assert fits([{"CPU": 0.6}] * 3, "PACK", [ONE_CPU] * 2, max_steps=2)  # cut short: "maybe", so Ray decides
+
+
+def test_an_impossible_gang_is_refused_naming_its_bundles_and_what_the_nodes_have():
+    nodes = [{"Alive": True, "NodeManagerAddress": f"198.51.100.{k}", "Resources": {"CPU": 1.0, "memory": 1e9}}
+             for k in (2, 3)] + [{"Alive": False, "NodeManagerAddress": "198.51.100.9", "Resources": {"CPU": 8.0}}]
+    with pytest.raises(PlacementImpossibleError) as e:
+        check_possible([{"CPU": 0.5}] * 3, "STRICT_SPREAD", nodes)
+    msg = str(e.value)
+    assert "3 bundles, STRICT_SPREAD (each on its own node): [{'CPU': 0.5}, {'CPU': 0.5}, {'CPU': 0.5}]" in msg
+    assert "2 alive node(s) have in all: 198.51.100.2 {CPU: 1}, 198.51.100.3 {CPU: 1}" in msg
+    assert "Add nodes" in msg and "parallel.autoscaling: true" in msg
+    check_possible([{"CPU": 0.5}] * 2, "STRICT_SPREAD", nodes)  # possible: no error
