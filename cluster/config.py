@@ -24,9 +24,17 @@ class ParallelConfig:
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     cpus_per_rank: float = 1.0  # logical CPUs in each rank's placement bundle
     placement_strategy: str = "PACK"  # STRICT_SPREAD puts each rank on its own node
-    placement_timeout_s: float = 300.0  # waiting for the cluster to have room for the gang
-    init_timeout_s: float = 600.0  # process-group rendezvous and checkpoint loading
-    call_timeout_s: float = 600.0  # one engine step (a collective) longer than this is a hung gang
+    # False: a gang the cluster's nodes could never hold fails at once, saying why. True (a
+    # cluster that adds nodes on demand): it waits placement_timeout_s for them instead.
+    autoscaling: bool = False
+    # A start goes through stages, each with its own deadline (cluster/start.py); GET /health
+    # names the stage until the gang is ready.
+    placement_timeout_s: float = 300.0  # the cluster has room for the gang's bundles
+    actors_timeout_s: float = 300.0  # every rank's process is up (runtime_env, imports)
+    rendezvous_timeout_s: float = 120.0  # every rank has joined the process group at rank 0's address
+    collective_timeout_s: float = 60.0  # the first all-reduce and broadcast across the gang
+    load_timeout_s: float = 1800.0  # every rank has its slices of the checkpoint
+    call_timeout_s: float = 600.0  # one engine step (the warm-up, then any); longer is a hung gang
     # Environment variables every rank process gets (e.g. NCCL_DEBUG: INFO), set on its actor
     # explicitly rather than inherited from whichever shell started each node's Ray.
     env: dict[str, str] = field(default_factory=dict)
@@ -38,9 +46,12 @@ class ParallelConfig:
                if getattr(self, k) not in v]
         if type(self.model_parallel_size) is not int or not 1 <= self.model_parallel_size <= 64:  # bool is no count
             bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
+        if not isinstance(self.autoscaling, bool):
+            bad.append(f"autoscaling must be true or false, got {self.autoscaling!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             bad.append(f"env must map names to string values, got {self.env!r}")
-        positive = ("cpus_per_rank", "placement_timeout_s", "init_timeout_s", "call_timeout_s")
+        positive = ("cpus_per_rank", "placement_timeout_s", "actors_timeout_s", "rendezvous_timeout_s",
+                    "collective_timeout_s", "load_timeout_s", "call_timeout_s")
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
         if bad:
             raise ValueError("parallel settings: " + "; ".join(bad) + ".")

@@ -188,7 +188,7 @@ def diagnose(config: GangConfig, timeout_s: float = 30.0) -> list[Row]:
     config = replace(config, parallel=settle_device(config.parallel))
     par = config.parallel
     try:
-        pg = acquire(plan_bundles(par), par.placement_strategy, min(par.placement_timeout_s, 60.0))
+        pg = acquire(plan_bundles(par), par.placement_strategy, min(par.placement_timeout_s, 60.0), par.autoscaling)
     except Exception as e:  # noqa: BLE001 - the verdict is the row
         return [Row("-", "-", "placement", False, str(e), "add nodes, or lower model_parallel_size")]
     remote = ray.remote(DoctorProbe)

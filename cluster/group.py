@@ -18,9 +18,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.config import GangConfig
-from cluster.errors import RankFailedError
+from cluster.errors import GangStartError, PlacementError, RankFailedError
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
+from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
 from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
 log = logging.getLogger(__name__)
@@ -30,47 +31,67 @@ _RemoteRank = ray.remote(concurrency_groups={"control": 4})(RankActor)
 
 class RankGroup:
     def __init__(self, config: GangConfig, actors: list, states: list[RankState], infos: list[RankInfo],
-                 placement: PlacementGroup, owns_placement: bool):
+                 placement: PlacementGroup, owns_placement: bool, progress: StartProgress):
         self.config = config
         self.actors = actors
         self.states = states
         self.infos = infos
         self.placement = placement
         self._owns_placement = owns_placement
+        self.progress = progress  # how the start went, stage by stage
         self._failed: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, config: GangConfig, placement: PlacementGroup | None = None, first_bundle: int = 0) -> "RankGroup":
-        """Start the gang. With `placement` (a Serve replica's group), ranks take bundles
-        first_bundle.. of it; without, a placement group for just the ranks is reserved."""
+    def start(cls, config: GangConfig, placement: PlacementGroup | None = None, first_bundle: int = 0,
+              progress: StartProgress | None = None) -> "RankGroup":
+        """Start the gang, stage by stage (cluster/start.py), each stage within its own deadline,
+        recording where it is in `progress`. With `placement` (a Serve replica's group), ranks
+        take bundles first_bundle.. of it; without, a group for just the ranks is reserved."""
         t0 = time.perf_counter()
         config = replace(config, parallel=settle_device(config.parallel))  # a Serve app settled it already
         par = config.parallel
-        n = par.model_parallel_size
+        progress = progress or StartProgress(stage_deadlines(par))
         owns = placement is None
-        if owns:
-            placement = acquire(plan_bundles(par), par.placement_strategy, par.placement_timeout_s)
-            first_bundle = 0
-        actors = [_RemoteRank.options(**rank_options(par, placement, first_bundle + r)).remote(config, r)
-                  for r in range(n)]
+        actors: list = []
         try:
-            addr, port = ray.get(actors[0].rendezvous_address.remote(), timeout=par.init_timeout_s)
-            states = ray.get([a.setup.remote(addr, port) for a in actors], timeout=par.init_timeout_s)
-            infos = ray.get([a.info.remote() for a in actors], timeout=par.init_timeout_s)
-        except Exception as e:
+            deadline = progress.enter("placement")
+            if owns:
+                placement = acquire(plan_bundles(par), par.placement_strategy, deadline, par.autoscaling)
+                first_bundle = 0
+            deadline = progress.enter("actors")
+            actors = [_RemoteRank.options(**rank_options(par, placement, first_bundle + r)).remote(config, r)
+                      for r in range(par.model_parallel_size)]
+            _within(progress, [a.ping.remote() for a in actors])
+            progress.enter("rendezvous")
+            addr, port = _within(progress, [actors[0].rendezvous_address.remote()])[0]
+            backend, device = _within(progress, [a.join.remote(addr, port) for a in actors])[0]
+            progress.enter("collective")
+            collective_s = max(_within(progress, [a.first_collective.remote() for a in actors]))
+            progress.enter("weights")
+
+            def poll_loads() -> None:
+                progress.ranks = ray.get([a.load_progress.remote() for a in actors], timeout=10)
+
+            states = _within(progress, [a.load_weights.remote() for a in actors], watch=poll_loads)
+            progress.ranks = [s.load for s in states]
+            progress.enter("ready")
+            _within(progress, [a.start_loop.remote() for a in actors])
+            _within(progress, [actors[0].warm_up.remote()])
+            infos = _within(progress, [a.info.remote() for a in actors])
+        except BaseException as e:
             for a in actors:
                 ray.kill(a)
-            if owns:
+            if owns and placement is not None:
                 remove_placement_group(placement)
-            if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ValueError):
-                raise e.cause from None  # a configuration mistake (bad checkpoint, bad size)
-            if isinstance(e, ray.exceptions.RayTaskError):
-                raise RankFailedError(f"a rank failed while starting the gang: {e.cause!r}") from e
-            raise RankFailedError(f"the gang of {n} ranks did not start: {e!r}") from e
-        log.info("gang of %d ranks (%s, %s, %s) up in %.2fs", n, states[0].backend, states[0].device,
-                 states[0].dtype, time.perf_counter() - t0)
-        return cls(config, actors, states, infos, placement, owns)
+            error = _start_error(e, progress)
+            progress.fail(error)
+            raise error from e
+        progress.done()
+        log.info("gang of %d ranks (%s, %s) up in %.2fs; first all-reduce+broadcast %.1f ms; %s", len(actors),
+                 backend, device, time.perf_counter() - t0, 1e3 * collective_s,
+                 ", ".join(f"{s['stage']} {s['seconds']:.2f}s" for s in progress.as_dict()["finished_stages"]))
+        return cls(config, actors, states, infos, placement, owns, progress)
 
     def shutdown(self) -> None:
         for a in self.actors:
@@ -162,8 +183,40 @@ class RankGroup:
             "healthy": self._failed is None,
             "replica_node_ip": ray.util.get_node_ip_address(),  # where this gang's owner (a Serve replica) runs
             "placement_group_id": self.placement.id.hex(),
+            "start": self.progress.as_dict(),
             "ranks": [
-                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load_s": round(st.load_s, 3), "weights_from": st.weights_from}
+                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load": st.load, "weights_from": st.weights_from}
                 for i, st in zip(self.infos, self.states)
             ],
         }
+
+
+def _within(progress: StartProgress, refs: list, watch=None) -> list:
+    """The results of `refs`, all due before the current stage's deadline; `watch` is called
+    about once a second while they are not (to poll progress). Raises the stage's timeout."""
+    pending = list(refs)
+    while pending:
+        left = progress.left_s()
+        if left <= 0:
+            raise progress.timed_out()
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=min(left, 1.0))
+        if watch is not None and pending:
+            try:
+                watch()
+            except Exception:  # noqa: BLE001 - progress is for show; the stage's own result decides
+                pass
+    return ray.get(refs)  # raises a rank's own error, if one failed
+
+
+def _start_error(e: BaseException, progress: StartProgress) -> BaseException:
+    """What a failed start raises: a caller's configuration mistake as itself (a ValueError,
+    e.g. a checkpoint no machine has), a stage past its deadline as is, anything else as a
+    GangStartError naming the stage and its fix."""
+    if isinstance(e, ray.exceptions.RayTaskError) and isinstance(e.cause, ValueError):
+        return e.cause
+    if isinstance(e, (GangStartError, ValueError, PlacementError)):
+        return e
+    stage = progress.as_dict()["stage"]
+    cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
+    return GangStartError(f"a rank failed in start stage {stage!r}: {type(cause).__name__}: {cause}. "
+                          f"{STAGE_FIXES[stage][0].upper()}{STAGE_FIXES[stage][1:]}.")

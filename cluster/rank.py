@@ -25,11 +25,12 @@ from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
 from cluster.network import collective_env
 from cluster.weights import find_holder, slices_from
-from llama.checkpoint import copy_into, load_into, missing_files
+from llama.checkpoint import copy_into, load_into, missing_files, rank_nbytes
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
 from llama.engine import Engine
+from llama.load_progress import LoadProgress
 from llama.model import Transformer
-from llama.request import GenerationRequest, StreamDelta
+from llama.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.runner import ModelRunner
 from llama.step_plan import StepPlan
 
@@ -53,7 +54,7 @@ class RankState:
     backend: str
     device: str
     dtype: str
-    load_s: float
+    load: dict  # llama.load_progress.LoadProgress.as_dict(): bytes, rate, seconds
     weights_from: str  # "local files", or the object store from a machine that has them
 
 
@@ -66,6 +67,8 @@ class RankActor:
         self.engine: Engine | None = None  # rank 0 only
         self.runner: ModelRunner | None = None  # the other ranks: run the driver's plans
         self.weights_from = "local files"  # or the object store, from a machine that has them
+        self.device: torch.device | None = None  # set when joining the group
+        self.progress: LoadProgress | None = None  # set when loading begins
         self.channel: PlanChannel | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -115,21 +118,24 @@ class RankActor:
         if self.engine is not None:
             self.engine.abort(request_id)
 
-    # ------------------------------------------------------------------ setup
-    async def setup(self, master_addr: str, master_port: int) -> RankState:
-        # Off the event loop: joining the group and loading the shard take long on big models.
-        state = await asyncio.to_thread(self._setup, master_addr, master_port)
-        self._loop = threading.Thread(target=self._run_loop, name=f"rank{self.rank}-loop", daemon=True)
-        self._loop.start()
-        return state
+    @ray.method(concurrency_group="control")
+    async def load_progress(self) -> dict | None:
+        """This rank's load progress (bytes of its slices read, rate, time left); None before."""
+        return None if self.progress is None else self.progress.as_dict()
 
-    def _setup(self, master_addr: str, master_port: int) -> RankState:
-        t0 = time.perf_counter()
-        par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
+    # ------------------------------------------------------------------ start, in stages (cluster/start.py)
+    async def join(self, master_addr: str, master_port: int) -> tuple[str, str]:
+        """Stage rendezvous: join the gang's process group at rank 0's address, bound to this
+        node's interface. Returns (backend, device)."""
+        return await asyncio.to_thread(self._join, master_addr, master_port)
+
+    def _join(self, master_addr: str, master_port: int) -> tuple[str, str]:
+        par, eng = self.config.parallel, self.config.engine
         device = resolve_device(par.device)
         if device.type == "cuda":
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to this rank's GPU
             torch.cuda.set_device(device)
+        self.device = device
         backend = choose_backend(device, par.backend)
         bind = collective_env(ray.util.get_node_ip_address(), os.environ)
         os.environ.update(bind)  # read by gloo and NCCL when the groups below are made
@@ -138,34 +144,75 @@ class RankActor:
             init_method=f"tcp://{master_addr}:{master_port}",
             world_size=self.world_size,
             rank=self.rank,
-            timeout=timedelta(seconds=par.init_timeout_s),
+            # the rendezvous, and any collective after it: past call_timeout_s a step is hung
+            timeout=timedelta(seconds=max(par.rendezvous_timeout_s, par.call_timeout_s)),
         )
         init_model_parallel(self.world_size)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk)
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
-        dtype = resolve_dtype(par.dtype, device)
-        model = Transformer(ckpt.args, eng.max_seq_len, device=device, dtype=dtype)
+        log.info("joined the %s group of %d at %s:%d over %s", backend, self.world_size, master_addr, master_port,
+                 bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface")
+        return backend, str(device)
+
+    async def first_collective(self) -> float:
+        """Stage collective: one all-reduce and one broadcast across the gang, checked; returns
+        the seconds they took."""
+        return await asyncio.to_thread(self._first_collective)
+
+    def _first_collective(self) -> float:
+        t0 = time.perf_counter()
+        x = torch.ones(1024, device=self.device)
+        dist.all_reduce(x)
+        y = torch.full((1024,), float(self.rank), device=self.device)
+        dist.broadcast(y, src=0)
+        if x[0].item() != self.world_size or y.abs().sum().item() != 0:
+            raise RuntimeError(f"rank {self.rank}: the first all-reduce/broadcast gave wrong values "
+                               f"({x[0].item()}, {y[0].item()}): the collectives are broken")
+        return time.perf_counter() - t0
+
+    async def load_weights(self) -> RankState:
+        """Stage weights: build the model and copy this rank's slices into it, from local files
+        or, on a machine without them, from one that has them; log the progress as it goes."""
+        work = asyncio.ensure_future(asyncio.to_thread(self._load_weights))
+        while not work.done():
+            await asyncio.wait([work], timeout=5.0)
+            if not work.done() and self.progress is not None:
+                log.info("loading: %s", self.progress.describe())
+        return work.result()
+
+    def _load_weights(self) -> RankState:
+        par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
+        dtype = resolve_dtype(par.dtype, self.device)
+        model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype)
+        self.progress = LoadProgress(rank_nbytes(ckpt, self.rank, self.world_size))
         if missing_files(ckpt):  # this machine has no copy: the slices come from one that has
             holder = find_holder(ckpt)
-            t1 = time.perf_counter()
-            nbytes = copy_into(model, slices_from(holder, ckpt, self.rank, self.world_size))
             self.weights_from = f"object store from node {holder[:12]}"
-            log.info("received %.1f MB of slices through the object store from node %s in %.2fs", nbytes / 1e6,
-                     holder[:12], time.perf_counter() - t1)
+            copy_into(model, slices_from(holder, ckpt, self.rank, self.world_size), self.progress)
         else:
-            load_into(model, ckpt, self.rank, self.world_size)
+            load_into(model, ckpt, self.rank, self.world_size, self.progress)
+        self.progress.finish()
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
             self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish)
         else:
             self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len))
         self.model = model
-        load_s = time.perf_counter() - t0
-        log.info("joined %s group of %d at %s:%d over %s, loaded on %s (%s) in %.2fs", backend, self.world_size,
-                 master_addr, master_port, os.environ.get("GLOO_SOCKET_IFNAME"), device, dtype, load_s)
-        return RankState(backend=backend, device=str(device), dtype=str(dtype).removeprefix("torch."), load_s=load_s,
-                         weights_from=self.weights_from)
+        log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())
+        return RankState(backend=dist.get_backend(), device=str(self.device), dtype=str(dtype).removeprefix("torch."),
+                         load=self.progress.as_dict(), weights_from=self.weights_from)
+
+    async def start_loop(self) -> None:
+        """Stage ready: the driver's engine loop, or a follower's, on a thread of its own."""
+        self._loop = threading.Thread(target=self._run_loop, name=f"rank{self.rank}-loop", daemon=True)
+        self._loop.start()
+
+    async def warm_up(self) -> None:
+        """Stage ready, on the driver: one greedy one-token request through the whole gang."""
+        request = GenerationRequest((self.config.checkpoint.args.vocab_size - 1,), SamplingParams(max_tokens=1, temperature=0))
+        async for _ in self.submit("warm-up", request):
+            pass
 
     def _run_loop(self) -> None:
         try:

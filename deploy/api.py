@@ -18,7 +18,8 @@ from fastapi.responses import JSONResponse
 from deploy.choice_streams import ChoiceStreams
 from deploy.choices import ChoiceShaper, ChoiceSpec, Echo, Piece, total_usage
 from deploy.engine_client import EngineClient
-from deploy.errors import UNAVAILABLE, APIError, error_response, install_error_handlers
+from cluster.errors import GangStartingError
+from deploy.errors import RETRY_AFTER_S, UNAVAILABLE, APIError, error_response, install_error_handlers
 from deploy.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -130,6 +131,9 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
     async def health() -> dict[str, str] | JSONResponse:
         try:
             await engine.check_health()
+        except GangStartingError as e:  # 503 until ready, saying which stage the start is in
+            return JSONResponse(status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)},
+                                content={"status": "starting", "start": e.progress})
         except Exception as e:
             # Serve and load balancers poll this; a warning per failed poll is enough.
             logger.warning("health check failed: %s: %s", type(e).__name__, e)

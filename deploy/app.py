@@ -2,14 +2,16 @@
 
 Validates the YAML's args, inspects the checkpoint (the embedded demo model when none is
 named) once, settles the device once, and sizes the replica's placement group from them:
-bundle 0 for the replica, one bundle per model-parallel rank. Serve options given in the YAML
+bundle 0 for the replica, one bundle per model-parallel rank; a group the cluster's nodes could
+never hold is refused here, naming what it needs and what the nodes have. Serve options given in the YAML
 (num_replicas, ray_actor_options, health checks) are applied by Serve on top of these.
 """
 from __future__ import annotations
 
+import ray
 from ray.serve import Application
 
-from cluster.placement import plan_bundles, settle_device
+from cluster.placement import check_possible, plan_bundles, settle_device
 from deploy.server import LlamaDeployment
 from deploy.settings import AppArgs
 
@@ -19,8 +21,11 @@ def build_app(raw_args: dict) -> Application:
     parallel = settle_device(args.parallel)
     # Fail here, with the file and the fix named, rather than inside N rank actors.
     gang = args.gang_config(parallel)
+    bundles = plan_bundles(parallel, replica_cpus=args.replica_cpus)
+    if ray.is_initialized() and not parallel.autoscaling:  # `serve run` builds the app on the cluster
+        check_possible(bundles, parallel.placement_strategy, ray.nodes())  # rather than wait forever
     return LlamaDeployment.options(
-        placement_group_bundles=plan_bundles(parallel, replica_cpus=args.replica_cpus),
+        placement_group_bundles=bundles,
         placement_group_strategy=parallel.placement_strategy,
         ray_actor_options={"num_cpus": args.replica_cpus},
     ).bind(gang, args.model)

@@ -24,10 +24,12 @@ class EngineClient(Protocol):
         ...
 
     async def cluster_info(self) -> dict:
-        """The gang as JSON-able data: world_size, backend, device, dtype, ranks[...], and the
-        engine's state (slots in use, requests waiting)."""
+        """The gang as JSON-able data: ready, start (its stages), world_size, backend, device,
+        dtype, ranks[...] (each with its load progress), and the engine's state (slots in use,
+        requests waiting). While starting, only ready, healthy and start."""
         ...
 
     async def check_health(self) -> None:
-        """Raise if any rank is dead or hung."""
+        """Ready to serve, or raise: cluster.errors.GangStartingError while the gang is still
+        starting (its .progress says where), another ClusterError if a rank is dead or hung."""
         ...

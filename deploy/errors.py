@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.errors import ClusterError
+from cluster.errors import ClusterError, GangStartingError
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ INVALID_REQUEST = "invalid_request_error"
 INTERNAL = "internal_error"
 UNAVAILABLE = "service_unavailable_error"
 TIMEOUT = "timeout_error"
+RETRY_AFTER_S = 5  # what a 503 for a model still starting asks clients to wait
 
 
 class APIError(Exception):
@@ -42,6 +43,7 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         type: str = INVALID_REQUEST,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -49,12 +51,13 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.type = type
+        self.headers = headers
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content=self.body())
+        return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)
 
 
 def error_body(
@@ -89,6 +92,10 @@ def as_api_error(e: BaseException, where: str) -> APIError:
         return e
     if isinstance(e, ValueError):  # a caller's mistake, ours or the engine's to detect
         return APIError(400, user_message(e))
+    if isinstance(e, GangStartingError):  # not a failure: the model is loading
+        return APIError(503, f"The model is still starting ({e.progress['stage']}, stage {e.progress['stage_number']} "
+                             f"of {e.progress['stages']}). Retry shortly; GET /health says when it is ready.",
+                        type=UNAVAILABLE, code="model_starting", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, ClusterError):
         logger.error("%s: the gang failed: %s", where, e)
         return APIError(503, f"The model's workers failed ({type(e).__name__}); this replica will be replaced. "

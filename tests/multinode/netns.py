@@ -141,6 +141,24 @@ class NetnsCluster:
                                  str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
+    def run_killing_a_node(self, script: str, workdir: Path, timeout_s: float = 400.0) -> dict:
+        """Run a driver that, when it is ready, names a node's IP in workdir/kill; kill that node
+        (kill_node), tell the driver through workdir/killed, and return its JSON line."""
+        driver = self.start_driver(script, str(workdir))
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not (workdir / "kill").exists():
+                assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()
+                time.sleep(0.1)
+            self.kill_node(self.ips.index((workdir / "kill").read_text()))
+            (workdir / "killed").write_text("")
+            stdout, stderr = driver.communicate(timeout=timeout_s)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        assert driver.returncode == 0, stderr[-3000:]
+        return json.loads(stdout.strip().splitlines()[-1])
+
     def client_run(self, *cmd: str, timeout_s: float = 600.0) -> str:
         """Run a command in the client namespace (ssh mode), with the client's own home; its output."""
         return self._enter(len(self.ips), list(cmd), self.env, timeout_s)

@@ -14,7 +14,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from cluster.errors import RankFailedError
+from cluster.errors import GangStartingError, RankFailedError
 from deploy.api import build_api
 from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
@@ -345,6 +345,21 @@ def test_health_and_cluster(http: TestClient, engine: FakeEngine) -> None:
     assert err["message"] == "The model is not ready to serve: RankFailedError: rank 1 did not answer"
     engine.fail["cluster_info"] = RuntimeError("boom")
     assert error_of(http.get("/cluster"), 500)["type"] == "internal_error"
+
+
+def test_while_the_gang_starts_health_names_the_stage_and_requests_are_told_to_come_back(
+        http: TestClient, engine: FakeEngine) -> None:
+    progress = {"stage": "weights", "stage_number": 5, "stages": 6, "stage_seconds": 3.5, "ranks_loading": []}
+    engine.fail["check_health"] = GangStartingError("the model is still starting", progress)
+    engine.fail["stream"] = GangStartingError("the model is still starting", progress)
+    r = http.get("/health")
+    assert (r.status_code, r.headers["retry-after"], r.json()) == (503, "5", {"status": "starting", "start": progress})
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream})
+        err = error_of(r, 503)
+        assert r.headers["retry-after"] == "5" and err["code"] == "model_starting"
+        assert err["message"] == ("The model is still starting (weights, stage 5 of 6). Retry shortly; GET /health "
+                                  "says when it is ready.")
 
 
 def test_api_does_not_import_ray() -> None:

@@ -12,7 +12,7 @@ from tests.conftest import GOLDEN_CKPT, GOLDEN_DIR, gang_config
 ray.init(address=sys.argv[1], log_to_driver=False)
 c = json.loads((GOLDEN_DIR / "reference.json").read_text())["completions"]
 group = RankGroup.start(gang_config(GOLDEN_CKPT, 2, max_batch_size=6, placement_strategy="STRICT_SPREAD",
-                                    init_timeout_s=120))
+                                    rendezvous_timeout_s=60))
 try:
     info = asyncio.run(group.cluster_info())
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0))

@@ -10,21 +10,14 @@ import httpx
 import ray
 from ray import serve
 
-from deploy.app import build_app
-from llama.distributed import free_port
-from tests.conftest import GOLDEN_CKPT, GOLDEN_DIR
+from tests.conftest import GOLDEN_DIR
+from tests.multinode.drivers.serving import serve_golden, wait_ready
 
 address, workdir = sys.argv[1], Path(sys.argv[2])
 host = address.split(":")[0]
 ray.init(address=address, log_to_driver=False)
 c = json.loads((GOLDEN_DIR / "reference.json").read_text())["completions"]
-port = free_port(host)
-serve.start(http_options={"host": host, "port": port})
-base = f"http://{host}:{port}"
-app = build_app({"model": "golden", "ckpt_dir": str(GOLDEN_CKPT), "replica_cpus": 0.5,
-                 "engine": {"max_seq_len": 96, "max_batch_size": 6},
-                 "parallel": {"model_parallel_size": 2, "device": "cpu", "cpus_per_rank": 0.5, "init_timeout_s": 60}})
-serve.run(app, name="llama", route_prefix="/")
+base = serve_golden(host)
 body = {"model": "golden", "prompt": c["prompt_token_ids"], "max_tokens": c["max_gen_len"], "temperature": 0,
         "return_token_ids": True}
 
@@ -36,6 +29,7 @@ def right(http: httpx.Client) -> bool:
 
 out = {}
 with httpx.Client(timeout=60) as http:
+    wait_ready(http, base)
     assert right(http)
     cluster = http.get(base + "/cluster").json()
     out["rank_ips_before"] = [r["node_ip"] for r in cluster["ranks"]]

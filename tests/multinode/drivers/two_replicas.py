@@ -1,0 +1,105 @@
+"""`serve run` of a YAML like deploy/config.yaml with num_replicas: 2, each gang packed on a
+machine of its own (STRICT_PACK, MP=2). Clients send the golden prompts without pause; the
+test kills one gang's machine when asked (files in WORKDIR). Prints every request's outcome,
+timed from the kill, and where the gangs were before and after."""
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import yaml
+
+from llama.distributed import free_port
+from tests.conftest import GOLDEN_DIR
+from tests.multinode.drivers.serving import golden_args, wait_ready
+
+address, workdir = sys.argv[1], Path(sys.argv[2])
+host = address.split(":")[0]
+port = free_port(host)
+base = f"http://{host}:{port}"
+config = {
+    "proxy_location": "HeadOnly",
+    "http_options": {"host": host, "port": port},
+    "applications": [{"name": "llama", "route_prefix": "/", "import_path": "deploy.app:build_app",
+                      "args": golden_args(replica_cpus=0.25, placement_strategy="STRICT_PACK", cpus_per_rank=0.25),
+                      "deployments": [{"name": "LlamaDeployment", "num_replicas": 2}]}],
+}
+(workdir / "serve.yaml").write_text(yaml.safe_dump(config))
+serve_cli = str(Path(sys.executable).with_name("serve"))
+server = subprocess.Popen([serve_cli, "run", str(workdir / "serve.yaml"), "--address", address],
+                          stdout=open(workdir / "serve.log", "w"), stderr=subprocess.STDOUT)
+c = json.loads((GOLDEN_DIR / "reference.json").read_text())["completions"]
+body = {"model": "golden", "prompt": c["prompt_token_ids"], "max_tokens": c["max_gen_len"], "temperature": 0,
+        "return_token_ids": True}
+
+
+def replica_ips(http: httpx.Client, want: int, timeout_s: float) -> set[str]:
+    """The machines of the replicas answering GET /cluster (requests spread over them)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < want and time.monotonic() < deadline:
+        info = http.get(base + "/cluster").json()
+        if info.get("ready"):
+            assert {r["node_ip"] for r in info["ranks"]} == {info["replica_node_ip"]}  # packed on one machine
+            seen.add(info["replica_node_ip"])
+        time.sleep(0.1)
+    return seen
+
+
+outcomes: list[dict] = []
+stop = threading.Event()
+t_kill = [None]
+
+
+def client() -> None:
+    with httpx.Client(timeout=60) as http:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                r = http.post(base + "/v1/completions", json=body)
+                ok = r.status_code == 200 and [ch["token_ids"] for ch in r.json()["choices"]] == c["generated_token_ids"]
+                what = r.status_code if r.status_code != 200 else ("right" if ok else "WRONG")
+                detail = "" if r.status_code == 200 else r.text[:200]
+            except httpx.HTTPError as e:
+                what, detail = "transport", f"{type(e).__name__}: {e}"[:200]
+            t1 = time.monotonic()
+            k = t_kill[0]
+            outcomes.append({"sent": None if k is None else round(t0 - k, 2), "ended": None if k is None else round(t1 - k, 2),
+                             "outcome": what, "detail": detail})
+
+
+out = {}
+try:
+    with httpx.Client(timeout=60) as http:
+        wait_ready(http, base)
+        before = replica_ips(http, 2, 120)
+        assert len(before) == 2, f"two ready replicas never showed: {before}"
+        out["replicas_before"] = sorted(before)
+        clients = [threading.Thread(target=client) for _ in range(3)]
+        for t in clients:
+            t.start()
+        time.sleep(3)  # traffic on both replicas
+        victim = sorted(before)[0]
+        (workdir / "kill").write_text(victim)
+        while not (workdir / "killed").exists():
+            time.sleep(0.05)
+        t_kill[0] = time.monotonic()
+        time.sleep(45)  # Serve notices, replaces the gang elsewhere; the survivor answers meanwhile
+        stop.set()
+        for t in clients:
+            t.join()
+        out["victim"] = victim
+        out["replicas_after"] = sorted(replica_ips(http, 2, 120))
+finally:
+    stop.set()
+    server.send_signal(signal.SIGINT)  # as Ctrl-C: `serve run` shuts Serve down and exits
+    try:
+        server.wait(60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+out["outcomes"] = outcomes
+print(json.dumps(out))
