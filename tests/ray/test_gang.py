@@ -5,10 +5,12 @@ caller mistakes leave the gang healthy; rank failure does not."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
-from cluster.errors import RankFailedError
+from cluster.errors import GangStartError, PlacementImpossibleError, RankFailedError
+from cluster.start import STAGES
 from llama.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, gang_config
 
@@ -113,6 +115,32 @@ def test_cluster_info_shows_each_rank(golden_mp2):
     assert [r["rank"] for r in info["ranks"]] == [0, 1]
     assert len({r["pid"] for r in info["ranks"]}) == 2
     assert all(r["node_ip"] and r["node_id"] for r in info["ranks"])
+    # how the start went, stage by stage, and each rank's load: every byte of its slices read
+    assert [s["stage"] for s in info["start"]["finished_stages"]] == list(STAGES) and info["start"]["stage"] == "ready"
+    assert all(r["load"]["done_bytes"] == r["load"]["total_bytes"] > 0 for r in info["ranks"])
+    assert all(r["weights_from"] == "local files" for r in info["ranks"])
+
+
+def test_a_stage_past_its_deadline_stops_the_start_naming_the_stage_and_the_fix(ray_local, tiny_ckpts):
+    free = ray_local.available_resources().get("CPU", 0)
+    with pytest.raises(GangStartError, match="stage 'weights' .5 of 6.*within its 0.001s deadline: raise "
+                                             "parallel.load_timeout_s"):
+        _start(ray_local, tiny_ckpts["gqa1"], 2, load_timeout_s=0.001)
+    for _ in range(100):  # its actors and placement group are released (Ray does it in the background)
+        if ray_local.available_resources().get("CPU", 0) == free:
+            break
+        time.sleep(0.1)
+    assert ray_local.available_resources().get("CPU", 0) == free
+
+
+def test_a_gang_this_cluster_can_never_hold_is_refused_at_once(ray_local, tiny_ckpts):
+    from deploy.app import build_app
+
+    with pytest.raises(PlacementImpossibleError, match=r"can never place.*3 bundles, PACK.*\{CPU: 6\}"):
+        build_app({"ckpt_dir": str(tiny_ckpts["gqa1"]), "replica_cpus": 1,
+                   "parallel": {"model_parallel_size": 2, "cpus_per_rank": 4, "device": "cpu"}})
+    with pytest.raises(PlacementImpossibleError, match="2 bundles, STRICT_SPREAD"):
+        _start(ray_local, tiny_ckpts["gqa1"], 2, placement_strategy="STRICT_SPREAD")  # one node
 
 
 def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts):
