@@ -199,7 +199,12 @@ class NetnsCluster:
         """Namespace i's PID 1: a private /tmp/ray (sessions, sockets) and, with `home`, the user's
         home overlaid with that directory (what the node writes there lands in it; ssh and Ray
         find ~ in the password file, not in $HOME), then `command`."""
-        mounts = ["mkdir -p /run/sshd", "mount -t tmpfs tmpfs /tmp/ray"]
+        # A resolver that answers at once (nothing listens on the namespace's port 53), as a real
+        # network's does: the host's nameserver is unreachable from the bridge, and torch's
+        # TCPStore then waits ~6 s for each reverse lookup of a peer's address.
+        resolv = self.workdir / "resolv.conf"
+        resolv.write_text("nameserver 127.0.0.1\n")
+        mounts = ["mkdir -p /run/sshd", "mount -t tmpfs tmpfs /tmp/ray", f"mount --bind {resolv} /etc/resolv.conf"]
         if home is not None:
             real = pwd.getpwuid(os.getuid()).pw_dir
             (home.parent / "overlay-work").mkdir()
