@@ -70,8 +70,8 @@ def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float,
         remove_placement_group(pg)
         raise PlacementTimeoutError(
             f"the cluster could not place the gang within {timeout_s:.0f}s: {describe_need(bundles, strategy)}; "
-            f"{describe_nodes(ray.nodes())}. Add nodes, lower model_parallel_size, or use a looser strategy "
-            f"than {strategy}."
+            f"{describe_nodes(ray.nodes())}; free now, in all: {_brief(ray.available_resources())}. Other work holds "
+            f"the rest: free it, add nodes, lower model_parallel_size, or use a looser strategy than {strategy}."
         )
     log.info("placement group of %d bundles ready in %.2fs", len(bundles), time.perf_counter() - t0)
     return pg
@@ -151,6 +151,10 @@ def describe_need(bundles: list[dict[str, float]], strategy: str) -> str:
 def describe_nodes(nodes: list[dict]) -> str:
     """What each alive node has in all (ray.nodes() entries): 'nodes: 198.51.100.2 {CPU: 1.0}, ...'."""
     alive = [n for n in nodes if n.get("Alive")]
-    shown = ", ".join(f"{n['NodeManagerAddress']} {{{', '.join(f'{k}: {v:g}' for k, v in sorted(n['Resources'].items()) if k in ('CPU', 'GPU'))}}}"
-                      for n in alive)
+    shown = ", ".join(f"{n['NodeManagerAddress']} {_brief(n['Resources'])}" for n in alive)
     return f"the cluster's {len(alive)} alive node(s) have in all: {shown or 'none'}"
+
+
+def _brief(resources: dict[str, float]) -> str:
+    """'{CPU: 1, GPU: 2}': the resources bundles ask for."""
+    return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU")) + "}"

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from cluster.errors import GangStartError, PlacementImpossibleError, RankFailedError
+from cluster.errors import GangStartError, PlacementImpossibleError, PlacementTimeoutError, RankFailedError
 from cluster.start import STAGES
 from llama.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, gang_config
@@ -131,6 +131,12 @@ def test_a_stage_past_its_deadline_stops_the_start_naming_the_stage_and_the_fix(
             break
         time.sleep(0.1)
     assert ray_local.available_resources().get("CPU", 0) == free
+
+
+def test_a_gang_that_fits_but_finds_the_cpus_taken_waits_then_says_what_is_free(ray_local, tiny_ckpts, golden_mp2):
+    # 6 CPUs in all, golden_mp2 holds 2: two bundles of 2.5 could fit an empty cluster, not this one
+    with pytest.raises(PlacementTimeoutError, match=r"within 1s: 2 bundles, PACK.*free now, in all: \{CPU: 4\}"):
+        _start(ray_local, tiny_ckpts["gqa1"], 2, cpus_per_rank=2.5, placement_timeout_s=1)
 
 
 def test_a_gang_this_cluster_can_never_hold_is_refused_at_once(ray_local, tiny_ckpts):
