@@ -18,7 +18,8 @@ install: $(VENV)/.installed
 
 serve: install
 	@echo "Starting the demo model (2 model-parallel ranks) on http://localhost:8000 ..."
-	@echo "When 'Deployed app' appears, in another shell:"
+	@echo "When 'Deployed app' appears, in another shell (the model loads in the background: until it is"
+	@echo "ready, GET /health names the start's stage and requests wait for it):"
 	@echo "  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\"
 	@echo "       -d '{\"model\": \"llama-demo\", \"prompt\": \"Q: What is the largest animal?\\\\nA:\", \"max_tokens\": 24, \"temperature\": 0}'"
 	@echo "  curl -s localhost:8000/cluster"
