@@ -192,7 +192,7 @@ def main() -> None:
     from llama.checkpoint import inspect_checkpoint, load_into
     from llama.distributed import init_model_parallel, init_single_process_group
     from llama.model import Transformer
-    from llama.tokenizer import Tokenizer
+    from llama.tokenizer import load_tokenizer
 
     ckpt = a.ckpt
     if ckpt is None:
@@ -205,7 +205,7 @@ def main() -> None:
     info = inspect_checkpoint(ckpt)
     model = Transformer(info.args, a.max_seq_len)
     load_into(model, info, 0, 1)
-    tok = Tokenizer(info.tokenizer_path)
+    tok = load_tokenizer(info.tokenizer_path)
     params = sum(p.numel() for p in model.parameters())
     arrivals = workload(a.requests, a.rate, tok.n_words, a.max_seq_len, a.seed)
     print(f"model {params / 1e6:.2f}M parameters, {a.requests} requests at {a.rate}/s (Poisson), max batch "

@@ -24,7 +24,7 @@ from llama.make_tiny import save_sharded, train_tokenizer
 from llama.model import Transformer
 from llama.runner import pack
 from llama.step_plan import StepPlan
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def train(out_dir: Path, cfg: TrainConfig) -> float:
     examples = read_examples(CORPUS.read_text())
     tok_path = out_dir / "tokenizer.model"
     train_tokenizer(tok_path, VOCAB_SIZE, "\n".join(examples))
-    tokenizer = Tokenizer(tok_path)
+    tokenizer = load_tokenizer(tok_path)
     if tokenizer.n_words % 8:
         raise ValueError(
             f"the tokenizer came out with {tokenizer.n_words} pieces, not a multiple of 8, so the "

@@ -99,7 +99,8 @@ class ChoiceShaper:
         return out
 
     def _echo_text(self, echo: Echo, d: StreamDelta, first: bool, whole: bool) -> str:
-        """Decoding the generation alone drops the space sentencepiece puts before its first word.
+        """Decoding the generation alone drops the space sentencepiece puts before its first word
+        (not so byte-level tokenizers, whose decode keeps every byte).
         A whole choice decodes prompt and generation together, as Meta's reference's echo does
         (tests/ray/test_serve_http.py checks it against the reference's outputs); a stream cannot,
         since it sends the prompt before the generation exists, so it puts that space back itself,
@@ -111,7 +112,9 @@ class ChoiceShaper:
             return self._tok.decode([t for t in echo.tokens if t != self._tok.bos_id] + d.token_ids)
         text = d.text
         if self._space is None and d.token_ids:
-            self._space = bool(echo.text) and self._tok.id_to_piece(d.token_ids[0]).startswith("\u2581")
+            # sentencepiece's decode drops a text's first space; a byte-level decode keeps it
+            self._space = (bool(echo.text) and self._tok.kind == "sentencepiece"
+                           and self._tok.token_bytes(d.token_ids[0]).startswith(b" "))
         if self._space and text:
             text, self._space = " " + text, False
         return echo.text + text if first else text

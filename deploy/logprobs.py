@@ -7,13 +7,11 @@ character offsets, and the tokens' own UTF-8 bytes.
 from __future__ import annotations
 
 import math
-import re
 
 from deploy.schemas import CompletionLogprobs, TokenLogprob, TopLogprob
 from llama.request import TopLogprobs
 from llama.tokenizer import Tokenizer
 
-_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte-fallback pieces
 _FLOOR = -9999.0  # what OpenAI sends for an impossible token; JSON has no -inf
 
 
@@ -75,16 +73,11 @@ def chat_logprobs(
 
 
 def token_bytes(tokenizer: Tokenizer, token_id: int) -> list[int]:
-    """The token's own UTF-8 bytes: a byte-fallback piece is one raw byte (its decoded text alone
-    is U+FFFD) and a word-initial piece keeps its space, so a client that joins the bytes gets
-    the text back (with the leading space that decoding drops)."""
-    if token_id in (tokenizer.bos_id, tokenizer.eos_id):
-        return []
-    piece = tokenizer.id_to_piece(token_id)
-    m = _BYTE_PIECE.fullmatch(piece)
-    if m:
-        return [int(m.group(1), 16)]
-    return list(piece.replace("\u2581", " ").encode("utf-8"))  # U+2581 is sentencepiece's space
+    """The token's own UTF-8 bytes (Tokenizer.token_bytes): a byte-fallback piece is one raw byte
+    (its decoded text alone is U+FFFD) and a word-initial piece keeps its space, so a client that
+    joins the bytes gets the text back (with the leading space that decoding drops); none for a
+    control token."""
+    return list(tokenizer.token_bytes(token_id))
 
 
 def _top_entry(tokenizer: Tokenizer, token_id: int, logprob: float) -> TopLogprob:

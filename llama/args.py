@@ -22,7 +22,17 @@ class ModelArgs:
     multiple_of: int = 256  # FFN hidden size is rounded up to a multiple of this
     ffn_dim_multiplier: float | None = None
     norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
+    rope_theta: float = 10000.0  # Llama 3: 500000
+    # Llama 3.1's rotary frequency scaling for long contexts (llama-models' apply_scaling), with
+    # Meta's values; Hugging Face configs give their own in rope_scaling (type "llama3").
+    use_scaled_rope: bool = False
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # the context the model was trained on before scaling
+    # The FFN's hidden size when a checkpoint states it (Hugging Face's intermediate_size);
+    # None: Meta's rule from multiple_of and ffn_dim_multiplier.
+    ffn_hidden_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -34,6 +44,8 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
         # Meta's rule: 2/3 of 4*dim, scaled, rounded up to multiple_of.
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:

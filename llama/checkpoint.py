@@ -18,7 +18,7 @@ import torch
 from llama.args import ModelArgs
 from llama.load_progress import LoadProgress
 from llama.layout import IGNORED_KEYS, full_shapes, shard_range, split_dim
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer, read_tokenizer_files
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,13 @@ class CheckpointInfo:
     tokenizer_path: Path
     shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order
     args: ModelArgs  # vocab_size resolved from the tokenizer
-    # The tokenizer file's bytes (hundreds of KB), so ranks and replicas on machines without the
-    # checkpoint still have it.
-    tokenizer_proto: bytes = field(repr=False, default=b"")
+    # The tokenizer's files (hundreds of KB to a few MB: llama.tokenizer.read_tokenizer_files), so
+    # ranks and replicas on machines without the checkpoint still have it.
+    tokenizer_files: dict[str, bytes] = field(repr=False, default_factory=dict)
     itemsize: int = 4  # bytes per value in the weight files (2 for Meta's bfloat16 releases)
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.tokenizer_path, self.tokenizer_proto or None)
+        return load_tokenizer(self.tokenizer_path, self.tokenizer_files or None)
 
 
 def inspect_checkpoint(
@@ -73,7 +73,11 @@ def inspect_checkpoint(
         args = ModelArgs.from_json(params_path)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{params_path}: {e}") from None
-    n_words = Tokenizer(tok_path).n_words
+    try:
+        tokenizer_files = read_tokenizer_files(tok_path)
+        n_words = load_tokenizer(tok_path, tokenizer_files).n_words
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
     if args.vocab_size == -1:
         args.vocab_size = n_words
     elif args.vocab_size != n_words:
@@ -87,7 +91,7 @@ def inspect_checkpoint(
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
     itemsize = _check_shapes(args, shards)
     return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args,
-                          tokenizer_proto=tok_path.read_bytes(), itemsize=itemsize)
+                          tokenizer_files=tokenizer_files, itemsize=itemsize)
 
 
 def _open(path: Path) -> dict[str, torch.Tensor]:

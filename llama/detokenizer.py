@@ -2,9 +2,13 @@
 
 Streamed text equals the non-streaming `tokenizer.decode(ids)` cut before the first stop string:
 bytes not yet forming a character and text that may begin a stop string are held back, never
-taken back. Work per token is bounded: only the last few ids are decoded again.
+taken back. Work per token is bounded: for a byte-level tokenizer (Llama 3) each token's bytes
+go through one incremental UTF-8 decoder; for sentencepiece only the last few ids are decoded
+again (below).
 """
 from __future__ import annotations
+
+import codecs
 
 from llama.tokenizer import Tokenizer
 
@@ -66,8 +70,11 @@ class TextStream:
         # decode() shows open bytes as U+FFFD; only a stop string containing one can match there.
         self._stop_sees_open_bytes = any("\ufffd" in s for s in stop)
 
+        # Byte-level tokenizers: decode() is the UTF-8 of the tokens' bytes joined (a control
+        # token's bytes are its text), so an incremental decoder gives the same text exactly.
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if tokenizer.kind == "bytelevel" else None
         anchor = tokenizer.encode(_ANCHOR_TEXT, bos=False, eos=False)
-        if tokenizer.decode(anchor) != _ANCHOR_TEXT:
+        if self._utf8 is None and tokenizer.decode(anchor) != _ANCHOR_TEXT:
             raise ValueError(f"tokenizer {getattr(tokenizer, 'path', tokenizer)} does not round-trip "
                              f"{_ANCHOR_TEXT!r} (got {tokenizer.decode(anchor)!r}); TextStream needs "
                              f"a sentencepiece model without denormalization rules.")
@@ -116,6 +123,8 @@ class TextStream:
         if not 0 <= token_id < self._tok.n_words:
             raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary "
                              f"[0, {self._tok.n_words}); the model's vocab_size must match the tokenizer.")
+        if self._utf8 is not None:
+            return self._push_bytes(self._tok.token_bytes(token_id) or self._tok.decode([token_id]).encode("utf-8"))
         self._window.append(token_id)
         self._bytes.append(_byte_value(self._tok.id_to_piece(token_id)))
 
@@ -135,6 +144,11 @@ class TextStream:
             self._slide()
         return self._emit(out)
 
+    def _push_bytes(self, data: bytes) -> str:
+        delta = self._utf8.decode(data)
+        provisional = self._utf8.getstate()[0].decode("utf-8", "replace") if self._stop_sees_open_bytes else ""
+        return self._emit(self._cut(delta, provisional))
+
     def flush(self) -> str:
         """The stream ended (EOS, length, timeout, abort): return whatever was held back, open
         bytes as decode() shows them (U+FFFD). Idempotent: a second call returns ""."""
@@ -144,7 +158,9 @@ class TextStream:
         if self._stopped:
             return ""
         rest = ""
-        if self._read < len(self._window):
+        if self._utf8 is not None:
+            rest = self._utf8.decode(b"", final=True)
+        elif self._read < len(self._window):
             rest = self._decode(len(self._window))[len(self._read_text):]
         out, self._held = self._held + rest, ""
         return self._emit(out)

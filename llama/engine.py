@@ -264,8 +264,8 @@ class Engine:
                 lps[i] = (chosen_lp[j], tops[j][: due[i][0].params.logprobs])
         for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
-            if tok == self.tokenizer.eos_id:
-                self._finish(seq, "stop")  # EOS ends the sequence and is not returned
+            if tok in self.tokenizer.stop_ids:
+                self._finish(seq, "stop")  # an end token (EOS, Llama 3's <|eot_id|>) is not returned
                 continue
             seq.tokens.append(tok)
             self.stats.generated_tokens += 1

@@ -4,7 +4,8 @@
 
 Writes params.json, consolidated.NN.pth (each tensor cut the way fairscale cuts it, bf16 as
 Meta ships them) and a byte-fallback sentencepiece tokenizer.model with Meta's ids (unk 0,
-bos 1, eos 2, pad -1), trained on a small built-in text. Weights are random but seeded.
+bos 1, eos 2, pad -1), trained on a small built-in text; or, with `tokenizer_model`, a copy of
+that file (Llama 3's, for a Llama 3-format checkpoint). Weights are random but seeded.
 """
 from __future__ import annotations
 
@@ -98,15 +99,22 @@ def make_tiny(
     seed: int = 0,
     explicit_vocab: bool = False,
     dtype: torch.dtype = torch.bfloat16,
+    tokenizer_model: str | Path | None = None,
+    extra_params: dict | None = None,
 ) -> Path:
+    """`extra_params` go into params.json as they are (e.g. Llama 3.1's rope_theta 500000 and
+    use_scaled_rope true)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    train_tokenizer(out / "tokenizer.model", vocab_size)
-    from llama.tokenizer import Tokenizer
+    if tokenizer_model is None:
+        train_tokenizer(out / "tokenizer.model", vocab_size)
+    else:
+        (out / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
+    from llama.tokenizer import load_tokenizer
 
-    n_words = Tokenizer(out / "tokenizer.model").n_words
+    n_words = load_tokenizer(out / "tokenizer.model").n_words
     params: dict = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers,
-                    "norm_eps": 1e-5, "vocab_size": n_words if explicit_vocab else -1}
+                    "norm_eps": 1e-5, "vocab_size": n_words if explicit_vocab else -1, **(extra_params or {})}
     if n_kv_heads is not None:
         params["n_kv_heads"] = n_kv_heads
     if ffn_dim_multiplier is not None:

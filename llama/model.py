@@ -9,6 +9,7 @@ model-parallel state initialised (llama/distributed.py).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -60,11 +61,26 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def precompute_freqs_cis(head_dim: int, end: int, theta: float, device: torch.device) -> torch.Tensor:
-    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+def precompute_freqs_cis(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device)[: hd // 2].float() / hd))
+    if args.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs, args)
     t = torch.arange(end, device=device).float()
     freqs = torch.outer(t, freqs)  # (end, head_dim/2)
     return torch.polar(torch.ones_like(freqs), freqs)  # complex64 (end, head_dim/2)
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Llama 3.1's scaling (llama-models' apply_scaling; Hugging Face's rope type "llama3"): low
+    frequencies divided by the factor, high ones kept, the band between blended smoothly."""
+    factor, low, high, context = (args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                                  args.rope_original_context)
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+    smooth = (context / wavelen - low) / (high - low)
+    return torch.where((wavelen >= context / high) & (wavelen <= context / low),
+                       (1 - smooth) * scaled / factor + smooth * scaled, scaled)
 
 
 def apply_rotary_emb(
@@ -165,7 +181,7 @@ class Transformer(nn.Module):
         self.to(dtype)
         self.to_empty(device=self.device)
         # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).
-        self.freqs_cis = precompute_freqs_cis(args.head_dim, max_seq_len * 2, args.rope_theta, self.device)
+        self.freqs_cis = precompute_freqs_cis(args, max_seq_len * 2, self.device)
 
     def forward(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
         """The one forward, for prefill and decode alike: the packed tokens (T,) of a step's

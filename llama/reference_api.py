@@ -128,9 +128,9 @@ class Llama:
             if echo:
                 toks = o.prompt_tokens + toks
                 lps = (o.prompt_logprobs or []) + (lps or []) if logprobs else None
-                if self.tokenizer.eos_id in toks:  # the reference also cuts an EOS inside the prompt
-                    cut = toks.index(self.tokenizer.eos_id)
-                    toks, lps = toks[:cut], (lps[:cut] if lps is not None else None)
+                stops = [k for k, t in enumerate(toks) if t in self.tokenizer.stop_ids]
+                if stops:  # the reference also cuts at an end token inside the prompt
+                    toks, lps = toks[:stops[0]], (lps[:stops[0]] if lps is not None else None)
             out_tokens.append(toks)
             out_logprobs.append(lps)
         return out_tokens, (out_logprobs if logprobs else None)

@@ -11,7 +11,7 @@ from llama.distributed import choose_backend
 from llama.engine import Engine, EngineConfig
 from llama.model import Transformer
 from llama.request import GenerationOutput, GenerationRequest, SamplingParams, collect
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import load_tokenizer
 from tests.conftest import GOLDEN_CKPT
 
 
@@ -64,7 +64,7 @@ def test_bf16_runs_and_mostly_agrees(mp1_cuda, golden):
     model = Transformer(info.args, 96, device="cuda", dtype=torch.bfloat16)
     load_into(model, info, 0, 1)
     assert all(p.dtype == torch.bfloat16 and p.is_cuda for p in model.parameters())
-    tok = Tokenizer(info.tokenizer_path)
+    tok = load_tokenizer(info.tokenizer_path)
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=0)) for p in c["prompt_token_ids"]]
     out = run(Engine(model, tok, EngineConfig(max_batch_size=6, max_seq_len=96)), reqs)

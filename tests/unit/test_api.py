@@ -20,7 +20,7 @@ from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
 from llama.make_tiny import make_tiny
 from llama.request import GenerationRequest, StreamDelta
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 
 MODEL = "tiny-llama"
 MAX_SEQ_LEN = 128
@@ -121,7 +121,7 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(make_tiny(tmp_path_factory.mktemp("api_tiny"), shards=1) / "tokenizer.model")
+    return load_tokenizer(make_tiny(tmp_path_factory.mktemp("api_tiny"), shards=1) / "tokenizer.model")
 
 
 @pytest.fixture

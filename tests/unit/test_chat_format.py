@@ -4,13 +4,13 @@ from __future__ import annotations
 import pytest
 
 from llama.chat_format import UNSAFE_ERROR, encode_dialog, has_special_tags
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from tests.conftest import GOLDEN_CKPT
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(GOLDEN_CKPT / "tokenizer.model")
+    return load_tokenizer(GOLDEN_CKPT / "tokenizer.model")
 
 
 def test_chat_single_user(tok):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from llama.detokenizer import TextStream
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from tests.conftest import GOLDEN_CKPT
 
 TEXTS = [
@@ -51,9 +51,9 @@ def tokenizers(tmp_path_factory) -> dict[str, Tokenizer]:
     _train_keep_whitespace(root / "keepspace.model")
     assert (GOLDEN_CKPT / "tokenizer.model").is_file(), GOLDEN_CKPT
     toks = {
-        "golden": Tokenizer(GOLDEN_CKPT / "tokenizer.model"),
-        "tiny": Tokenizer(root / "tiny.model"),
-        "keepspace": Tokenizer(root / "keepspace.model"),
+        "golden": load_tokenizer(GOLDEN_CKPT / "tokenizer.model"),
+        "tiny": load_tokenizer(root / "tiny.model"),
+        "keepspace": load_tokenizer(root / "keepspace.model"),
     }
     sp = toks["keepspace"].sp_model
     space = sp.piece_to_id("▁")
@@ -322,7 +322,7 @@ def test_work_per_push_is_bounded(golden_tok):
     rng = random.Random(7)
 
     def decoded_ids(n: int, stop: tuple[str, ...]) -> tuple[int, int]:
-        tok = Tokenizer(golden_tok.path)
+        tok = load_tokenizer(golden_tok.path)
         calls, total = 0, 0
         real = tok.decode
 
@@ -347,3 +347,65 @@ def test_work_per_push_is_bounded(golden_tok):
         assert calls <= 2 * 2000 and total < 20 * 2000, (calls, total)
         calls4, total4 = decoded_ids(4000, stop)
         assert total4 < 2.2 * total, (total, total4)
+
+
+# ---- byte-level tokenizers (Llama 3): one incremental UTF-8 decoder ---------------------------
+class ByteLevelTokenizer(Tokenizer):
+    """A byte-level vocabulary, as Llama 3's: tokens are raw byte runs (whole characters, split
+    characters, invalid bytes) and two control tokens whose decoded text is their name."""
+
+    kind = "bytelevel"
+
+    def __init__(self, pieces: list[bytes], specials: list[str]):
+        self.pieces, self.specials = pieces, specials
+        self.n_words = len(pieces) + len(specials)
+        self.bos_id = self.eos_id = len(pieces)
+        self.special_tokens = {s: len(pieces) + k for k, s in enumerate(specials)}
+        self.path = Path("bytelevel")
+
+    def encode(self, s: str, bos: bool, eos: bool) -> list[int]:
+        data, ids = s.encode("utf-8"), []
+        while data:  # greedy longest match: good enough to build test sequences
+            k = max((i for i, p in enumerate(self.pieces) if p and data.startswith(p)), key=lambda i: len(self.pieces[i]))
+            ids.append(k)
+            data = data[len(self.pieces[k]):]
+        return ids
+
+    def decode(self, t: list[int]) -> str:
+        out, run = [], b""
+        for i in t:
+            if i < len(self.pieces):
+                run += self.pieces[i]
+            else:  # a control token: its text, after the bytes before it (as tiktoken joins bytes)
+                out.append(run.decode("utf-8", "replace") + self.specials[i - len(self.pieces)])
+                run = b""
+        return "".join(out) + run.decode("utf-8", "replace")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.pieces[token_id] if token_id < len(self.pieces) else b""
+
+
+@pytest.fixture(scope="module")
+def bytelevel() -> ByteLevelTokenizer:
+    chars = "aé€😀日 x\n"
+    pieces = [bytes([b]) for b in range(256)] + [c.encode() for c in chars] + [w.encode() for w in WORDS]
+    pieces += [c.encode()[:2] for c in "€😀日"] + [c.encode()[1:] for c in "€😀日"] + [b"\xe2\x82\xac\xf0", b"\x9f\x98"]
+    return ByteLevelTokenizer(pieces, ["<|begin_of_text|>", "<|eot_id|>"])
+
+
+def test_byte_level_streams_exactly_with_split_and_invalid_bytes_and_control_tokens(bytelevel):
+    rng = random.Random("bytelevel")
+    stopped = 0
+    for _ in range(600):
+        ids = [rng.randrange(bytelevel.n_words) if rng.random() < 0.3 else rng.randrange(256, bytelevel.n_words - 2)
+               for _ in range(rng.randint(1, 40))]
+        check(bytelevel, ids)
+        stopped += check(bytelevel, ids, random_stops(rng, bytelevel, ids)).stopped
+    assert stopped > 250
+
+
+def test_byte_level_holds_a_split_character_until_it_completes(bytelevel):
+    euro = bytelevel.pieces.index("€".encode()[:2]), bytelevel.pieces.index(b"\xac")
+    stream = TextStream(bytelevel)
+    assert stream.push(euro[0]) == "" and stream.push(euro[1]) == "€"
+    assert TextStream(bytelevel).push(bytelevel.special_tokens["<|eot_id|>"]) == "<|eot_id|>"

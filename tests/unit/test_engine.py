@@ -49,12 +49,12 @@ class Driver:
 def golden_model(mp1, golden):
     from llama.checkpoint import inspect_checkpoint, load_into
     from llama.model import Transformer
-    from llama.tokenizer import Tokenizer
+    from llama.tokenizer import load_tokenizer
 
     info = inspect_checkpoint(GOLDEN_CKPT)
     model = Transformer(info.args, golden["max_seq_len"])
     load_into(model, info, 0, 1)
-    return model, Tokenizer(info.tokenizer_path)
+    return model, load_tokenizer(info.tokenizer_path)
 
 
 def greedy(prompt, n: int, **kw) -> GenerationRequest:
@@ -198,6 +198,20 @@ def test_stop_string_cuts_the_text_and_ends_the_request(golden_model):
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(stop)]
     assert full.token_ids[: len(cut.token_ids)] == cut.token_ids and len(cut.token_ids) < len(full.token_ids)
+
+
+def test_every_stop_id_the_tokenizer_declares_ends_the_sequence_unreturned(golden_model):
+    import copy
+
+    model, tok = golden_model
+    p = random_prompts(1, tok.n_words, seed=12)[0]
+    full = Driver(model, tok).run([greedy(p, 24)])[0]
+    assert tok.eos_id not in full.token_ids and len(full.token_ids) == 24
+    other = copy.copy(tok)  # as Llama 3's <|eot_id|> beside <|end_of_text|>
+    other.stop_ids = frozenset({tok.eos_id, full.token_ids[6]})
+    cut = Driver(model, other).run([greedy(p, 24)])[0]
+    first = full.token_ids.index(full.token_ids[6])
+    assert cut.finish_reason == "stop" and cut.token_ids == full.token_ids[:first]
 
 
 def test_streamed_text_adds_up_to_the_decoded_tokens(golden_model):

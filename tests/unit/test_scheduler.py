@@ -8,14 +8,14 @@ from llama.request import GenerationRequest, SamplingParams
 from llama.scheduler import Scheduler
 from llama.sequence import Sequence
 from llama.step_plan import SlotCopy
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 
 GENERATED = 7  # the token every simulated step "samples"
 
 
 @pytest.fixture(scope="module")
 def tok(tiny_ckpts) -> Tokenizer:
-    return Tokenizer(tiny_ckpts["gqa1"] / "tokenizer.model")
+    return load_tokenizer(tiny_ckpts["gqa1"] / "tokenizer.model")
 
 
 @pytest.fixture

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from llama.tokenizer import Tokenizer
+from llama.tokenizer import Tokenizer, load_tokenizer
 from tests.conftest import GOLDEN_CKPT
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer(GOLDEN_CKPT / "tokenizer.model")
+    return load_tokenizer(GOLDEN_CKPT / "tokenizer.model")
 
 
 def test_meta_ids(tok):
@@ -21,4 +21,4 @@ def test_meta_ids(tok):
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer not found"):
-        Tokenizer(tmp_path / "tokenizer.model")
+        load_tokenizer(tmp_path / "tokenizer.model")
