@@ -106,7 +106,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         spec = ChoiceSpec(chat=True, logprobs=body.logprobs, return_token_ids=body.return_token_ids)
         shapers = [ChoiceShaper(tokenizer, spec) for _ in requests]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
-        if has_special_tags(dialog):
+        if has_special_tags(dialog, tokenizer):
             # Meta's reference answers a dialog with special tags with a fixed error text instead of running it.
             no_lp = [] if body.logprobs else None
             streams = ChoiceStreams.finished([StreamDelta([], UNSAFE_ERROR, no_lp, no_lp, "stop")] * body.n)

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 # Files read beside the tokenizer (Hugging Face folders); carried with it to machines without them.
-SIBLINGS = ("tokenizer_config.json", "generation_config.json")
+# transformers 5 and newer Hub folders keep the chat template in chat_template.jinja.
+SIBLINGS = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 class Tokenizer(ABC):
@@ -53,6 +54,12 @@ class Tokenizer(ABC):
         """The token's piece, as sentencepiece names it (kind "sentencepiece" only)."""
         raise NotImplementedError(f"{type(self).__name__} has no sentencepiece pieces")
 
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """`text` with special-token text in it as those tokens (a rendered chat template)."""
+        raise ValueError(f"{self.path}: this tokenizer cannot read special-token text, so a chat template cannot be "
+                         f"used with it; remove chat_template from tokenizer_config.json to use the Llama 2 chat "
+                         f"format.")
+
 
 def read_tokenizer_files(path: str | Path) -> dict[str, bytes]:
     """The tokenizer file's bytes under its own name, and each of SIBLINGS beside it that exists."""
@@ -89,14 +96,26 @@ def load_tokenizer(path: str | Path, files: dict[str, bytes] | None = None) -> T
         from llama.sentencepiece_tokenizer import SentencePieceTokenizer
 
         tok = SentencePieceTokenizer(path, data)
-    template = config.get("chat_template")
-    if isinstance(template, str):
+    template = _chat_template(config, files)
+    if template is not None:
         tok.chat_template, tok.chat_format = template, "template"
     if "generation_config.json" in files:
         eos = json.loads(files["generation_config.json"]).get("eos_token_id")
         more = [eos] if isinstance(eos, int) else list(eos or [])
         tok.stop_ids = frozenset(tok.stop_ids | {i for i in more if isinstance(i, int)})
     return tok
+
+
+def _chat_template(config: dict, files: dict[str, bytes]) -> str | None:
+    """The chat template: chat_template.jinja, else tokenizer_config.json's chat_template (a
+    string, or a list of named templates of which "default" is the chat one)."""
+    if "chat_template.jinja" in files:
+        return files["chat_template.jinja"].decode("utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
 
 
 def _looks_like_tiktoken(data: bytes) -> bool:
