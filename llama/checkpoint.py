@@ -1,4 +1,7 @@
-"""Reading Meta-format checkpoints: validate first, then load one rank's slices, resharding.
+"""Reading checkpoints: validate first, then load one rank's slices, resharding. Two layouts:
+Meta's (params.json, consolidated.NN.pth; Llama 2 and 3.x), read here, and Hugging Face's
+(config.json, *.safetensors or *.bin), read by llama/hf_checkpoint.py under Meta's names. Which
+one a directory holds, and which tokenizer, is recognised from its files.
 
 A checkpoint cut for N ranks loads on M ranks: for each tensor, a rank takes the rows/columns
 of its slice from whichever source shards overlap it. Files are memory-mapped, so a rank reads
@@ -31,12 +34,14 @@ class CheckpointError(ValueError):
 class CheckpointInfo:
     ckpt_dir: Path
     tokenizer_path: Path
-    shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order
+    shard_paths: tuple[Path, ...]  # consolidated.00.pth, 01, ... in order; or a Hugging Face folder's weight files
     args: ModelArgs  # vocab_size resolved from the tokenizer
     # The tokenizer's files (hundreds of KB to a few MB: llama.tokenizer.read_tokenizer_files), so
     # ranks and replicas on machines without the checkpoint still have it.
     tokenizer_files: dict[str, bytes] = field(repr=False, default_factory=dict)
     itemsize: int = 4  # bytes per value in the weight files (2 for Meta's bfloat16 releases)
+    layout: str = "meta"  # "meta" | "hf"
+    tied: bool = False  # Hugging Face's tie_word_embeddings: the output layer is the embedding
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_path, self.tokenizer_files or None)
@@ -51,17 +56,15 @@ def inspect_checkpoint(
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint directory {ckpt_dir} does not exist (ckpt_dir).")
     params_path = ckpt_dir / "params.json"
+    if not params_path.is_file() and (ckpt_dir / "config.json").is_file():
+        return _inspect_hf(ckpt_dir, tokenizer_path, model_parallel_size)
     if not params_path.is_file():
         raise CheckpointError(
-            f"{params_path} is missing: a Meta-format checkpoint directory holds params.json and "
-            f"consolidated.NN.pth files."
+            f"{params_path} is missing: a checkpoint directory holds params.json and consolidated.NN.pth files "
+            f"(Meta's layout; for Llama 3 from Hugging Face, its original/ folder) or config.json and "
+            f"*.safetensors (Hugging Face's)."
         )
-    tok_path = Path(tokenizer_path) if tokenizer_path else ckpt_dir / "tokenizer.model"
-    if not tok_path.is_file():
-        raise CheckpointError(
-            f"tokenizer {tok_path} is missing: pass tokenizer_path pointing at the sentencepiece "
-            f"tokenizer.model that came with the checkpoint."
-        )
+    tok_path = _tokenizer_path(ckpt_dir, tokenizer_path, ("tokenizer.model",))
     shards = tuple(sorted(ckpt_dir.glob("consolidated.*.pth")))
     if not shards:
         raise CheckpointError(f"no consolidated.*.pth files in {ckpt_dir}: is this a Meta-format checkpoint?")
@@ -73,6 +76,45 @@ def inspect_checkpoint(
         args = ModelArgs.from_json(params_path)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{params_path}: {e}") from None
+    tokenizer_files = _fit_tokenizer(args, tok_path, params_path, padded_vocab=False)
+    _check_split(args, ckpt_dir, model_parallel_size)
+    itemsize = _check_shapes(args, shards)
+    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args,
+                          tokenizer_files=tokenizer_files, itemsize=itemsize)
+
+
+def _inspect_hf(ckpt_dir: Path, tokenizer_path: str | Path | None, model_parallel_size: int) -> CheckpointInfo:
+    from llama.hf_checkpoint import check_hf_tensors, hf_weight_files, read_hf_config
+
+    config = read_hf_config(ckpt_dir / "config.json")
+    args = config.args
+    tok_path = _tokenizer_path(ckpt_dir, tokenizer_path, ("tokenizer.json", "tokenizer.model"))
+    tokenizer_files = _fit_tokenizer(args, tok_path, ckpt_dir / "config.json", padded_vocab=True)
+    _check_split(args, ckpt_dir, model_parallel_size)
+    weight_files = hf_weight_files(ckpt_dir)
+    itemsize = check_hf_tensors(weight_files, args, config.tie_word_embeddings)
+    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=tuple(sorted(set(weight_files.values()))),
+                          args=args, tokenizer_files=tokenizer_files, itemsize=itemsize, layout="hf",
+                          tied=config.tie_word_embeddings)
+
+
+def _tokenizer_path(ckpt_dir: Path, given: str | Path | None, names: tuple[str, ...]) -> Path:
+    """The tokenizer file: the one given, else the first of `names` in ckpt_dir."""
+    if given:
+        path = Path(given)
+    else:
+        path = next((ckpt_dir / n for n in names if (ckpt_dir / n).is_file()), ckpt_dir / names[0])
+    if not path.is_file():
+        raise CheckpointError(
+            f"tokenizer {path} is missing: pass tokenizer_path pointing at the {' or '.join(names)} that came with "
+            f"the checkpoint."
+        )
+    return path
+
+
+def _fit_tokenizer(args: ModelArgs, tok_path: Path, config_path: Path, padded_vocab: bool) -> dict[str, bytes]:
+    """Read the tokenizer's files and check its ids fit the model's vocabulary (resolving -1);
+    Hugging Face models may pad the embedding beyond the tokenizer (padded_vocab)."""
     try:
         tokenizer_files = read_tokenizer_files(tok_path)
         n_words = load_tokenizer(tok_path, tokenizer_files).n_words
@@ -80,18 +122,19 @@ def inspect_checkpoint(
         raise CheckpointError(str(e)) from None
     if args.vocab_size == -1:
         args.vocab_size = n_words
-    elif args.vocab_size != n_words:
+    elif args.vocab_size != n_words and not (padded_vocab and args.vocab_size > n_words):
         raise CheckpointError(
-            f"{params_path} says vocab_size {args.vocab_size} but tokenizer {tok_path} has {n_words} "
+            f"{config_path} says vocab_size {args.vocab_size} but tokenizer {tok_path} has {n_words} "
             f"pieces: use the tokenizer that came with this checkpoint."
         )
+    return tokenizer_files
+
+
+def _check_split(args: ModelArgs, ckpt_dir: Path, model_parallel_size: int) -> None:
     try:
         args.validate_for(model_parallel_size)
     except ValueError as e:
         raise CheckpointError(f"{ckpt_dir}: {e}") from None
-    itemsize = _check_shapes(args, shards)
-    return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=shards, args=args,
-                          tokenizer_files=tokenizer_files, itemsize=itemsize)
 
 
 def _open(path: Path) -> dict[str, torch.Tensor]:
@@ -114,7 +157,7 @@ def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> int:
         if unknown:
             raise CheckpointError(
                 f"{path} has tensors a Llama model does not have, e.g. {unknown[:3]}: is it a "
-                f"Hugging Face checkpoint? Convert it to Meta's layout first."
+                f"Hugging Face checkpoint? Its folder holds config.json beside the weights; point ckpt_dir there."
             )
         for key, full in expected.items():
             shape = tuple(sd[key].shape)
@@ -133,6 +176,10 @@ def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[st
 
     Returned tensors are views into the memory-mapped files where one source shard covers the
     slice (no copy), else a concatenation of just the overlapping pieces."""
+    if info.layout == "hf":
+        from llama.hf_checkpoint import hf_weight_files, load_hf_rank_state
+
+        return load_hf_rank_state(hf_weight_files(info.ckpt_dir), info.args, rank, world_size, info.tied)
     n = len(info.shard_paths)
     sources = [_open(p) for p in info.shard_paths]  # mmap: opening reads no tensor data
     out: dict[str, torch.Tensor] = {}

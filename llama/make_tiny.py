@@ -53,15 +53,16 @@ def train_tokenizer(out_path: Path, vocab_size: int, text: str = _TEXT) -> None:
     out_path.write_bytes(buf.getvalue())
 
 
-def random_state(args: ModelArgs, seed: int) -> dict[str, torch.Tensor]:
-    """The whole model's weights, seeded: N(0, 0.02) matrices, norms near 1."""
+def random_state(args: ModelArgs, seed: int, qk_std: float = 0.02) -> dict[str, torch.Tensor]:
+    """The whole model's weights, seeded: N(0, 0.02) matrices, norms near 1. A larger qk_std
+    (wq, wk) sharpens attention, so that positions (rotary embedding) visibly matter."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for key, shape in full_shapes(args).items():
         if len(shape) == 1:
             state[key] = 1.0 + 0.1 * torch.randn(shape, generator=g)
         else:
-            std = 0.02 if key != "tok_embeddings.weight" else 1.0
+            std = 1.0 if key == "tok_embeddings.weight" else qk_std if key.endswith(("wq.weight", "wk.weight")) else 0.02
             state[key] = std * torch.randn(shape, generator=g)
     return state
 
@@ -101,6 +102,7 @@ def make_tiny(
     dtype: torch.dtype = torch.bfloat16,
     tokenizer_model: str | Path | None = None,
     extra_params: dict | None = None,
+    qk_std: float = 0.02,
 ) -> Path:
     """`extra_params` go into params.json as they are (e.g. Llama 3.1's rope_theta 500000 and
     use_scaled_rope true)."""
@@ -121,7 +123,7 @@ def make_tiny(
         params["ffn_dim_multiplier"] = ffn_dim_multiplier
     args = ModelArgs.from_params({**params, "vocab_size": n_words})
     args.validate_for(shards)
-    save_sharded(random_state(args, seed), params, out, shards, dtype)
+    save_sharded(random_state(args, seed, qk_std), params, out, shards, dtype)
     return out
 
 

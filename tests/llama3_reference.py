@@ -1,0 +1,85 @@
+"""Meta's Llama 3 reference (the `llama-models` package, test-only) run on a tiny Llama 3.1-format
+checkpoint, float32 on the CPU at model-parallel size 1 (the caller provides the size-1 group):
+greedy tokens and logprobs, and the chat formatter's prompt ids, to compare ours against."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from llama.make_tiny import make_tiny
+from tests.tokenizer_files import llama3_tokenizer_model
+
+LLAMA31 = {"rope_theta": 500000.0, "use_scaled_rope": True}  # params.json keys of Llama 3.1
+
+
+def make_tiny_llama3(out: Path, shards: int, seed: int = 7) -> Path:
+    """A tiny Llama 3.1-format checkpoint: GQA, scaled rope, the real tokenizer, random weights.
+    Its attention is sharp (wq, wk of std 1), so positions matter: without the rope scaling its
+    logprobs differ by more than 1e-3 within 30 tokens (with Meta's 0.02, by under 1e-5)."""
+    return make_tiny(out, shards=shards, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+                     ffn_dim_multiplier=1.3, seed=seed, explicit_vocab=True, tokenizer_model=llama3_tokenizer_model(),
+                     extra_params=LLAMA31, qk_std=1.0)
+
+
+def _without_torchvision() -> None:
+    """llama-models' generation module imports its vision model, whose image transforms import
+    torchvision at load time; the text model never calls them, and torchvision's CPU build is
+    not on PyPI. Stand-in modules let the import through."""
+    import sys
+    import types
+
+    if "torchvision" not in sys.modules:
+        try:
+            import torchvision  # noqa: F401
+        except ImportError:
+            tv = types.ModuleType("torchvision")
+            tv.transforms = types.ModuleType("torchvision.transforms")
+            tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+            sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
+                                "torchvision.transforms.functional": tv.transforms.functional})
+
+
+def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
+                     max_seq_len: int = 128) -> list[tuple[list[int], list[float]]]:
+    """Each prompt's first max_gen_len greedy tokens (fewer if a stop token came) and their
+    logprobs, from llama-models' Llama3.generate on the one-shard checkpoint."""
+    _without_torchvision()
+    from llama_models.llama3.args import ModelArgs as RefArgs
+    from llama_models.llama3.chat_format import LLMInput
+    from llama_models.llama3.generation import Llama3
+    from llama_models.llama3.model import Transformer as RefTransformer
+    from llama_models.llama3.tokenizer import Tokenizer as RefTokenizer
+
+    params = json.loads((ckpt_dir / "params.json").read_text())
+    args = RefArgs(**params, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    model = RefTransformer(args).float()
+    state = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
+    model.load_state_dict({k: v.float() for k, v in state.items() if k != "rope.freqs"})
+    tokenizer = RefTokenizer(ckpt_dir / "tokenizer.model")
+    generator = Llama3(model, tokenizer, args)
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
+    done = [False] * len(prompts)
+    inputs = [LLMInput(tokens=p) for p in prompts]
+    for results in generator.generate(inputs, temperature=0, max_gen_len=max_gen_len, logprobs=True):
+        for r in results:
+            i = r.batch_idx
+            if r.source != "output" or r.ignore_token or done[i]:
+                continue
+            if r.token in tokenizer.stop_tokens or len(out[i][0]) == max_gen_len:
+                done[i] = True
+                continue
+            out[i][0].append(r.token)
+            out[i][1].append(r.logprobs[0])
+    return out
+
+
+def reference_chat_ids(tokenizer_model: Path, dialog: list[dict]) -> list[int]:
+    """The prompt ids Meta's ChatFormat makes for a text-only dialog, ready for the assistant."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+    from llama_models.llama3.tokenizer import Tokenizer as RefTokenizer
+
+    formatter = ChatFormat(RefTokenizer(Path(tokenizer_model)))
+    return formatter.encode_dialog_prompt([RawMessage(role=m["role"], content=m["content"]) for m in dialog]).tokens
