@@ -42,6 +42,9 @@ class CheckpointInfo:
     itemsize: int = 4  # bytes per value in the weight files (2 for Meta's bfloat16 releases)
     layout: str = "meta"  # "meta" | "hf"
     tied: bool = False  # Hugging Face's tie_word_embeddings: the output layer is the embedding
+    # Hugging Face: each tensor's weight file (name within ckpt_dir), so a machine reading the
+    # slices needs only the weight files, not the index.
+    weight_map: dict[str, str] = field(repr=False, default_factory=dict)
 
     def tokenizer(self) -> Tokenizer:
         return load_tokenizer(self.tokenizer_path, self.tokenizer_files or None)
@@ -95,7 +98,7 @@ def _inspect_hf(ckpt_dir: Path, tokenizer_path: str | Path | None, model_paralle
     itemsize = check_hf_tensors(weight_files, args, config.tie_word_embeddings)
     return CheckpointInfo(ckpt_dir=ckpt_dir, tokenizer_path=tok_path, shard_paths=tuple(sorted(set(weight_files.values()))),
                           args=args, tokenizer_files=tokenizer_files, itemsize=itemsize, layout="hf",
-                          tied=config.tie_word_embeddings)
+                          tied=config.tie_word_embeddings, weight_map={k: p.name for k, p in weight_files.items()})
 
 
 def _tokenizer_path(ckpt_dir: Path, given: str | Path | None, names: tuple[str, ...]) -> Path:
@@ -177,9 +180,10 @@ def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[st
     Returned tensors are views into the memory-mapped files where one source shard covers the
     slice (no copy), else a concatenation of just the overlapping pieces."""
     if info.layout == "hf":
-        from llama.hf_checkpoint import hf_weight_files, load_hf_rank_state
+        from llama.hf_checkpoint import load_hf_rank_state
 
-        return load_hf_rank_state(hf_weight_files(info.ckpt_dir), info.args, rank, world_size, info.tied)
+        files = {key: info.ckpt_dir / name for key, name in info.weight_map.items()}
+        return load_hf_rank_state(files, info.args, rank, world_size, info.tied)
     n = len(info.shard_paths)
     sources = [_open(p) for p in info.shard_paths]  # mmap: opening reads no tensor data
     out: dict[str, torch.Tensor] = {}
