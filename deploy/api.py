@@ -44,7 +44,7 @@ _SEED_MODULUS = 2**63  # per-choice seeds wrap here, so they stay valid int64 an
 
 
 def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq_len: int) -> FastAPI:
-    app = FastAPI(title="llama-ray", summary="OpenAI-compatible API for Meta-format Llama checkpoints")
+    app = FastAPI(title="llama-ray", summary="OpenAI-compatible API for Llama checkpoints")
     install_error_handlers(app)  # before the routes: it sets the route class they are built with
     started = int(time.time())
 

@@ -17,8 +17,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field("llama-demo", description="the model id clients send and /v1/models lists")
-    ckpt_dir: str | None = Field(None, description="Meta-format checkpoint dir; None serves the embedded demo model")
-    tokenizer_path: str | None = Field(None, description="tokenizer.model; None means ckpt_dir/tokenizer.model")
+    ckpt_dir: str | None = Field(None, description="a checkpoint folder (Meta's or Hugging Face's layout); None serves the embedded demo model")
+    tokenizer_path: str | None = Field(None, description="the tokenizer file; None: ckpt_dir's tokenizer.json, else its tokenizer.model")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs for the replica's own bundle (bundle 0)")
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig = EngineConfig()

@@ -59,7 +59,7 @@ class Llama:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> "Llama":
-        """Load a Meta-format checkpoint. Starts a one-process group when none exists (plain
+        """Load a checkpoint (Meta's layout or a Hugging Face folder). Starts a one-process group when none exists (plain
         script); under torchrun, the launcher's world is the model-parallel group."""
         t0 = time.perf_counter()
         if dist.is_initialized():
