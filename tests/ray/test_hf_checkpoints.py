@@ -5,13 +5,12 @@ transformers' greedy tokens and logprobs (to 1e-4). The first through Ray Serve 
 completions the same, and chat's prompt apply_chat_template's, so its answer is transformers'."""
 from __future__ import annotations
 
-import openai
 import pytest
 
-from llama.distributed import free_port
 from llama.request import GenerationRequest, SamplingParams
 from tests.conftest import gang_config
 from tests.hf_reference import CASES, make_hf_checkpoint, transformers_chat_ids, transformers_greedy
+from tests.ray.serving import check_chat, check_completions, served
 
 pytest.importorskip("transformers")
 
@@ -40,31 +39,16 @@ def reference(ckpt):
 
 @pytest.fixture(scope="module")
 def client(reference, ckpt, ray_local):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": MODEL, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
-                         "parallel": {"model_parallel_size": 2, "device": "cpu"}}), name="llama", route_prefix="/")
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    serve.shutdown()
+    with served(ckpt, MODEL) as c:
+        yield c
 
 
 def test_completions_give_transformers_tokens_and_logprobs_at_mp2(client, reference):
-    resp = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=MAX_NEW, temperature=0, logprobs=0,
-                                     extra_body={"return_token_ids": True})
-    for choice, (tokens, logprobs) in zip(sorted(resp.choices, key=lambda c: c.index), reference["completions"]):
-        assert choice.model_extra["token_ids"] == tokens
-        assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, logprobs)) < 1e-4
+    check_completions(client, MODEL, PROMPTS, MAX_NEW, reference["completions"])
 
 
 def test_chat_prompt_is_the_templates_and_the_answer_transformers_answer(client, reference):
-    resp = client.chat.completions.create(model=MODEL, messages=DIALOG, max_tokens=MAX_NEW, temperature=0,
-                                          extra_body={"return_token_ids": True})
-    assert resp.usage.prompt_tokens == len(reference["chat_ids"])
-    assert resp.choices[0].model_extra["token_ids"] == reference["chat"][0]
+    check_chat(client, MODEL, DIALOG, MAX_NEW, reference["chat_ids"], reference["chat"][0])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

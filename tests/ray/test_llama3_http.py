@@ -4,11 +4,10 @@ files: completions give the reference's greedy tokens and logprobs (to 1e-4); ch
 the reference chat formatter's, so its answer is the reference's answer to that prompt."""
 from __future__ import annotations
 
-import openai
 import pytest
 
-from llama.distributed import free_port
 from tests.llama3_reference import make_tiny_llama3, reference_chat_ids, reference_greedy
+from tests.ray.serving import check_chat, check_completions, served
 
 pytest.importorskip("llama_models")
 
@@ -44,31 +43,16 @@ def reference(ckpt):
 
 @pytest.fixture(scope="module")
 def client(reference, ckpt, ray_local):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": MODEL, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
-                         "parallel": {"model_parallel_size": 2, "device": "cpu"}}), name="llama", route_prefix="/")
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    serve.shutdown()
+    with served(ckpt, MODEL) as c:
+        yield c
 
 
 def test_completions_give_the_reference_tokens_and_logprobs_at_mp2(client, reference):
-    resp = client.completions.create(model=MODEL, prompt=PROMPTS, max_tokens=MAX_GEN, temperature=0, logprobs=0,
-                                     extra_body={"return_token_ids": True})
-    for choice, (tokens, logprobs) in zip(sorted(resp.choices, key=lambda c: c.index), reference["completions"]):
-        assert choice.model_extra["token_ids"] == tokens
-        assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, logprobs)) < 1e-4
+    check_completions(client, MODEL, PROMPTS, MAX_GEN, reference["completions"])
 
 
 def test_chat_prompt_is_the_reference_formatters_and_the_answer_the_reference_answer(client, reference):
-    resp = client.chat.completions.create(model=MODEL, messages=DIALOG, max_tokens=MAX_GEN, temperature=0,
-                                          extra_body={"return_token_ids": True})
-    assert resp.usage.prompt_tokens == len(reference["chat_ids"])
-    assert resp.choices[0].model_extra["token_ids"] == reference["chat"][0]
+    check_chat(client, MODEL, DIALOG, MAX_GEN, reference["chat_ids"], reference["chat"][0])
 
 
 def test_a_streamed_completion_adds_up_to_the_whole_one(client, reference):

@@ -1,0 +1,48 @@
+"""Serving a test checkpoint through Ray Serve (MP=2 on CPUs) and checking its answers against
+a reference's greedy tokens and logprobs: shared by the checkpoint-format modules."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import openai
+
+from llama.distributed import free_port
+
+
+@contextmanager
+def served(ckpt: Path, model: str) -> Iterator[openai.OpenAI]:
+    """build_app on `ckpt` at model_parallel_size 2, and an openai client for it."""
+    from ray import serve
+
+    from deploy.app import build_app
+
+    port = free_port("127.0.0.1")
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
+                         "parallel": {"model_parallel_size": 2, "device": "cpu"}}), name="llama", route_prefix="/")
+    try:
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    finally:
+        serve.shutdown()
+
+
+def check_completions(client: openai.OpenAI, model: str, prompts: list[str], max_tokens: int,
+                      want: list[tuple[list[int], list[float]]]) -> None:
+    """Greedy completions of `prompts` give the reference's tokens, and logprobs to 1e-4."""
+    resp = client.completions.create(model=model, prompt=prompts, max_tokens=max_tokens, temperature=0, logprobs=0,
+                                     extra_body={"return_token_ids": True})
+    for choice, (tokens, logprobs) in zip(sorted(resp.choices, key=lambda c: c.index), want):
+        assert choice.model_extra["token_ids"] == tokens
+        assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, logprobs)) < 1e-4
+
+
+def check_chat(client: openai.OpenAI, model: str, dialog: list[dict], max_tokens: int, prompt_ids: list[int],
+               want: list[int]) -> None:
+    """The chat's prompt has the reference formatter's length and its greedy answer is the
+    reference's answer to the reference's prompt ids."""
+    resp = client.chat.completions.create(model=model, messages=dialog, max_tokens=max_tokens, temperature=0,
+                                          extra_body={"return_token_ids": True})
+    assert resp.usage.prompt_tokens == len(prompt_ids)
+    assert resp.choices[0].model_extra["token_ids"] == want
