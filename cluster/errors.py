@@ -32,3 +32,8 @@ class GangStartingError(ClusterError):
     def __init__(self, message: str, progress: dict):
         super().__init__(message)
         self.progress = progress
+
+
+class OverloadedError(Exception):
+    """The replica already holds as many requests as it may (running and waiting): come back
+    later. Not a failure of the gang, and not the caller's mistake."""

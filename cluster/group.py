@@ -18,7 +18,7 @@ import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.config import GangConfig
-from cluster.errors import GangStartError, PlacementError, RankFailedError
+from cluster.errors import GangStartError, OverloadedError, PlacementError, RankFailedError
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
@@ -39,6 +39,7 @@ class RankGroup:
         self.placement = placement
         self._owns_placement = owns_placement
         self.progress = progress  # how the start went, stage by stage
+        self._active = 0  # requests streaming through this replica: running or waiting in the engine
         self._failed: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,8 +111,23 @@ class RankGroup:
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         """One request through the driver: one Ray call, its tokens streamed back. Closing the
-        iterator early aborts the request (its slot is freed at the driver's next step)."""
+        iterator early aborts the request (its slot is freed at the driver's next step). Raises
+        OverloadedError at once when the replica already holds max_batch_size + max_waiting."""
         self._check_usable()
+        eng = self.config.engine
+        if self._active >= eng.max_batch_size + eng.max_waiting:
+            raise OverloadedError(f"this replica holds {self._active} requests, its limit (max_batch_size "
+                                  f"{eng.max_batch_size} running + max_waiting {eng.max_waiting} waiting); retry shortly.")
+        self._active += 1
+        inner = self._stream(request)
+        try:
+            async for delta in inner:
+                yield delta
+        finally:
+            self._active -= 1
+            await inner.aclose()  # now, not when collected: closing early aborts the request
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         request_id = uuid.uuid4().hex
         driver = self.actors[0]
         refs = driver.submit.remote(request_id, request)

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.errors import ClusterError, GangStartingError
+from cluster.errors import ClusterError, GangStartingError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,8 @@ INVALID_REQUEST = "invalid_request_error"
 INTERNAL = "internal_error"
 UNAVAILABLE = "service_unavailable_error"
 TIMEOUT = "timeout_error"
-RETRY_AFTER_S = 5  # what a 503 for a model still starting asks clients to wait
+RATE_LIMIT = "rate_limit_error"
+RETRY_AFTER_S = 5  # what a 503 (model starting) or a 429 (replica full) asks clients to wait
 
 
 class APIError(Exception):
@@ -92,6 +93,9 @@ def as_api_error(e: BaseException, where: str) -> APIError:
         return e
     if isinstance(e, ValueError):  # a caller's mistake, ours or the engine's to detect
         return APIError(400, user_message(e))
+    if isinstance(e, OverloadedError):  # not a failure: the replica is full
+        return APIError(429, f"The server is busy: {e} Retry after a few seconds.", type=RATE_LIMIT,
+                        code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(e, GangStartingError):  # not a failure: the model is loading
         return APIError(503, f"The model is still starting ({e.progress['stage']}, stage {e.progress['stage_number']} "
                              f"of {e.progress['stages']}). Retry shortly; GET /health says when it is ready.",

@@ -46,9 +46,12 @@ class EngineConfig:
     request_timeout_s: float | None = None  # a request still running this long after arrival ends ("timeout")
     seed: int = 1  # seeds the RNG that draws a seed for each sampled request that brings none
     heartbeat_s: float = 1.0  # an idle driver still sends a plan this often, so followers' waits never time out
+    # Requests a replica holds beyond its max_batch_size running ones; more are refused at once
+    # (HTTP 429 with Retry-After) rather than left to wait for their deadline.
+    max_waiting: int = 64
 
     def __post_init__(self) -> None:
-        least = {"max_batch_size": 1, "max_seq_len": 2, "prefill_chunk": 1}
+        least = {"max_batch_size": 1, "max_seq_len": 2, "prefill_chunk": 1, "max_waiting": 0}
         bad = [f"{k} must be an integer >= {n}, got {getattr(self, k)!r}" for k, n in least.items()
                if type(getattr(self, k)) is not int or getattr(self, k) < n]  # bool is no count
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:

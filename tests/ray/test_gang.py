@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from cluster.errors import GangStartError, PlacementImpossibleError, PlacementTimeoutError, RankFailedError
+from cluster.errors import (GangStartError, OverloadedError, PlacementImpossibleError, PlacementTimeoutError,
+                            RankFailedError)
 from cluster.start import STAGES
 from llama.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, gang_config
@@ -203,6 +204,30 @@ def test_forcing_nccl_on_cpu_says_what_to_do(ray_local, tiny_ckpts):
 def test_split_the_heads_do_not_allow_is_a_value_error(ray_local, tiny_ckpts):
     with pytest.raises(ValueError, match="cannot be split into 4"):
         _start(ray_local, tiny_ckpts["gqa1"], 4, cpus_per_rank=0.5)
+
+
+def test_beyond_running_and_waiting_a_request_is_refused_at_once_and_later_ones_run(ray_local, tiny_ckpts):
+    g = _start(ray_local, tiny_ckpts["gqa1"], 2, max_batch_size=1, max_waiting=1)
+
+    async def scenario():
+        long = [asyncio.ensure_future(_collect(g, _greedy([[1, 2, 3]], 60)[0])) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both admitted: one running, one waiting
+        with pytest.raises(OverloadedError, match="max_batch_size 1 running \\+ max_waiting 1 waiting"):
+            await _collect(g, _greedy([[1, 2]], 2)[0])
+        done = await asyncio.gather(*long)
+        again = await _collect(g, _greedy([[1, 2]], 2)[0])  # room again: it runs
+        return done, again
+
+    try:
+        done, again = asyncio.run(scenario())
+        assert [len(o.token_ids) for o in done] == [60, 60] and len(again.token_ids) == 2
+        assert asyncio.run(g.cluster_info())["engine"]["aborted"] == 0  # the refused one never entered
+    finally:
+        g.shutdown()
+
+
+async def _collect(g, request: GenerationRequest):
+    return collect(list(request.prompt_tokens), [d async for d in g.stream(request)])
 
 
 def test_a_dead_rank_makes_the_gang_unhealthy(ray_local, tiny_ckpts):

@@ -14,7 +14,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
-from cluster.errors import GangStartingError, RankFailedError
+from cluster.errors import GangStartingError, OverloadedError, RankFailedError
 from deploy.api import build_api
 from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
@@ -345,6 +345,16 @@ def test_health_and_cluster(http: TestClient, engine: FakeEngine) -> None:
     assert err["message"] == "The model is not ready to serve: RankFailedError: rank 1 did not answer"
     engine.fail["cluster_info"] = RuntimeError("boom")
     assert error_of(http.get("/cluster"), 500)["type"] == "internal_error"
+
+
+def test_a_full_replica_answers_429_with_retry_after(http: TestClient, engine: FakeEngine) -> None:
+    engine.fail["stream"] = OverloadedError("this replica holds 72 requests, its limit (max_batch_size 8 running + "
+                                            "max_waiting 64 waiting); retry shortly.")
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream})
+        err = error_of(r, 429)
+        assert r.headers["retry-after"] == "5" and (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert err["message"].startswith("The server is busy: this replica holds 72 requests")
 
 
 def test_while_the_gang_starts_health_names_the_stage_and_requests_are_told_to_come_back(
