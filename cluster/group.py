@@ -19,6 +19,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.config import GangConfig
 from cluster.errors import GangStartError, OverloadedError, PlacementError, RankFailedError
+from cluster.metrics import RequestMetrics
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
@@ -120,12 +121,25 @@ class RankGroup:
                                   f"{eng.max_batch_size} running + max_waiting {eng.max_waiting} waiting); retry shortly.")
         self._active += 1
         inner = self._stream(request)
+        metrics = RequestMetrics(self.config.checkpoint.ckpt_dir.name)
+        reason = "abort"  # unless it finishes or fails: the caller went away
         try:
             async for delta in inner:
+                metrics.tokens_arrived(len(delta.token_ids))
+                if delta.finish_reason is not None:
+                    reason = delta.finish_reason
                 yield delta
+        except ValueError:  # the caller's mistake, refused before the request entered the engine
+            reason = ""
+            raise
+        except BaseException as e:
+            reason = "error" if isinstance(e, Exception) else reason
+            raise
         finally:
             self._active -= 1
             await inner.aclose()  # now, not when collected: closing early aborts the request
+            if reason:
+                metrics.finish(reason)
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         request_id = uuid.uuid4().hex

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
+from cluster.metrics import RankSampler
 from cluster.network import collective_env
 from cluster.weights import find_holder, slices_from
 from llama.checkpoint import copy_into, load_into, missing_files, rank_nbytes
@@ -69,6 +70,7 @@ class RankActor:
         self.weights_from = "local files"  # or the object store, from a machine that has them
         self.device: torch.device | None = None  # set when joining the group
         self.progress: LoadProgress | None = None  # set when loading begins
+        self.sampler: RankSampler | None = None  # exports metrics once the loop runs
         self.channel: PlanChannel | None = None
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
@@ -204,9 +206,20 @@ class RankActor:
                          load=self.progress.as_dict(), weights_from=self.weights_from)
 
     async def start_loop(self) -> None:
-        """Stage ready: the driver's engine loop, or a follower's, on a thread of its own."""
+        """Stage ready: the driver's engine loop, or a follower's, on a thread of its own; and
+        the sampler that exports this rank's metrics (cluster/metrics.py)."""
         self._loop = threading.Thread(target=self._run_loop, name=f"rank{self.rank}-loop", daemon=True)
         self._loop.start()
+        if self.engine is not None:
+            read = self._read_driver
+        else:
+            read = lambda: {"steps": self.runner.steps, "step_s": self.runner.step_s}  # noqa: E731
+        self.sampler = RankSampler(self.config.checkpoint.ckpt_dir.name, self.rank, read).start()
+
+    def _read_driver(self) -> dict:
+        out = self.engine.load()
+        out.update(steps=self.engine.runner.steps, step_s=self.engine.runner.step_s)  # as on the other ranks
+        return out
 
     async def warm_up(self) -> None:
         """Stage ready, on the driver: one greedy one-token request through the whole gang."""
@@ -254,6 +267,8 @@ class RankActor:
 
     async def shutdown(self) -> None:
         self._stop.set()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self._loop is not None:
             await asyncio.to_thread(self._loop.join, 10)
         if dist.is_initialized():

@@ -97,14 +97,19 @@ class ModelRunner:
         self.cache = cache
         self.active: set[int] = set()  # slots holding a sequence, as the plans have said
         self.busy_since: float | None = None  # time.monotonic() when the step now running began
+        self.steps = 0  # plans run (idle ones not counted), and the seconds they took: for metrics
+        self.step_s = 0.0
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
-        self.busy_since = time.monotonic()  # a watchdog (cluster/rank.py) reads it from another thread
+        self.busy_since = t0 = time.monotonic()  # a watchdog (cluster/rank.py) reads it from another thread
         try:
             return self._execute(plan)
         finally:
             self.busy_since = None
+            if not plan.idle:
+                self.steps += 1
+                self.step_s += time.monotonic() - t0
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> torch.Tensor:
