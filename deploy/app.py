@@ -28,4 +28,8 @@ def build_app(raw_args: dict) -> Application:
         placement_group_bundles=bundles,
         placement_group_strategy=parallel.placement_strategy,
         ray_actor_options={"num_cpus": args.replica_cpus},
-    ).bind(gang, args.model)
+        # Above the replica's own bound (max_batch_size running + max_waiting queued), so that
+        # requests past it reach the replica and get a 429 at once instead of queueing unbounded
+        # in Serve's router; the rest is room for /health and /cluster.
+        max_ongoing_requests=args.engine.max_batch_size + args.engine.max_waiting + 16,
+    ).bind(gang, args.model, args.api_key_source())  # $api_keys_env is read in the replica, not here

@@ -3,7 +3,8 @@
 The replica sits in bundle 0 of its placement group; its ranks take bundles 1..N. It starts
 its gang in the background (cluster/starting_group.py), so it answers at once: GET /health
 names the start's stage until the gang is ready. The HTTP routes live in deploy/api.py and
-only see the EngineClient interface (deploy/engine_client.py).
+only see the EngineClient interface (deploy/engine_client.py); the API-key check in front of
+them is deploy/auth.py's.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from ray.util import get_current_placement_group
 from cluster.config import GangConfig
 from cluster.starting_group import StartingGroup
 from deploy.api import build_api
+from deploy.auth import ApiKeySource, require_api_keys
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,10 @@ log = logging.getLogger(__name__)
                                                             request_routing_stats_period_s=2))
 @serve.ingress()
 class LlamaDeployment:
-    def __init__(self, gang: GangConfig, model_id: str):
+    def __init__(self, gang: GangConfig, model_id: str, api_keys: ApiKeySource = ApiKeySource()):
+        # First: a key variable missing from this node's environment fails the replica before
+        # it reserves a gang. Read here, in the replica's own process, and only here.
+        self.api_keys = api_keys.load()
         self.gang = gang
         self.model_id = model_id
         pg = get_current_placement_group()
@@ -41,7 +46,9 @@ class LlamaDeployment:
         self.tokenizer = gang.checkpoint.tokenizer()
 
     def __serve_build_asgi_app__(self):
-        return build_api(self.group, self.tokenizer, self.model_id, self.gang.engine.max_seq_len)
+        app = build_api(self.group, self.tokenizer, self.model_id, self.gang.engine.max_seq_len)
+        require_api_keys(app, self.api_keys)
+        return app
 
     async def check_health(self) -> None:
         await self.group.check_alive()

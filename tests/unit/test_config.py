@@ -1,14 +1,17 @@
-"""ParallelConfig, EngineConfig, GangConfig.inspect and AppArgs (deploy/config.yaml): bad values refused by name."""
+"""ParallelConfig, EngineConfig, GangConfig.inspect and AppArgs (deploy/config.yaml): bad values refused by name,
+API keys never quoted."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from cluster.config import GangConfig, ParallelConfig
+from deploy.auth import ApiKeySource
 from deploy.settings import AppArgs
 from llama.checkpoint import CheckpointError
 from llama.engine import EngineConfig
@@ -166,3 +169,50 @@ def test_a_boolean_is_not_a_count():
         EngineConfig(max_batch_size=True)
     with pytest.raises(ValueError, match="model_parallel_size"):
         ParallelConfig(model_parallel_size=True)
+
+
+# ---------------------------------------------------------------- AppArgs: API keys (deploy/auth.py)
+
+SECRET = "sk-secret-0123456789"  # no error message or repr may show it, whole or in part
+
+
+def test_api_keys_come_from_the_args_and_name_a_variable_for_the_replica():
+    args = AppArgs.parse({"api_keys": [SECRET, "second-key"], "api_keys_env": "LLAMA_API_KEYS"})
+    assert [k.get_secret_value() for k in args.api_keys] == [SECRET, "second-key"]
+    assert args.api_key_source() == ApiKeySource((SecretStr(SECRET), SecretStr("second-key")), "LLAMA_API_KEYS")
+    assert AppArgs().api_key_source() == ApiKeySource()  # the default: no keys, no authentication
+
+
+def test_the_shipped_config_serves_without_keys_and_its_commented_key_lines_parse(shipped_args):
+    assert "api_keys" not in shipped_args and "api_keys_env" not in shipped_args
+    lines = re.findall(r"^ *# (api_keys(?:_env)?: [^#\n]*)", CONFIG_YAML.read_text(), flags=re.M)
+    assert len(lines) == 2, lines
+    args = AppArgs.parse({**shipped_args, **yaml.safe_load("\n".join(lines))})
+    assert ([k.get_secret_value() for k in args.api_keys], args.api_keys_env) == (["KEY1", "KEY2"], "LLAMA_API_KEYS")
+
+
+def test_no_key_shows_in_the_args_repr():
+    args = AppArgs.parse({"api_keys": [SECRET]})
+    for text in (repr(args), str(args), args.model_dump_json(), repr(args.api_key_source())):
+        assert SECRET not in text, text
+
+
+@pytest.mark.parametrize("raw,named", [
+    ({"api_keys": [f"{SECRET} x"]}, "api_keys[0] has whitespace"),
+    ({"api_keys": ["ok", f"{SECRET}\n"]}, "api_keys[1] has whitespace"),
+    ({"api_keys": [f"{SECRET}é"]}, "outside printable ASCII"),
+    ({"api_keys": [""]}, "api_keys[0] is empty"),
+    ({"api_keys": SECRET}, "api_keys"),  # a string, not a list
+    ({"api_keys": [12345678901]}, "api_keys.0"),
+    ({"api_keys": [{"key": SECRET}]}, "api_keys.0"),
+    ({"api_keys_env": SECRET}, "api_keys_env must be the name of an environment variable"),  # a key in its place
+    ({"api_keys_env": "LLAMA API KEYS"}, "api_keys_env"),
+    ({"api_key": [SECRET]}, "api_key"),  # a typo: refused as unknown, value unquoted
+    ({"api_keys": [SECRET], "model": 5}, "model"),  # another field's error quotes no key either
+])
+def test_a_bad_key_setting_is_refused_by_name_without_its_value(raw, named):
+    with pytest.raises(ValueError) as e:
+        AppArgs.parse(raw)
+    message = str(e.value)
+    assert named in message, message
+    assert SECRET not in message and "12345678901" not in message and SECRET[:8] not in message, message
