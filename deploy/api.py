@@ -3,6 +3,7 @@
 build_api turns each HTTP request into one GenerationRequest per prompt and choice, opens an
 engine stream for each (deploy/choice_streams.py) and shapes every choice with one
 ChoiceShaper (deploy/choices.py): whole, or chunk by chunk with stream=true (deploy/sse.py).
+Beside OpenAI's routes, vLLM's /tokenize and /detokenize (deploy/tokenization.py).
 It needs no Ray: the Serve deployment passes its RankGroup as the engine, the unit tests a fake.
 """
 from __future__ import annotations
@@ -33,7 +34,17 @@ from deploy.schemas import (
     OpenAIRequest,
 )
 from deploy.sse import EventStream, StreamSpec, chat_stream, completion_stream
-from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
+from deploy.tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    chat_prompt,
+    check_token_ids,
+    detokenize,
+    tokenize,
+)
+from llama.chat_format import UNSAFE_ERROR, has_special_tags
 from llama.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.tokenizer import Tokenizer
 
@@ -62,6 +73,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         for i, (tokens, _) in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             _check_length(len(tokens), body.max_tokens, max_seq_len, which, param="prompt")
+        check_token_ids([t for t, _ in body.logit_bias_pairs()], tokenizer, "logit_bias", param="logit_bias")
         requests = [
             GenerationRequest(tuple(tokens), params)
             for tokens, _ in prompts
@@ -89,11 +101,8 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         if body.n > MAX_CHOICES:
             raise APIError(400, f"This request asks for {body.n} choices; at most {MAX_CHOICES} fit in one "
                                 f"request. Lower n.", param="n")
-        dialog: Dialog = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            tokens = encode_dialog(tokenizer, dialog)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        dialog, tokens = chat_prompt(tokenizer, body.messages)
+        check_token_ids([t for t, _ in body.logit_bias_pairs()], tokenizer, "logit_bias", param="logit_bias")
         max_tokens = body.max_new_tokens()
         if max_tokens is None:
             _check_length(len(tokens), 1, max_seq_len, "the messages", param="messages")
@@ -122,6 +131,18 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         ]
         return ChatCompletionResponse(id=chat_id, created=int(time.time()), model=model_id, choices=choices,
                                       usage=total_usage(len(tokens), shapers))
+
+    @app.post("/tokenize")
+    async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            _check_model(body.model, model_id)
+        return tokenize(body, tokenizer, max_seq_len)
+
+    @app.post("/detokenize")
+    async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            _check_model(body.model, model_id)
+        return detokenize(body, tokenizer)
 
     @app.get("/v1/models")
     async def models() -> ModelList:
@@ -172,10 +193,7 @@ def _completion_prompts(
     for i, ids in enumerate(token_lists):
         if not ids:
             raise APIError(400, f"prompt {i} is an empty token list: send at least one token id.", param="prompt")
-        bad = [t for t in ids if not 0 <= t < tokenizer.n_words]
-        if bad:
-            raise APIError(400, f"prompt {i} has token id {bad[0]}; this model's ids are 0..{tokenizer.n_words - 1}.",
-                           param="prompt")
+        check_token_ids(ids, tokenizer, f"prompt {i}", param="prompt")
         out.append((list(ids), tokenizer.decode(list(ids))))
     return out
 
@@ -205,7 +223,9 @@ def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, e
         seeds = [None] * body.n  # greedy: nothing to draw
     return [
         SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-                       seed=s, stop=body.stop_strings(), logprobs=logprobs, echo=echo)
+                       seed=s, stop=body.stop_strings(), logprobs=logprobs, echo=echo,
+                       presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                       logit_bias=body.logit_bias_pairs())
         for s in seeds
     ]
 

@@ -22,6 +22,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llama.request import MAX_LOGIT_BIAS, MAX_PENALTY
+
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
@@ -74,7 +76,10 @@ class StreamOptions(BaseModel):
         return v
 
 
-class OpenAIRequest(BaseModel):
+class StrictRequest(BaseModel):
+    """A request body: a string where a number belongs is a 400, not a silent cast; an unknown
+    field is a 400; an explicit null is the field's default."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
 
     @model_validator(mode="before")
@@ -83,6 +88,8 @@ class OpenAIRequest(BaseModel):
         # OpenAI treats an explicit null like a missing field; clients do send nulls.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+
+class OpenAIRequest(StrictRequest):
     model: str
     temperature: float = Field(1.0, ge=0)  # OpenAI's default; 0 is greedy
     top_p: float = Field(1.0, gt=0, le=1)
@@ -92,8 +99,11 @@ class OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: Annotated[StreamOptions | None, _only_with("stream", "is only allowed when stream is true")] = None
     user: str | None = None  # accepted and ignored: we keep no per-user state
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    # OpenAI's penalties on tokens already generated (llama.request.SamplingParams says how).
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    # Token id (a string, as JSON keys are) -> bias added to its logit before sampling. The ids'
+    # range is the tokenizer's, checked in deploy/api.py.
     logit_bias: dict[str, float] | None = None
     # vLLM's extension: sample among the k most likely tokens. 0 or -1 (vLLM's spelling) is no limit.
     top_k: int = 0
@@ -108,18 +118,15 @@ class OpenAIRequest(BaseModel):
                              f"got {v}")
         return max(v, 0)
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0:
-            raise ValueError("penalties are not supported by this server; send 0 or leave it out")
-        return v
-
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported by this server; leave it out")
+    def _bias_per_token_id(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (v or {}).items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers, as strings), got {key!r}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias for token {key} must be between {-MAX_LOGIT_BIAS} and {MAX_LOGIT_BIAS}, "
+                                 f"got {bias}")
         return v
 
     @field_validator("stop")
@@ -136,14 +143,28 @@ class OpenAIRequest(BaseModel):
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as SamplingParams takes it: (token id, bias) pairs."""
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
+
 
 class CompletionRequest(OpenAIRequest):
     prompt: Prompt
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    echo: bool = False  # before max_tokens, which reads it
+    # OpenAI's default for completions. 0 (with echo) scores the prompt: its tokens' logprobs,
+    # nothing generated, as lm-evaluation-harness's loglikelihood asks.
+    max_tokens: int = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, v: int, info: ValidationInfo) -> int:
+        if v == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens 0 generates nothing, so it is only allowed with echo=true (to score the "
+                             "prompt); send max_tokens >= 1, or echo=true with logprobs for the prompt's logprobs")
+        return v
 
     @field_validator("best_of")
     @classmethod

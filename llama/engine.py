@@ -3,8 +3,9 @@
 The driver's engine owns the scheduler and the sampling. Each step it builds a StepPlan,
 hands it to `publish` (which sends it to the other model-parallel ranks; None when there are
 none), runs the plan on its own shard, samples the sequences that need a token and sends each
-its delta. Requests, cancellations and deadlines enter between steps, so every rank sees them
-at the same step boundary. `submit` and `abort` may be called from any thread; `step` and
+its delta; a request that only scores its prompt (max_tokens 0) ends once its prompt has run.
+Requests, cancellations and deadlines enter between steps, so every rank sees them at the same
+step boundary. `submit` and `abort` may be called from any thread; `step` and
 `run` belong to the engine's own thread.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llama.detokenizer import TextStream
 from llama.model import Transformer
 from llama.request import FinishReason, GenerationRequest
 from llama.runner import ModelRunner
-from llama.sampling import logprobs_of, sample
+from llama.sampling import adjust_logits, logprobs_of, sample
 from llama.scheduler import Scheduler
 from llama.sequence import Sequence, Sink
 from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
@@ -74,6 +75,9 @@ def check_request(request: GenerationRequest, max_seq_len: int, vocab_size: int)
     bad = [t for t in tokens if not 0 <= t < vocab_size]
     if bad:
         raise ValueError(f"the prompt has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
+    bad = [t for t, _ in request.params.logit_bias if not t < vocab_size]  # SamplingParams checked >= 0
+    if bad:
+        raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
 
 
 @dataclass
@@ -215,6 +219,8 @@ class Engine:
                 continue
             self._by_id[seq.request_id] = seq
             self.scheduler.add(seq)
+            if seq.params.max_tokens == 0 and seq.prompt_logprobs is None:
+                self._finish(seq, "length")  # echo of nothing but the prompt's text: nothing to run
         now = time.monotonic()
         for seq in list(self._by_id.values()):
             if seq.request_id in aborts or seq.abort_requested:
@@ -248,14 +254,22 @@ class Engine:
                 row += 1
             seq.computed += n
             if seg.logits != LOGITS_NONE and not seq.prefilling:
-                due.append((seq, row - 1))
+                if seq.params.max_tokens == 0:
+                    self._finish(seq, "length")  # scoring: its prompt's logprobs are all it asked for
+                else:
+                    due.append((seq, row - 1))
         if not due:
             return
         rows = torch.tensor([r for _, r in due], device=logits.device)
         chosen = torch.argmax(logits[rows], dim=-1).tolist()  # greedy rows, all at once
         for i, (s, r) in enumerate(due):
-            if s.params.temperature > 0:
-                chosen[i] = sample(logits[r], s.params.temperature, s.params.top_p, s.params.top_k, s.generator)
+            p = s.params
+            if p.temperature > 0 or p.adjusts_logits:
+                # Penalties and bias on this row only, and only for the draw (logprobs below read
+                # the model's own logits); requests without them skip this.
+                row_logits = (adjust_logits(logits[r], s.tokens[s.prompt_len :], p.presence_penalty,
+                                            p.frequency_penalty, p.logit_bias) if p.adjusts_logits else logits[r])
+                chosen[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
         wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
         lps: dict[int, tuple[float, list]] = {}
         if wants:

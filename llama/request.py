@@ -12,6 +12,8 @@ from typing import Literal
 from llama.sampling import validate_sampling
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's chat limit)
+MAX_PENALTY = 2  # presence and frequency penalties lie in [-MAX_PENALTY, MAX_PENALTY] (OpenAI's range)
+MAX_LOGIT_BIAS = 100  # a logit bias lies in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] (OpenAI's range)
 
 # (token id, logprob) of the most likely tokens at one position, most likely first.
 TopLogprobs = list[tuple[int, float]]
@@ -19,7 +21,9 @@ TopLogprobs = list[tuple[int, float]]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int  # generated tokens at most (the prompt does not count)
+    # Generated tokens at most (the prompt does not count). 0, with echo, scores the prompt: its
+    # tokens' logprobs, and nothing generated (what lm-evaluation-harness's loglikelihood sends).
+    max_tokens: int
     temperature: float = 0.6  # 0 is greedy
     top_p: float = 0.9
     top_k: int = 0  # sample among the k most likely tokens only; 0 means no limit
@@ -31,10 +35,23 @@ class SamplingParams:
     # temperature) and the k most likely alternatives at its position.
     logprobs: int | None = None
     echo: bool = False  # also return the prompt tokens' logprobs (when logprobs is set)
+    # OpenAI's penalties, applied on the driver before temperature, top-k, top-p and greedy:
+    # logits[t] -= frequency_penalty * count(t) + presence_penalty * (count(t) > 0), counting t
+    # among the generated tokens only (not the prompt), as OpenAI and vLLM do.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # (token id, bias) pairs added to the logits with the penalties; +100 all but forces a token,
+    # -100 all but bans it. A tuple, not a dict, so the params stay hashable.
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Penalties and bias steer the draw only: the logprobs reported stay those of the model's own
+    # distribution, as they are before temperature.
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}.")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer >= 0, got {self.max_tokens!r}.")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens 0 generates nothing: it is only meaningful with echo (to score the prompt); "
+                             "ask for at least one token, or set echo.")
         validate_sampling(self.temperature, self.top_p)
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 means no limit), got {self.top_k!r}.")
@@ -42,6 +59,21 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty.")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be between 0 and {MAX_LOGPROBS} alternatives, got {self.logprobs}.")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, name) <= MAX_PENALTY:
+                raise ValueError(f"{name} must be between {-MAX_PENALTY} and {MAX_PENALTY}, got {getattr(self, name)}.")
+        for token, bias in self.logit_bias:
+            if not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias keys must be token ids (integers >= 0), got {token!r}.")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias for token {token} must be between {-MAX_LOGIT_BIAS} and "
+                                 f"{MAX_LOGIT_BIAS}, got {bias}.")
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether penalties or a bias change the logits before the draw; when not, the engine
+        skips that work entirely."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 @dataclass(frozen=True)

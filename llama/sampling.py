@@ -1,4 +1,5 @@
-"""Sampling: temperature, top-k, top-p (nucleus) and greedy, one token at a time; and logprobs.
+"""Sampling: OpenAI's penalties and logit bias, then temperature, top-k, top-p (nucleus) and
+greedy, one token at a time; and logprobs.
 
 Top-p is done as Meta's reference does it. The engine gives every sampled request a seeded
 torch.Generator of its own, so its draws depend on nothing else in the batch and on no rank.
@@ -18,6 +19,27 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
+
+
+def adjust_logits(
+    logits: torch.Tensor,
+    generated: list[int],
+    presence_penalty: float,
+    frequency_penalty: float,
+    logit_bias: tuple[tuple[int, float], ...],
+) -> torch.Tensor:
+    """logits (vocab,) -> new float32 logits (vocab,) with OpenAI's penalties and bias applied:
+    logits[t] - frequency_penalty * count(t) - presence_penalty * (count(t) > 0) + bias[t], where
+    count(t) is how often t occurs in `generated` (the request's generated tokens, not its
+    prompt). Only the draw sees these; logprobs stay the model's own."""
+    out = logits.float().clone()  # (vocab,); .float() alone would alias float32 logits
+    if generated and (presence_penalty or frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=out.device), minlength=out.shape[-1]).float()
+        out -= frequency_penalty * counts + presence_penalty * (counts > 0).float()
+    if logit_bias:
+        ids = torch.tensor([t for t, _ in logit_bias], device=out.device)
+        out.index_add_(0, ids, torch.tensor([b for _, b in logit_bias], device=out.device, dtype=out.dtype))
+    return out
 
 
 def sample(

@@ -22,7 +22,11 @@ CTX = "This model's maximum context length is 128 tokens. However, "
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model", "The model `gpt-4` does not exist; this server serves `tiny-llama`."),
     ({"prompt": "hi"}, 400, "model", "Missing required parameter: 'model'."),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens",
-     "Invalid value for 'max_tokens': Input should be greater than or equal to 1."),
+     "Invalid value for 'max_tokens': max_tokens 0 generates nothing, so it is only allowed with echo=true (to score "
+     "the prompt); send max_tokens >= 1, or echo=true with logprobs for the prompt's logprobs."),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0, "echo": False, "logprobs": 1}, 400, "max_tokens", None),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": -1, "echo": True}, 400, "max_tokens",
+     "Invalid value for 'max_tokens': Input should be greater than or equal to 0."),
     ({"model": MODEL, "prompt": "hi", "max_tokens": "16"}, 400, "max_tokens",
      "Invalid value for 'max_tokens': Input should be a valid integer."),
     ({"model": MODEL, "prompt": "hi", "temperature": -0.1}, 400, "temperature", None),
@@ -60,7 +64,18 @@ CTX = "This model's maximum context length is 128 tokens. However, "
     ({"model": MODEL, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ({"model": MODEL, "prompt": "hi", "stop": ""}, 400, "stop", None),
     ({"model": MODEL, "prompt": "hi", "logprobs": 6}, 400, "logprobs", None),
-    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty", None),
+    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty",
+     "Invalid value for 'frequency_penalty': Input should be less than or equal to 2."),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": -2.01}, 400, "presence_penalty", None),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": "1"}, 400, "presence_penalty", None),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 100.5}}, 400, "logit_bias",
+     "Invalid value for 'logit_bias': the bias for token 5 must be between -100 and 100, got 100.5."),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"hello": 1}}, 400, "logit_bias",
+     "Invalid value for 'logit_bias': logit_bias keys must be token ids (non-negative integers, as strings), "
+     "got 'hello'."),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"-3": 1}}, 400, "logit_bias", None),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 1, "320": -100}}, 400, "logit_bias",
+     "logit_bias has token id 320; this model's ids are 0..319."),
     ({"model": MODEL, "prompt": "hi", "tools": []}, 400, "tools", "Unrecognized request argument supplied: tools."),
 ])
 def test_completion_errors(http: TestClient, engine: FakeEngine, body: dict, status: int, param: str,
@@ -86,6 +101,9 @@ def test_completion_errors(http: TestClient, engine: FakeEngine, body: dict, sta
     ({"stream": False, "stream_options": {"include_usage": False}}, "stream_options", None),
     ({"stream": "yes"}, "stream", None),
     ({"n": 65}, "n", "This request asks for 65 choices; at most 64 fit in one request. Lower n."),
+    ({"max_tokens": 0}, "max_tokens", None),  # no echo in chat, so no scoring either
+    ({"frequency_penalty": -3}, "frequency_penalty", None),
+    ({"logit_bias": {"100000": 1}}, "logit_bias", "logit_bias has token id 100000; this model's ids are 0..319."),
 ])
 def test_chat_errors(http: TestClient, engine: FakeEngine, extra: dict, param: str, message: str | None) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **extra}

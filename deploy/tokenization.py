@@ -1,0 +1,72 @@
+"""vLLM's POST /tokenize and POST /detokenize (their request and response shapes, and what they
+answer), and the chat prompt's tokens that /v1/chat/completions and /tokenize share.
+
+Clients use them to count a prompt's tokens against max_model_len before sending it, and to
+turn token ids back into text. The routes themselves are wired in deploy/api.py.
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from deploy.errors import APIError
+from deploy.schemas import ChatMessage, StrictRequest
+from llama.chat_format import Dialog, encode_dialog
+from llama.tokenizer import Tokenizer
+
+
+class TokenizeRequest(StrictRequest):
+    model: str | None = None  # optional, as in vLLM; when given, it must be the served model
+    prompt: str | None = None  # text: encoded as /v1/completions encodes a string prompt
+    messages: list[ChatMessage] | None = None  # a chat: the prompt /v1/chat/completions would run
+    # Text only: BOS before it, as /v1/completions does. A chat's prompt has its format's own.
+    add_special_tokens: bool = True
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int  # prompt and generation together, per sequence (the engine's max_seq_len)
+    tokens: list[int]
+
+
+class DetokenizeRequest(StrictRequest):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[Dialog, list[int]]:
+    """The dialog and its prompt's token ids; a dialog the chat format refuses (roles out of
+    order) is a 400 on `messages`."""
+    dialog: Dialog = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        return dialog, encode_dialog(tokenizer, dialog)
+    except ValueError as e:
+        raise APIError(400, str(e), param="messages") from None
+
+
+def tokenize(body: TokenizeRequest, tokenizer: Tokenizer, max_seq_len: int) -> TokenizeResponse:
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "Send either prompt (text) or messages (a chat) to tokenize, not both and not neither.",
+                       param="prompt")
+    if body.messages is not None:
+        _, tokens = chat_prompt(tokenizer, body.messages)
+    else:
+        tokens = tokenizer.encode(body.prompt or "", bos=body.add_special_tokens, eos=False)
+    return TokenizeResponse(count=len(tokens), max_model_len=max_seq_len, tokens=tokens)
+
+
+def detokenize(body: DetokenizeRequest, tokenizer: Tokenizer) -> DetokenizeResponse:
+    check_token_ids(body.tokens, tokenizer, "tokens", param="tokens")
+    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+
+
+def check_token_ids(ids: list[int], tokenizer: Tokenizer, which: str, param: str) -> None:
+    """A 400 on `param` naming the first id outside the vocabulary, before any tokenizer or
+    engine sees it. `which` names the ids in the message ("prompt 0", "logit_bias")."""
+    bad = [t for t in ids if not 0 <= t < tokenizer.n_words]
+    if bad:
+        raise APIError(400, f"{which} has token id {bad[0]}; this model's ids are 0..{tokenizer.n_words - 1}.",
+                       param=param)
