@@ -30,7 +30,7 @@ def _greedy(prompts: list[list[int]], n: int, logprobs: bool = False) -> list[Ge
 
 @pytest.fixture(scope="module")
 def golden_mp2(ray_local):
-    g = _start(ray_local, GOLDEN_CKPT, 2)
+    g = _start(ray_local, GOLDEN_CKPT, 2, max_waiting=256)  # room for 200 requests at once, all queued in the engine
     yield g
     g.shutdown()
 
