@@ -8,7 +8,8 @@ loop), half of them streamed (server-sent events) by default, greedy, over a fix
 prompts. It prints every request's outcome as one JSON line into --out (a file), then a table:
 outcomes by kind, requests/s and generated tokens/s, time to first token (streamed requests)
 and latency at p50 and p99, and the server's own counters from GET /cluster before and after
-(requests the engine finished), which must account for every request answered.
+(requests the engine finished) and, with --metrics, Ray's Prometheus endpoints on this machine
+(requests finished by reason, tokens generated), which must account for every request answered.
 
 Bounded: at most --requests requests and --time-limit-s seconds, and only to a loopback
 address, so it can never load anything but a server on this machine.
@@ -19,10 +20,12 @@ import argparse
 import asyncio
 import ipaddress
 import json
+import re
 import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx
@@ -118,6 +121,41 @@ async def run(args: argparse.Namespace) -> tuple[list[Outcome], float, dict, dic
     return sorted(outcomes, key=lambda o: o.index), wall, before, after
 
 
+def metrics_totals(discovery: Path) -> dict[str, float]:
+    """Sums over Ray's metrics endpoints on this machine (listed in the session's Prometheus
+    discovery file; asked at 127.0.0.1): requests finished by reason, tokens generated."""
+    totals: Counter = Counter()
+    for group in json.loads(discovery.read_text()):
+        for target in group["targets"]:
+            port = target.rsplit(":", 1)[1]
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            except httpx.HTTPError:
+                continue
+            for line in text.splitlines():
+                m = re.match(r'^ray_llama_(request_success_total|generation_tokens_total)\{(.*)\} (\S+)$', line)
+                if m:
+                    reason = re.search(r'finished_reason="(\w+)"', m.group(2))
+                    totals[m.group(1) + (f"[{reason.group(1)}]" if reason else "")] += float(m.group(3))
+    return dict(totals)
+
+
+def metrics_delta(discovery: Path, before: dict[str, float], want_finished: int, wait_s: float = 60.0) -> dict:
+    """The increase since `before`, once Ray has reported every request's end and the counters
+    have settled (Ray reports every few seconds, the ranks sample every second), or as it
+    stands after wait_s."""
+    deadline = time.monotonic() + wait_s
+    last = None
+    while True:
+        now = metrics_totals(discovery)
+        delta = {k: v - before.get(k, 0.0) for k, v in now.items() if v != before.get(k, 0.0)}
+        finished = sum(v for k, v in delta.items() if k.startswith("request_success_total"))
+        if (finished >= want_finished and delta == last) or time.monotonic() > deadline:
+            return delta
+        last = delta
+        time.sleep(5.0)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -126,7 +164,8 @@ def percentile(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if q < 100 else max(values)
 
 
-def report(outcomes: list[Outcome], wall: float, before: dict, after: dict, args: argparse.Namespace) -> None:
+def report(outcomes: list[Outcome], wall: float, before: dict, after: dict, args: argparse.Namespace,
+           metrics: dict | None) -> None:
     kinds = Counter(o.outcome for o in outcomes)
     ok = [o for o in outcomes if o.outcome == "ok"]
     lat = [o.latency_s for o in ok]
@@ -145,6 +184,9 @@ def report(outcomes: list[Outcome], wall: float, before: dict, after: dict, args
     print(f"  time to first token (stream) p50 {ms(percentile(ttft, 50))}, p99 {ms(percentile(ttft, 99))}")
     print(f"  latency                      p50 {ms(percentile(lat, 50))}, p99 {ms(percentile(lat, 99))}")
     print(f"  server: requests finished    {finished} (engine counter, GET /cluster); answered ok here {len(ok)}")
+    if metrics is not None:
+        shown = ", ".join(f"{k} +{v:g}" for k, v in sorted(metrics.items())) or "no change"
+        print(f"  server: Ray metrics          {shown}; tokens received here {sum(o.completion_tokens for o in ok)}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,16 +200,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--time-limit-s", type=float, default=900.0, help="no request is sent after this")
     p.add_argument("--request-timeout-s", type=float, default=300.0)
     p.add_argument("--out", default=None, help="write every request's outcome here, one JSON line each")
+    p.add_argument("--metrics", default=None, metavar="DISCOVERY_JSON",
+                   help="also compare Ray's metrics, e.g. /tmp/ray/session_latest/prom_metrics_service_discovery.json")
     args = p.parse_args(argv)
     loopback_only(args.url)
     if not 0 < args.requests <= 100_000 or not 0 < args.concurrency <= 1024 or not 0 <= args.stream_share <= 1:
         raise SystemExit("--requests 1..100000, --concurrency 1..1024, --stream-share 0..1")
+    discovery = Path(args.metrics) if args.metrics else None
+    metrics_before = metrics_totals(discovery) if discovery else None
     outcomes, wall, before, after = asyncio.run(run(args))
+    n_ok = sum(o.outcome == "ok" for o in outcomes)
+    metrics = metrics_delta(discovery, metrics_before, n_ok) if discovery else None
     if args.out:
         with open(args.out, "w") as f:
             for o in outcomes:
                 f.write(json.dumps(asdict(o)) + "\n")
-    report(outcomes, wall, before, after, args)
+    report(outcomes, wall, before, after, args, metrics)
 
 
 if __name__ == "__main__":
