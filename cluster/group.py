@@ -125,6 +125,7 @@ class RankGroup:
         reason = "abort"  # unless it finishes or fails: the caller went away
         try:
             async for delta in inner:
+                metrics.queued(delta.queue_s)
                 metrics.tokens_arrived(len(delta.token_ids))
                 if delta.finish_reason is not None:
                     reason = delta.finish_reason

@@ -30,6 +30,8 @@ def _request_metrics() -> dict:
                           boundaries=_SECONDS, tag_keys=tags),
         "e2e": Histogram("llama_e2e_request_latency_seconds", "time from arrival to the last token",
                          boundaries=_SECONDS, tag_keys=tags),
+        "queue": Histogram("llama_request_queue_time_seconds", "time a request waited in the engine for a "
+                           "KV-cache slot", boundaries=_SECONDS, tag_keys=tags),
         "finished": Counter("llama_request_success_total", "requests ended, by finished_reason (stop, length, "
                             "abort, timeout, error)", tag_keys=(*tags, "finished_reason")),
     }
@@ -44,7 +46,12 @@ class RequestMetrics:
         self.first: float | None = None
         self.last: float | None = None
         self.tokens = 0
+        self.queue_s: float | None = None
         self._done = False
+
+    def queued(self, queue_s: float | None) -> None:
+        if queue_s is not None:
+            self.queue_s = queue_s
 
     def tokens_arrived(self, n: int) -> None:
         now = time.perf_counter()
@@ -60,6 +67,8 @@ class RequestMetrics:
         m, tags = _request_metrics(), {"checkpoint": self.checkpoint}
         m["finished"].inc(1, tags={**tags, "finished_reason": reason})
         m["e2e"].observe(time.perf_counter() - self.t0, tags=tags)
+        if self.queue_s is not None:
+            m["queue"].observe(self.queue_s, tags=tags)
         if self.first is not None:
             m["ttft"].observe(self.first - self.t0, tags=tags)
             if self.tokens > 1 and self.last is not None:

@@ -106,6 +106,7 @@ class StreamDelta:
     # prompt token has 0.0 and no alternatives: nothing predicts it).
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
+    queue_s: float | None = None  # on the first delta: seconds the request waited for a KV-cache slot
 
 
 @dataclass(frozen=True)

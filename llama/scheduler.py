@@ -10,6 +10,7 @@ request, a repeated prompt) is not prefilled again: its slot starts as a copy of
 from __future__ import annotations
 
 import heapq
+import time
 from collections import deque
 
 from llama.sequence import Sequence
@@ -61,6 +62,7 @@ class Scheduler:
                 deferred.append(s)  # its twin is still prefilling: wait, then copy, not redo
                 continue
             s.slot = heapq.heappop(self._free)
+            s.queue_s = time.monotonic() - s.arrived
             self.running.append(s)
             if donor is not None:
                 # Positions 0..plen-2 come from the donor; the last prompt token runs here, so

@@ -39,7 +39,9 @@ class Sequence:
         self.prompt_key = hash(request.prompt_tokens)  # finds running sequences with the same prompt
         self.computed = 0  # leading tokens whose keys/values are in the slot
         self.slot: int | None = None
-        self.deadline = None if request.timeout_s is None else time.monotonic() + request.timeout_s
+        self.arrived = time.monotonic()
+        self.deadline = None if request.timeout_s is None else self.arrived + request.timeout_s
+        self.queue_s: float | None = None  # how long it waited for a slot (set when it gets one)
         self.abort_requested = False
         self.started_streaming = False
         want = self.params.logprobs is not None and self.params.echo
@@ -79,6 +81,7 @@ class Sequence:
             finish_reason=finish,
             prompt_logprobs=self.prompt_logprobs if first else None,
             prompt_top_logprobs=self.prompt_top if first else None,
+            queue_s=self.queue_s if first else None,
         ))
 
     def deliver(self, item: StreamDelta | BaseException) -> None:

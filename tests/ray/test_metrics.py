@@ -81,5 +81,6 @@ def test_counts_match_what_clients_saw_and_the_engine_counted(metrics_url, tiny_
     assert total(s, "ray_llama_prompt_tokens_total") == info["prefill_tokens"] + info["shared_prefill_tokens"]
     assert steps[0] == steps[1] == info["steps"] > 0  # every rank ran every step
     assert total(s, "ray_llama_time_to_first_token_seconds_count") == 5  # each request that got tokens
+    assert total(s, "ray_llama_request_queue_time_seconds_count") == 5  # each got a slot
     assert total(s, "ray_llama_num_requests_running") == total(s, "ray_llama_num_requests_waiting") == 0
     assert total(s, "ray_llama_plan_broadcast_seconds_total") > 0 and total(s, "ray_llama_rank_step_seconds_total") > 0
