@@ -23,6 +23,7 @@ from cluster.metrics import RequestMetrics
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
+from cluster.weights import find_holder
 from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,10 @@ class RankGroup:
             def poll_loads() -> None:
                 progress.ranks = ray.get([a.load_progress.remote() for a in actors], timeout=10)
 
-            states = _within(progress, [a.load_weights.remote() for a in actors], watch=poll_loads)
+            # Ranks whose machine lacks the files get their slices from one holder, found once.
+            lacking = not all(_within(progress, [a.has_checkpoint.remote() for a in actors]))
+            holder = find_holder(config.checkpoint) if lacking else None
+            states = _within(progress, [a.load_weights.remote(holder) for a in actors], watch=poll_loads)
             progress.ranks = [s.load for s in states]
             progress.enter("ready")
             _within(progress, [a.start_loop.remote() for a in actors])

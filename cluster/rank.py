@@ -25,7 +25,7 @@ from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
 from cluster.metrics import RankSampler
 from cluster.network import collective_env
-from cluster.weights import find_holder, slices_from
+from cluster.weights import slices_from
 from llama.checkpoint import copy_into, load_into, missing_files, rank_nbytes
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
 from llama.engine import Engine
@@ -173,23 +173,31 @@ class RankActor:
                                f"({x[0].item()}, {y[0].item()}): the collectives are broken")
         return time.perf_counter() - t0
 
-    async def load_weights(self) -> RankState:
+    @ray.method(concurrency_group="control")
+    async def has_checkpoint(self) -> bool:
+        """Whether this rank's machine has every weight file (else it needs a holder's)."""
+        return not missing_files(self.config.checkpoint)
+
+    async def load_weights(self, holder: str | None) -> RankState:
         """Stage weights: build the model and copy this rank's slices into it, from local files
-        or, on a machine without them, from one that has them; log the progress as it goes."""
-        work = asyncio.ensure_future(asyncio.to_thread(self._load_weights))
+        or, on a machine without them, from `holder`, a node that has them (found once for the
+        gang); log the progress as it goes."""
+        work = asyncio.ensure_future(asyncio.to_thread(self._load_weights, holder))
         while not work.done():
             await asyncio.wait([work], timeout=5.0)
             if not work.done() and self.progress is not None:
                 log.info("loading: %s", self.progress.describe())
         return work.result()
 
-    def _load_weights(self) -> RankState:
+    def _load_weights(self, holder: str | None) -> RankState:
         par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
         dtype = resolve_dtype(par.dtype, self.device)
         model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype)
         self.progress = LoadProgress(rank_nbytes(ckpt, self.rank, self.world_size))
         if missing_files(ckpt):  # this machine has no copy: the slices come from one that has
-            holder = find_holder(ckpt)
+            if holder is None:
+                raise RuntimeError(f"rank {self.rank}: this machine lacks the checkpoint's files and no holder was "
+                                   f"named; RankGroup.start names one when any rank lacks them")
             self.weights_from = f"object store from node {holder[:12]}"
             copy_into(model, slices_from(holder, ckpt, self.rank, self.world_size), self.progress)
         else:
