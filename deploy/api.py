@@ -3,7 +3,7 @@
 build_api turns each HTTP request into one GenerationRequest per prompt and choice, opens an
 engine stream for each (deploy/choice_streams.py) and shapes every choice with one
 ChoiceShaper (deploy/choices.py): whole, or chunk by chunk with stream=true (deploy/sse.py).
-Beside OpenAI's routes, vLLM's /tokenize and /detokenize (deploy/tokenization.py).
+Beside OpenAI's routes, vLLM's /tokenize, /detokenize and /tokenizer_info (deploy/tokenization.py).
 It needs no Ray: the Serve deployment passes its RankGroup as the engine, the unit tests a fake.
 """
 from __future__ import annotations
@@ -39,10 +39,12 @@ from deploy.tokenization import (
     DetokenizeResponse,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
     chat_prompt,
     check_token_ids,
     detokenize,
     tokenize,
+    tokenizer_info,
 )
 from llama.chat_format import UNSAFE_ERROR, has_special_tags
 from llama.request import GenerationRequest, SamplingParams, StreamDelta
@@ -143,6 +145,10 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         if body.model is not None:
             _check_model(body.model, model_id)
         return detokenize(body, tokenizer)
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route() -> TokenizerInfo:
+        return tokenizer_info(tokenizer, max_seq_len)
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from deploy.schemas import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
-from llama.request import StreamDelta, join
+from llama.request import StreamDelta, TopLogprobs, join
 from llama.tokenizer import Tokenizer
 
 
@@ -76,10 +76,16 @@ class ChoiceShaper:
         logprobs: CompletionLogprobs | ChatLogprobs | None = None
         if self._spec.logprobs:
             assert d.logprobs is not None, "the engine sent no logprobs"
+            # An end token that finished the choice is listed last, as vLLM lists it, though it is
+            # neither in the text nor in token_ids nor counted in usage.
+            ids, lps, tops = d.token_ids, d.logprobs, d.top_logprobs
+            if d.end_token is not None and d.end_token.logprob is not None:
+                ids, lps = ids + [d.end_token.token_id], lps + [d.end_token.logprob]
+                tops = (tops or []) + [d.end_token.top_logprobs or []]
             if self._spec.chat:
-                logprobs = ChatLogprobs(content=chat_logprobs(self._tok, d.token_ids, d.logprobs, d.top_logprobs))
+                logprobs = ChatLogprobs(content=chat_logprobs(self._tok, ids, lps, tops))
             else:
-                logprobs = self._completion_logprobs(d, d.logprobs, first)
+                logprobs = self._completion_logprobs(d, ids, lps, tops, first)
         text = d.text if self._echo is None else self._echo_text(self._echo, d, first, whole)
         asked_for_tokens = self._spec.logprobs or self._spec.return_token_ids
         return Piece(
@@ -90,8 +96,9 @@ class ChoiceShaper:
             has_content=bool(text) or (first and self._echo is not None) or (bool(d.token_ids) and asked_for_tokens),
         )
 
-    def _completion_logprobs(self, d: StreamDelta, logprobs: list[float], first: bool) -> CompletionLogprobs:
-        out = completion_logprobs(self._tok, d.token_ids, logprobs, d.top_logprobs, self._offset)
+    def _completion_logprobs(self, d: StreamDelta, token_ids: list[int], logprobs: list[float],
+                             top: list[TopLogprobs] | None, first: bool) -> CompletionLogprobs:
+        out = completion_logprobs(self._tok, token_ids, logprobs, top, self._offset)
         self._offset += sum(len(t) for t in out.tokens)
         if first and self._echo is not None:
             assert d.prompt_logprobs is not None, "the engine sent no prompt logprobs for echo"

@@ -1,8 +1,11 @@
-"""vLLM's POST /tokenize and POST /detokenize (their request and response shapes, and what they
-answer), and the chat prompt's tokens that /v1/chat/completions and /tokenize share.
+"""vLLM's POST /tokenize, POST /detokenize and GET /tokenizer_info (their request and response
+shapes, and what they answer), and the chat prompt's tokens that /v1/chat/completions and
+/tokenize share.
 
 Clients use them to count a prompt's tokens against max_model_len before sending it, and to
-turn token ids back into text. The routes themselves are wired in deploy/api.py.
+turn token ids back into text; lm-evaluation-harness's remote tokenizer (its local-completions
+model) tokenizes through them instead of loading the model's tokenizer itself. The routes
+themselves are wired in deploy/api.py.
 """
 from __future__ import annotations
 
@@ -18,7 +21,10 @@ class TokenizeRequest(StrictRequest):
     model: str | None = None  # optional, as in vLLM; when given, it must be the served model
     prompt: str | None = None  # text: encoded as /v1/completions encodes a string prompt
     messages: list[ChatMessage] | None = None  # a chat: the prompt /v1/chat/completions would run
-    # Text only: BOS before it, as /v1/completions does. A chat's prompt has its format's own.
+    # Text only. True: the text as /v1/completions encodes a string prompt (BOS, then the text,
+    # in which special-token text such as "</s>" stays text). False: as vLLM's /tokenize reads
+    # it, no BOS, and special-token text as those tokens; lm-eval's remote tokenizer finds the
+    # BOS and EOS ids this way. A chat's prompt has its format's own.
     add_special_tokens: bool = True
 
 
@@ -26,6 +32,19 @@ class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int  # prompt and generation together, per sequence (the engine's max_seq_len)
     tokens: list[int]
+
+
+class TokenizerInfo(BaseModel):
+    """vLLM's GET /tokenizer_info fields that clients read (lm-eval's remote tokenizer needs
+    eos_token, bos_token and pad_token), plus the ids, which need no second request."""
+    tokenizer_class: str
+    bos_token: str | None
+    bos_token_id: int | None
+    eos_token: str | None
+    eos_token_id: int | None
+    pad_token: str | None = None  # the engine pads nothing a client sees
+    chat_template: str | None  # the Jinja template the chat route renders, when the model has one
+    model_max_length: int  # the engine's max_seq_len
 
 
 class DetokenizeRequest(StrictRequest):
@@ -53,9 +72,20 @@ def tokenize(body: TokenizeRequest, tokenizer: Tokenizer, max_seq_len: int) -> T
                        param="prompt")
     if body.messages is not None:
         _, tokens = chat_prompt(tokenizer, body.messages)
+    elif body.add_special_tokens:
+        tokens = tokenizer.encode(body.prompt or "", bos=True, eos=False)
     else:
-        tokens = tokenizer.encode(body.prompt or "", bos=body.add_special_tokens, eos=False)
+        tokens = tokenizer.encode_with_special_tokens(body.prompt or "")
     return TokenizeResponse(count=len(tokens), max_model_len=max_seq_len, tokens=tokens)
+
+
+def tokenizer_info(tokenizer: Tokenizer, max_seq_len: int) -> TokenizerInfo:
+    names = {i: text for text, i in tokenizer.special_tokens.items()}
+    bos, eos = names.get(tokenizer.bos_id), names.get(tokenizer.eos_id)
+    return TokenizerInfo(tokenizer_class=type(tokenizer).__name__,
+                         bos_token=bos, bos_token_id=tokenizer.bos_id if bos is not None else None,
+                         eos_token=eos, eos_token_id=tokenizer.eos_id if eos is not None else None,
+                         chat_template=tokenizer.chat_template, model_max_length=max_seq_len)
 
 
 def detokenize(body: DetokenizeRequest, tokenizer: Tokenizer) -> DetokenizeResponse:

@@ -21,7 +21,7 @@ import torch
 
 from llama.detokenizer import TextStream
 from llama.model import Transformer
-from llama.request import FinishReason, GenerationRequest
+from llama.request import EndToken, FinishReason, GenerationRequest
 from llama.runner import ModelRunner
 from llama.sampling import adjust_logits, logprobs_of, sample
 from llama.scheduler import Scheduler
@@ -229,8 +229,8 @@ class Engine:
                 self._finish(seq, "timeout")
 
     def _finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "",
-                logprobs: list[float] | None = None, top: list | None = None) -> None:
-        seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top)
+                logprobs: list[float] | None = None, top: list | None = None, end_token: EndToken | None = None) -> None:
+        seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top, end_token)
         del self._by_id[seq.request_id]
         slot = self.scheduler.remove(seq)
         if slot is not None:
@@ -281,8 +281,9 @@ class Engine:
                 lps[i] = (chosen_lp[j], tops[j][: due[i][0].params.logprobs])
         for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
-            if tok in self.tokenizer.stop_ids:
-                self._finish(seq, "stop")  # an end token (EOS, Llama 3's <|eot_id|>) is not returned
+            if tok in self.tokenizer.stop_ids:  # an end token (EOS, Llama 3's <|eot_id|>): not in the output
+                end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
+                self._finish(seq, "stop", end_token=end)
                 continue
             seq.tokens.append(tok)
             self.stats.generated_tokens += 1

@@ -91,6 +91,18 @@ FinishReason = Literal["stop", "length", "timeout", "abort"]
 
 
 @dataclass(frozen=True)
+class EndToken:
+    """The end token (EOS, Llama 3's <|eot_id|>) that finished a sequence. It is not part of the
+    output's token_ids or text; its logprob and alternatives are there when logprobs were asked
+    for, since OpenAI-style clients read a generated token's logprob even when it ends the text
+    (lm-eval scores an echo with max_tokens 1 by dropping its last logprobs entry)."""
+
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: TopLogprobs | None = None
+
+
+@dataclass(frozen=True)
 class StreamDelta:
     """What one request produced in one or more engine steps. The concatenation of a stream's
     deltas is the request's GenerationOutput (see `collect`)."""
@@ -107,6 +119,7 @@ class StreamDelta:
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
     queue_s: float | None = None  # on the first delta: seconds the request waited for a KV-cache slot
+    end_token: EndToken | None = None  # on the last delta, when an end token finished the sequence
 
 
 @dataclass(frozen=True)
@@ -134,6 +147,7 @@ def join(deltas: list[StreamDelta]) -> StreamDelta:
         finish_reason=deltas[-1].finish_reason,
         prompt_logprobs=deltas[0].prompt_logprobs,  # only the first delta has them
         prompt_top_logprobs=deltas[0].prompt_top_logprobs,
+        end_token=deltas[-1].end_token,
     )
 
 

@@ -12,6 +12,12 @@ from llama.tokenizer import Tokenizer
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
+def _special_split(special_tokens: dict[str, int]) -> re.Pattern[str]:
+    """Splits text around each special token's text, keeping it (longest first)."""
+    names = sorted(special_tokens, key=len, reverse=True)
+    return re.compile("(" + "|".join(re.escape(n) for n in names) + ")")
+
+
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
     chat_format = "llama2"
@@ -35,6 +41,19 @@ class SentencePieceTokenizer(Tokenizer):
             t = [self.bos_id] + t
         if eos:
             t = t + [self.eos_id]
+        return t
+
+    def encode_with_special_tokens(self, text: str) -> list[int]:
+        """`text` with `<s>` and `</s>` read as BOS and EOS, and each run of text between them
+        encoded alone (as transformers' legacy LlamaTokenizer does); no BOS or EOS besides."""
+        if not self.special_tokens:
+            return self.encode(text, bos=False, eos=False)
+        t: list[int] = []
+        for part in _special_split(self.special_tokens).split(text):
+            if part in self.special_tokens:
+                t.append(self.special_tokens[part])
+            elif part:
+                t += self.sp_model.encode(part)
         return t
 
     def decode(self, t: list[int]) -> str:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from llama.detokenizer import TextStream
-from llama.request import FinishReason, GenerationRequest, StreamDelta, TopLogprobs
+from llama.request import EndToken, FinishReason, GenerationRequest, StreamDelta, TopLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,7 @@ class Sequence:
         finish: FinishReason | None,
         logprobs: list[float] | None = None,
         top: list[TopLogprobs] | None = None,
+        end_token: EndToken | None = None,
     ) -> None:
         first = not self.started_streaming
         self.started_streaming = True
@@ -82,6 +83,7 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs if first else None,
             prompt_top_logprobs=self.prompt_top if first else None,
             queue_s=self.queue_s if first else None,
+            end_token=end_token,
         ))
 
     def deliver(self, item: StreamDelta | BaseException) -> None:

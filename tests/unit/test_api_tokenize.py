@@ -66,3 +66,22 @@ def test_tokenize_errors(http: TestClient, engine: FakeEngine, path: str, body: 
     if message is not None:
         assert err["message"] == message
     assert engine.calls == []
+
+
+def test_without_special_tokens_special_text_is_read_as_those_tokens_as_vllm_does(http: TestClient,
+                                                                                   tok: Tokenizer) -> None:
+    """lm-eval's remote tokenizer takes the EOS and BOS ids from tokenizing their text this way."""
+    for text, want in (("</s>", [tok.eos_id]), ("<s>", [tok.bos_id]),
+                       ("hi</s>x", tok.encode("hi", bos=False, eos=False) + [tok.eos_id] + tok.encode("x", bos=False, eos=False))):
+        assert http.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()["tokens"] == want
+    # With them (the default), the text is read as /v1/completions reads a prompt: "</s>" stays text.
+    r = http.post("/tokenize", json={"prompt": "</s>"}).json()["tokens"]
+    assert r == tok.encode("</s>", bos=True, eos=False) and tok.eos_id not in r
+
+
+def test_tokenizer_info_names_bos_and_eos_as_vllm_does(http: TestClient, tok: Tokenizer) -> None:
+    r = http.get("/tokenizer_info")
+    assert r.status_code == 200, r.text
+    assert r.json() == {"tokenizer_class": "SentencePieceTokenizer", "bos_token": "<s>", "bos_token_id": tok.bos_id,
+                        "eos_token": "</s>", "eos_token_id": tok.eos_id, "pad_token": None, "chat_template": None,
+                        "model_max_length": MAX_SEQ_LEN}

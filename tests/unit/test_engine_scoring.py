@@ -150,3 +150,26 @@ def test_lm_eval_loglikelihood_payload_gets_the_engines_prompt_logprobs(golden_m
     assert len(events) == 2 and events[-1] == "[DONE]"
     [streamed] = json.loads(events[0])["choices"]
     assert streamed == choices[0]  # the same text, logprobs and finish as the whole response's
+
+
+def test_an_end_token_that_finishes_the_choice_is_listed_last_in_its_logprobs_as_vllm_lists_it(golden_model):
+    """lm-eval's real loglikelihood payload has max_tokens 1 and drops the last logprobs entry as
+    the generated token's: when that token is EOS, its entry must be there. logit_bias makes EOS
+    the draw; the logprobs stay the model's own."""
+    model, tok = golden_model
+    prompt = random_prompts(1, tok.n_words, seed=23, lo=10, hi=11)[0]
+    body = {"model": "golden", "prompt": prompt, "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0,
+            "logit_bias": {str(tok.eos_id): 100}}
+    with TestClient(build_api(InProcessEngine(Driver(model, tok)), tok, "golden", 96)) as http:
+        whole = http.post("/v1/completions", json=body).json()
+        chunks = http.post("/v1/completions", json={**body, "stream": True}).text
+    scored = Driver(model, tok).run([score(prompt + [tok.eos_id], k=1)])[0]  # EOS's logprob after the prompt
+    [c] = whole["choices"]
+    assert (c["finish_reason"], c["text"], whole["usage"]["completion_tokens"]) == ("stop", tok.decode(prompt), 0)
+    lp = c["logprobs"]
+    assert len(lp["token_logprobs"]) == len(prompt) + 1 and lp["tokens"][-1] == tok.decode([tok.eos_id])
+    assert lp["token_logprobs"][1:] == pytest.approx(scored.prompt_logprobs[1:], abs=1e-5)
+    assert lp["text_offset"][-1] == len(c["text"])
+    streamed = [json.loads(x[6:]) for x in chunks.split("\n\n") if x.startswith("data: {")]
+    tail = [ch for ch in streamed if ch["choices"] and ch["choices"][0]["logprobs"]]
+    assert sum((ch["choices"][0]["logprobs"]["token_logprobs"] for ch in tail), []) == lp["token_logprobs"]
