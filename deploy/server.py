@@ -24,10 +24,13 @@ log = logging.getLogger(__name__)
 
 # A failed gang is replaced, never repaired: the health check (a ping to every rank, cheap) runs
 # every 2 s so Serve notices soon, and a replica whose gang failed has nothing left to drain.
+# Drain: a replica that Serve stops (serve shutdown, a redeploy, a scale-down) gets no new
+# requests and lets its in-flight ones run to their end for up to graceful_shutdown_timeout_s
+# (then Serve kills it, cutting what still runs); it checks every 0.5 s whether they are done.
 # Requests go to replicas whose gang is ready first (deploy/routing.py), as each replica
 # reports every 2 s. deploy/config.yaml's `deployments:` section may override any of these.
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=5,
+                  graceful_shutdown_timeout_s=60, graceful_shutdown_wait_loop_s=0.5,
                   request_router_config=RequestRouterConfig(request_router_class="deploy.routing:ReadyFirstRouter",
                                                             request_routing_stats_period_s=2))
 @serve.ingress()
