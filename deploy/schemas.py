@@ -88,6 +88,31 @@ class StrictRequest(BaseModel):
         # OpenAI treats an explicit null like a missing field; clients do send nulls.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data: Any) -> Any:
+        # JSON may escape half of a UTF-16 surrogate pair alone ("\ud800"): no tokenizer can encode it.
+        if not _all_unicode(data):
+            raise ValueError("a string in the request is not valid Unicode: it has an unpaired UTF-16 surrogate "
+                             "escape (\\ud800-\\udfff without its pair); send valid UTF-8 text.")
+        return data
+
+
+def _all_unicode(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.isascii():
+            return True
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return False
+        return True
+    if isinstance(value, dict):
+        return all(_all_unicode(k) and _all_unicode(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_all_unicode(v) for v in value)
+    return True
+
 
 class OpenAIRequest(StrictRequest):
     model: str
@@ -346,3 +371,16 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str  # what was wrong and what to change
+    type: str  # invalid_request_error, rate_limit_error, service_unavailable_error, timeout_error, internal_error
+    param: str | None  # the request field at fault, if one is
+    code: str | None  # e.g. model_not_found, context_length_exceeded, rate_limit_exceeded, model_starting
+
+
+class ErrorResponse(BaseModel):
+    """Every error's body, in OpenAI's shape (deploy/errors.py)."""
+
+    error: ErrorDetail

@@ -42,13 +42,18 @@ def adjust_logits(
     return out
 
 
+# Temperatures below this draw greedily (vLLM's threshold): dividing float32 logits by 1e-40
+# overflows to inf, and the draw would fail the engine rather than the request.
+GREEDY_BELOW = 1e-5
+
+
 def sample(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
 ) -> int:
     """logits (vocab,) -> one token id. top_k (when > 0) keeps the k most likely tokens, then
     top_p is applied to their renormalised probabilities (vLLM's order). One multinomial draw
     from `generator` per call, whatever the distribution."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return int(torch.argmax(logits))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if 0 < top_k < probs.shape[-1]:

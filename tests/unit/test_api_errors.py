@@ -183,3 +183,20 @@ def test_unfinished_requests_are_errors(http: TestClient, engine: FakeEngine, re
     engine.faults[1] = (2, reason)  # the second of two choices ends early
     err = error_of(http.post("/v1/completions", json={"model": MODEL, "prompt": "hello", "n": 2}), status)
     assert (err["type"], err["message"]) == (kind, message)
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/completions", '{"model": "%s", "prompt": "a\\ud800b"}' % MODEL),
+    ("/v1/completions", '{"model": "%s", "prompt": "hi", "stop": ["\\udfff"]}' % MODEL),
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "\\ud83d"}]}' % MODEL),
+    ("/tokenize", '{"prompt": "\\ud800", "add_special_tokens": false}'),
+])
+def test_text_with_an_unpaired_surrogate_is_a_400_not_a_tokenizer_crash(http: TestClient, engine: FakeEngine,
+                                                                         path: str, body: str) -> None:
+    r = http.post(path, content=body.encode(), headers={"Content-Type": "application/json"})
+    err = error_of(r, 400)
+    assert "not valid Unicode" in err["message"] and "send valid UTF-8 text" in err["message"]
+    assert engine.calls == []
+    # A whole pair is one character, and fine.
+    ok = http.post("/tokenize", content=b'{"prompt": "\\ud83d\\ude00"}', headers={"Content-Type": "application/json"})
+    assert ok.status_code == 200, ok.text

@@ -87,3 +87,10 @@ def test_only_penalties_or_a_bias_adjust_the_logits():
     assert SamplingParams(max_tokens=1, presence_penalty=0.1).adjusts_logits
     assert SamplingParams(max_tokens=1, frequency_penalty=-0.1).adjusts_logits
     assert SamplingParams(max_tokens=1, logit_bias=((3, 0.0),)).adjusts_logits
+
+
+def test_a_temperature_too_small_to_divide_by_draws_greedily():
+    """1e-40 (or 5e-324, which float32 makes 0) would overflow the logits to inf and fail the draw."""
+    logits = torch.tensor([0.5, 3.0, 2.9])
+    g = torch.Generator().manual_seed(0)
+    assert [sample(logits, t, 1.0, 0, g) for t in (1e-40, 5e-324, 9e-6)] == [1, 1, 1]
