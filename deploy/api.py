@@ -29,6 +29,7 @@ from deploy.schemas import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
     OpenAIRequest,
@@ -53,6 +54,17 @@ from llama.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 MAX_CHOICES = 64  # prompts x n in one HTTP request; bounds the engine streams one request opens
+# The answers besides a route's 200, as the OpenAPI document states them ("4XX" also stands in for
+# FastAPI's default 422, which this app never sends: deploy/errors.py answers validation with 400).
+ERRORS = {
+    "4XX": {"model": ErrorResponse, "description": "Refused: 400 (the message says what to change), 401 (API "
+                                                  "key), 404 (model), 405, 429 (busy: Retry-After)"},
+    "5XX": {"model": ErrorResponse, "description": "503 (the model is starting or its workers failed: retry), "
+                                                  "504 (past the request timeout), 500 (a server error)"},
+}
+STREAM = {200: {"content": {"text/event-stream": {"schema": {  # one server-sent event
+    "type": "object", "required": ["data"],
+    "properties": {"data": {"type": "string", "description": "stream=true: a chunk's JSON; [DONE] last"}}}}}}}
 _SEED_MODULUS = 2**63  # per-choice seeds wrap here, so they stay valid int64 and torch seeds
 
 
@@ -61,7 +73,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
     install_error_handlers(app)  # before the routes: it sets the route class they are built with
     started = int(time.time())
 
-    @app.post("/v1/completions", response_model=CompletionResponse)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=STREAM | ERRORS)
     async def completions(body: CompletionRequest) -> CompletionResponse | EventStream:
         _check_model(body.model, model_id)
         # Counted before encoding, so an oversized request costs no tokenizer time.
@@ -97,7 +109,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         return CompletionResponse(id=cmpl_id, created=int(time.time()), model=model_id, choices=choices,
                                   usage=total_usage(n_prompt_tokens, shapers))
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAM | ERRORS)
     async def chat_completions(body: ChatCompletionRequest) -> ChatCompletionResponse | EventStream:
         _check_model(body.model, model_id)
         if body.n > MAX_CHOICES:
@@ -134,27 +146,28 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         return ChatCompletionResponse(id=chat_id, created=int(time.time()), model=model_id, choices=choices,
                                       usage=total_usage(len(tokens), shapers))
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=ERRORS)
     async def tokenize_route(body: TokenizeRequest) -> TokenizeResponse:
         if body.model is not None:
             _check_model(body.model, model_id)
         return tokenize(body, tokenizer, max_seq_len)
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=ERRORS)
     async def detokenize_route(body: DetokenizeRequest) -> DetokenizeResponse:
         if body.model is not None:
             _check_model(body.model, model_id)
         return detokenize(body, tokenizer)
 
-    @app.get("/tokenizer_info")
+    @app.get("/tokenizer_info", responses=ERRORS)
     async def tokenizer_info_route() -> TokenizerInfo:
         return tokenizer_info(tokenizer, max_seq_len)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=ERRORS)
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_id, created=started)])
 
-    @app.get("/health", response_model=None)
+    @app.get("/health", response_model=None, responses={503: {"description": "Not ready: starting ({'status': "
+                                                               "'starting', 'start': its stage}) or failed (an error)"}})
     async def health() -> dict[str, str] | JSONResponse:
         try:
             await engine.check_health()
@@ -167,7 +180,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             return error_response(503, f"The model is not ready to serve: {type(e).__name__}: {e}", UNAVAILABLE)
         return {"status": "ok"}
 
-    @app.get("/cluster")
+    @app.get("/cluster", responses=ERRORS)
     async def cluster() -> dict:  # whatever the engine reports; the engine keeps it JSON-able
         return await engine.cluster_info()
 

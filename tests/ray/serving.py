@@ -12,20 +12,28 @@ from llama.distributed import free_port
 
 
 @contextmanager
-def served(ckpt: Path, model: str) -> Iterator[openai.OpenAI]:
-    """build_app on `ckpt` at model_parallel_size 2, and an openai client for it."""
+def serving(args: dict) -> Iterator[str]:
+    """build_app(args) served by Serve on a free loopback port: its base URL. The gang starts in
+    the background; requests wait for it."""
     from ray import serve
 
     from deploy.app import build_app
 
     port = free_port("127.0.0.1")
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
-                         "parallel": {"model_parallel_size": 2, "device": "cpu"}}), name="llama", route_prefix="/")
+    serve.run(build_app(args), name="llama", route_prefix="/")
     try:
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
+
+
+@contextmanager
+def served(ckpt: Path, model: str) -> Iterator[openai.OpenAI]:
+    """build_app on `ckpt` at model_parallel_size 2, and an openai client for it."""
+    with serving({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
+                  "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def check_completions(client: openai.OpenAI, model: str, prompts: list[str], max_tokens: int,

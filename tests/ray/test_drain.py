@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from llama.distributed import free_port
+from tests.ray.serving import serving
 
 MODEL = "llama-demo"
 # 240 tokens: several seconds at MP=2 on a CPU; EOS is banned so that the answer runs to max_tokens.
@@ -22,14 +22,7 @@ LONG = {"model": MODEL, "prompt": "Q: What is a llama?\nA:", "max_tokens": 240, 
 def test_a_stream_in_flight_runs_to_its_end_when_its_replica_is_stopped(ray_local):
     from ray import serve
 
-    from deploy.app import build_app
-
-    port = free_port("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        serve.run(build_app({"model": MODEL, "parallel": {"model_parallel_size": 2, "device": "cpu"}}),
-                  name="llama", route_prefix="/")
+    with serving({"model": MODEL, "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
         undisturbed = httpx.post(url + "/v1/completions", json=LONG, timeout=120).json()["choices"][0]["token_ids"]
         assert len(undisturbed) == 240
 
@@ -59,5 +52,3 @@ def test_a_stream_in_flight_runs_to_its_end_when_its_replica_is_stopped(ray_loca
         assert got["token_ids"] == undisturbed and got["finish_reason"] == "length" and "done" in got
         assert late.status_code == 404  # the route is gone; the stopping replica got nothing new
         print(f"drained: the stream ended {got['done'] - stopped:.1f} s after the application was deleted")
-    finally:
-        serve.shutdown()

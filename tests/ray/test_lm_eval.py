@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from deploy.default_model import DEMO_CKPT
-from llama.distributed import free_port
 from llama.request import GenerationRequest, SamplingParams
+from tests.ray.serving import serving
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = "llama-demo"
@@ -21,16 +21,9 @@ DOCS = 12  # of demo/eval/demo_qa.jsonl's 25, for each task
 
 @pytest.fixture(scope="module")
 def base_url(ray_local):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": MODEL, "engine": {"max_seq_len": 128, "max_batch_size": 4},
-                         "parallel": {"model_parallel_size": 2, "device": "cpu"}}), name="llama", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serving({"model": MODEL, "engine": {"max_seq_len": 128, "max_batch_size": 4},
+                  "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

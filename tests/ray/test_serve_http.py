@@ -9,25 +9,17 @@ import httpx
 import openai
 import pytest
 
-from llama.distributed import free_port
 from tests.conftest import GOLDEN_CKPT
+from tests.ray.serving import serving
 
 MODEL = "llama-golden"
 
 
 @pytest.fixture(scope="module")
 def base_url(ray_local):
-    from ray import serve
-
-    from deploy.app import build_app
-
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
-                     "parallel": {"model_parallel_size": 2, "device": "cpu"}})
-    serve.run(app, name="llama", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    with serving({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
+                  "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
