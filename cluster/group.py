@@ -17,8 +17,9 @@ from dataclasses import asdict, replace
 import ray
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+from cluster.admission import Admission, Places
 from cluster.config import GangConfig
-from cluster.errors import GangStartError, OverloadedError, PlacementError, RankFailedError
+from cluster.errors import GangStartError, PlacementError, RankFailedError
 from cluster.metrics import RequestMetrics
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
@@ -41,7 +42,8 @@ class RankGroup:
         self.placement = placement
         self._owns_placement = owns_placement
         self.progress = progress  # how the start went, stage by stage
-        self._active = 0  # requests streaming through this replica: running or waiting in the engine
+        # Requests streaming through this replica, running or waiting in the engine, and its bound.
+        self.places = Places(config.engine.max_batch_size, config.engine.max_waiting)
         self._failed: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -114,16 +116,20 @@ class RankGroup:
         if self._failed:
             raise RankFailedError(f"this gang failed earlier ({self._failed}) and must be replaced.")
 
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """One request through the driver: one Ray call, its tokens streamed back. Closing the
-        iterator early aborts the request (its slot is freed at the driver's next step). Raises
-        OverloadedError at once when the replica already holds max_batch_size + max_waiting."""
+    def admit(self, n: int) -> Admission:
+        """Places for one HTTP request's n choices, all or none (cluster/admission.py): raises
+        OverloadedError at once when the replica already holds too many to fit them."""
         self._check_usable()
-        eng = self.config.engine
-        if self._active >= eng.max_batch_size + eng.max_waiting:
-            raise OverloadedError(f"this replica holds {self._active} requests, its limit (max_batch_size "
-                                  f"{eng.max_batch_size} running + max_waiting {eng.max_waiting} waiting); retry shortly.")
-        self._active += 1
+        return self.places.admit(n)
+
+    async def stream(self, request: GenerationRequest, admission: Admission | None = None
+                     ) -> AsyncIterator[StreamDelta]:
+        """One request through the driver: one Ray call, its tokens streamed back. Closing the
+        iterator early aborts the request (its slot is freed at the driver's next step). Without
+        an `admission` (the caller's, for all of an HTTP request's choices, released by the
+        caller) it takes one place itself, and raises OverloadedError when none is free."""
+        self._check_usable()
+        own = self.admit(1) if admission is None else None
         inner = self._stream(request)
         metrics = RequestMetrics(self.config.checkpoint.ckpt_dir.name)
         reason = "abort"  # unless it finishes or fails: the caller went away
@@ -141,7 +147,8 @@ class RankGroup:
             reason = "error" if isinstance(e, Exception) else reason
             raise
         finally:
-            self._active -= 1
+            if own is not None:
+                own.release()
             await inner.aclose()  # now, not when collected: closing early aborts the request
             if reason:
                 metrics.finish(reason)
@@ -187,7 +194,11 @@ class RankGroup:
 
     def _classify(self, e: BaseException) -> BaseException:
         """A ValueError raised on the driver is the caller's mistake (raised before the request
-        entered the engine, so the gang is fine); anything else breaks the gang."""
+        entered the engine, so the gang is fine); a cancelled call is the caller leaving (Serve
+        cancels a request's Ray calls when its HTTP client disconnects, and that can reach us
+        before the asyncio cancellation does); anything else breaks the gang."""
+        if isinstance(e, ray.exceptions.TaskCancelledError):
+            return asyncio.CancelledError(f"the request's call to the driver was cancelled: {e}")
         cause = e.cause if isinstance(e, ray.exceptions.RayTaskError) else e
         if isinstance(cause, ValueError):
             return cause

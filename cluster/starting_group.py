@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 from ray.util.placement_group import PlacementGroup
 
+from cluster.admission import Admission
 from cluster.config import GangConfig
 from cluster.errors import GangStartingError, RankFailedError
 from cluster.group import RankGroup
@@ -66,9 +67,14 @@ class StartingGroup:
         return GangStartingError(f"the model is still starting: {self.progress.describe()}", self.progress.as_dict())
 
     # ---- EngineClient (deploy/engine_client.py)
-    async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+    async def admit(self, n: int) -> Admission:
         group = await self._wait_ready(self.wait_s)
-        async for delta in group.stream(request):
+        return group.admit(n)
+
+    async def stream(self, request: GenerationRequest, admission: Admission | None = None
+                     ) -> AsyncIterator[StreamDelta]:
+        group = await self._wait_ready(self.wait_s)
+        async for delta in group.stream(request, admission):
             yield delta
 
     async def check_health(self) -> None:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 
+from cluster.admission import Admission
 from deploy.engine_client import EngineClient
 from deploy.errors import unfinished_error
 from llama.request import GenerationRequest, StreamDelta
@@ -21,9 +22,11 @@ logger = logging.getLogger(__name__)
 class ChoiceStreams:
     """The engine streams of one HTTP request, one per choice, each already past its first delta."""
 
-    def __init__(self, streams: list[AsyncIterator[StreamDelta]], firsts: list[StreamDelta]) -> None:
+    def __init__(self, streams: list[AsyncIterator[StreamDelta]], firsts: list[StreamDelta],
+                 admission: Admission | None = None) -> None:
         self._streams = streams
         self._firsts = firsts
+        self._admission = admission  # the replica's places the choices hold until aclose
         self._pending: dict[asyncio.Task[StreamDelta], int] = {}  # next-delta pull -> choice index
 
     def __len__(self) -> int:
@@ -33,19 +36,22 @@ class ChoiceStreams:
     async def open(cls, engine: EngineClient, requests: list[GenerationRequest]) -> ChoiceStreams:
         """Start every choice and wait for each one's first delta, concurrently. Whatever fails here
         (a ValueError for a request the engine cannot serve, a ClusterError) closes all the
-        streams and is raised before the response starts."""
+        streams and is raised before the response starts. The choices are admitted all at once,
+        or the request is refused (OverloadedError) before any starts."""
+        admission = await engine.admit(len(requests))
         streams: list[AsyncIterator[StreamDelta]] = []
         tasks: list[asyncio.Task[StreamDelta]] = []
         try:
             for r in requests:
-                streams.append(engine.stream(r))
+                streams.append(engine.stream(r, admission))
             tasks = [asyncio.ensure_future(_next(s)) for s in streams]
             firsts = await asyncio.gather(*tasks)
         except BaseException:
             await _cancel(tasks)
             await _close(streams)
+            admission.release()
             raise
-        return cls(streams, list(firsts))
+        return cls(streams, list(firsts), admission)
 
     @classmethod
     def finished(cls, deltas: list[StreamDelta]) -> ChoiceStreams:
@@ -84,8 +90,12 @@ class ChoiceStreams:
         have not finished. Safe to call more than once."""
         tasks = list(self._pending)
         self._pending.clear()
-        await _cancel(tasks)
-        await _close(self._streams)
+        try:
+            await _cancel(tasks)
+            await _close(self._streams)
+        finally:
+            if self._admission is not None:
+                self._admission.release()
 
     def _received(self, i: int, delta: StreamDelta) -> StreamDelta:
         """Check a choice's delta and, unless it was its last, start pulling the next one."""

@@ -9,13 +9,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Protocol
 
+from cluster.admission import Admission
 from llama.request import GenerationRequest, StreamDelta
 
 
 class EngineClient(Protocol):
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
-        """Run one request and yield its deltas as the engine makes them; the last one has a
-        finish_reason ("stop", "length", "timeout" or "abort").
+    async def admit(self, n: int) -> Admission:
+        """Places for the n choices of one HTTP request, all or none (cluster/admission.py): raises
+        cluster.errors.OverloadedError when the replica holds too many to fit them now, ValueError
+        when it never could, a ClusterError if the gang cannot serve. The caller releases them
+        when the request ends, however it ends."""
+        ...
+
+    def stream(self, request: GenerationRequest, admission: Admission | None = None) -> AsyncIterator[StreamDelta]:
+        """Run one request (a choice, in the places `admission` holds) and yield its deltas as
+        the engine makes them; the last one has a finish_reason ("stop", "length", "timeout" or
+        "abort").
 
         Raises ValueError before the first delta for a request the model cannot serve, and a
         cluster.errors.ClusterError if the gang fails (before or during the stream). Closing the

@@ -14,6 +14,7 @@ import openai
 import pytest
 from starlette.testclient import TestClient
 
+from cluster.admission import Admission, Places
 from cluster.errors import GangStartingError, OverloadedError, RankFailedError
 from deploy.api import build_api
 from deploy.logprobs import token_bytes
@@ -43,8 +44,15 @@ class FakeEngine:
         self.fail: dict[str, Exception] = {}  # method name -> what it raises ("stream": before the first delta)
         # stream call number -> (deltas sent first, then: raise this, or end with this finish_reason)
         self.faults: dict[int, tuple[int, Exception | str]] = {}
+        self.places = Places(running=8, waiting=64)  # held: every request's must be back when it ends
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+    async def admit(self, n: int) -> Admission:
+        if "admit" in self.fail:
+            raise self.fail["admit"]
+        return self.places.admit(n)
+
+    def stream(self, request: GenerationRequest, admission: Admission | None = None) -> AsyncIterator[StreamDelta]:
+        assert admission is not None and admission.n > 0, "a stream outside the places admitted for it"
         if asyncio.current_task() is not self._caller:
             self._caller = asyncio.current_task()
             self.calls.append([])
@@ -136,6 +144,7 @@ def http(engine: FakeEngine, tok: Tokenizer) -> Iterator[TestClient]:
     # visible instead of being cancelled with a loop of its own.
     with TestClient(build_api(engine, tok, MODEL, MAX_SEQ_LEN)) as client:
         yield client
+    assert engine.places.held == 0, "a request ended without giving back its places"
 
 
 @pytest.fixture
@@ -347,14 +356,23 @@ def test_health_and_cluster(http: TestClient, engine: FakeEngine) -> None:
     assert error_of(http.get("/cluster"), 500)["type"] == "internal_error"
 
 
-def test_a_full_replica_answers_429_with_retry_after(http: TestClient, engine: FakeEngine) -> None:
-    engine.fail["stream"] = OverloadedError("this replica holds 72 requests, its limit (max_batch_size 8 running + "
-                                            "max_waiting 64 waiting); retry shortly.")
+def test_a_full_replica_answers_429_with_retry_after_and_starts_no_choice(http: TestClient, engine: FakeEngine) -> None:
+    engine.places = Places(running=2, waiting=1)
+    others = engine.places.admit(2)  # held by requests in flight
     for stream in (False, True):
-        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream})
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 2, "stream": stream})
         err = error_of(r, 429)
         assert r.headers["retry-after"] == "5" and (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
-        assert err["message"].startswith("The server is busy: this replica holds 72 requests")
+        assert err["message"] == ("The server is busy: this replica holds 2 requests, its limit (max_batch_size 2 "
+                                  "running + max_waiting 1 waiting), so 2 more do not fit; retry shortly. Retry after a "
+                                  "few seconds.")
+    assert engine.streamed == []  # all of a request's choices, or none of them
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 1})
+    assert r.status_code == 200 and engine.places.held == 2
+    others.release()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 4})
+    assert error_of(r, 400)["message"].startswith("this request asks for 4 choices, but this server holds at most 3 "
+                                                  "requests at once")
 
 
 def test_while_the_gang_starts_health_names_the_stage_and_requests_are_told_to_come_back(

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import pytest
 from starlette.testclient import TestClient
 
+from cluster.admission import Admission, Places
 from deploy.api import build_api
 from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta
 from test_engine import Driver, golden_model, greedy, random_prompts  # noqa: F401 (golden_model: a fixture)
@@ -101,7 +102,10 @@ class InProcessEngine:
         self.driver = driver
         self._ids = itertools.count()
 
-    def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
+    async def admit(self, n: int) -> Admission:
+        return Places(running=64, waiting=0).admit(n)
+
+    def stream(self, request: GenerationRequest, admission: Admission | None = None) -> AsyncIterator[StreamDelta]:
         rid = f"http{next(self._ids)}"
         self.driver.submit(rid, request)
         return self._stream(self.driver.deltas[rid])

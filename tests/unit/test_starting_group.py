@@ -20,7 +20,10 @@ class FakeGroup:
     def __init__(self):
         self.shut = False
 
-    async def stream(self, request):
+    def admit(self, n):
+        return n
+
+    async def stream(self, request, admission=None):
         yield StreamDelta(token_ids=(7,), text="x", finish_reason="length")
 
     async def check_health(self):
