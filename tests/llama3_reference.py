@@ -3,7 +3,12 @@ checkpoint, float32 on the CPU at model-parallel size 1 (the caller provides the
 greedy tokens and logprobs, and the chat formatter's prompt ids, to compare ours against."""
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,34 +28,37 @@ def make_tiny_llama3(out: Path, shards: int, seed: int = 7) -> Path:
                      extra_params=LLAMA31, qk_std=1.0)
 
 
-def _without_torchvision() -> None:
+@contextmanager
+def _without_torchvision() -> Iterator[None]:
     """llama-models' generation module imports its vision model, whose image transforms import
     torchvision at load time; the text model never calls them, and torchvision's CPU build is
-    not on PyPI. Stand-in modules let the import through."""
-    import sys
-    import types
-
-    if "torchvision" not in sys.modules:
-        try:
-            import torchvision  # noqa: F401
-        except ImportError:
-            tv = types.ModuleType("torchvision")
-            tv.transforms = types.ModuleType("torchvision.transforms")
-            tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
-            sys.modules.update({"torchvision": tv, "torchvision.transforms": tv.transforms,
-                                "torchvision.transforms.functional": tv.transforms.functional})
+    not on PyPI. Stand-in modules let the import through, and are gone after it: left in
+    sys.modules, they would make later find_spec("torchvision") calls fail (datasets makes one)."""
+    stand_ins: dict[str, types.ModuleType] = {}
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+        stand_ins = {"torchvision": tv, "torchvision.transforms": tv.transforms,
+                     "torchvision.transforms.functional": tv.transforms.functional}
+        sys.modules.update(stand_ins)
+    try:
+        yield
+    finally:
+        for name in stand_ins:
+            sys.modules.pop(name, None)
 
 
 def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
                      max_seq_len: int = 128) -> list[tuple[list[int], list[float]]]:
     """Each prompt's first max_gen_len greedy tokens (fewer if a stop token came) and their
     logprobs, from llama-models' Llama3.generate on the one-shard checkpoint."""
-    _without_torchvision()
-    from llama_models.llama3.args import ModelArgs as RefArgs
-    from llama_models.llama3.chat_format import LLMInput
-    from llama_models.llama3.generation import Llama3
-    from llama_models.llama3.model import Transformer as RefTransformer
-    from llama_models.llama3.tokenizer import Tokenizer as RefTokenizer
+    with _without_torchvision():
+        from llama_models.llama3.args import ModelArgs as RefArgs
+        from llama_models.llama3.chat_format import LLMInput
+        from llama_models.llama3.generation import Llama3
+        from llama_models.llama3.model import Transformer as RefTransformer
+        from llama_models.llama3.tokenizer import Tokenizer as RefTokenizer
 
     params = json.loads((ckpt_dir / "params.json").read_text())
     args = RefArgs(**params, max_batch_size=len(prompts), max_seq_len=max_seq_len)
