@@ -28,6 +28,14 @@ def serving(args: dict) -> Iterator[str]:
         serve.shutdown()
 
 
+def golden_args(model: str) -> dict:
+    """build_app's args for the golden checkpoint at MP=2 on CPUs, as the HTTP modules serve it."""
+    from tests.conftest import GOLDEN_CKPT
+
+    return {"model": model, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
+            "parallel": {"model_parallel_size": 2, "device": "cpu"}}
+
+
 @contextmanager
 def served(ckpt: Path, model: str) -> Iterator[openai.OpenAI]:
     """build_app on `ckpt` at model_parallel_size 2, and an openai client for it."""

@@ -26,8 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import GOLDEN_CKPT
-from tests.ray.serving import serving
+from tests.ray.serving import golden_args, serving
 
 MODEL = "llama-golden"
 EXAMPLES = 25  # generated cases per operation and mode (valid, mutated)
@@ -133,8 +132,7 @@ def hypothesis_home(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def base_url(ray_local):
-    with serving({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
-                  "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
+    with serving(golden_args(MODEL)) as url:
         yield url
 
 

@@ -9,16 +9,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import GOLDEN_CKPT
-from tests.ray.serving import serving
+from tests.ray.serving import golden_args, serving
 
 MODEL = "llama-golden"
 
 
 @pytest.fixture(scope="module")
 def base_url(ray_local):
-    with serving({"model": MODEL, "ckpt_dir": str(GOLDEN_CKPT), "engine": {"max_seq_len": 96, "max_batch_size": 6},
-                  "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
+    with serving(golden_args(MODEL)) as url:
         yield url
 
 
