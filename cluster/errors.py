@@ -37,3 +37,10 @@ class GangStartingError(ClusterError):
 class OverloadedError(Exception):
     """The replica already holds as many requests as it may (running and waiting): come back
     later. Not a failure of the gang, and not the caller's mistake."""
+
+
+class DrainingError(Exception):
+    """Serve is stopping this replica (a shutdown, a redeploy, a scale-down): it takes no new
+    requests and ends those it has not started, and, once its grace period is spent, those still
+    running. Not a failure of the gang, and not the caller's mistake: the client should retry,
+    and another replica (or this one's replacement) will serve it."""

@@ -19,7 +19,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.admission import Admission, Places
 from cluster.config import GangConfig
-from cluster.errors import GangStartError, PlacementError, RankFailedError
+from cluster.errors import DrainingError, GangStartError, PlacementError, RankFailedError
 from cluster.metrics import RequestMetrics
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
@@ -45,6 +45,10 @@ class RankGroup:
         # Requests streaming through this replica, running or waiting in the engine, and its bound.
         self.places = Places(config.engine.max_batch_size, config.engine.max_waiting)
         self._failed: str | None = None
+        # Each request in the engine (its id) and whether it has started (a delta came back): what
+        # a drain ends. draining is the replica's shutdown, once Serve has begun it.
+        self._live: dict[str, bool] = {}
+        self.draining: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -118,9 +122,33 @@ class RankGroup:
 
     def admit(self, n: int) -> Admission:
         """Places for one HTTP request's n choices, all or none (cluster/admission.py): raises
-        OverloadedError at once when the replica already holds too many to fit them."""
+        OverloadedError at once when the replica already holds too many to fit them, and
+        DrainingError once the replica is draining."""
         self._check_usable()
+        if self.draining is not None:
+            raise DrainingError(f"this replica is shutting down ({self.draining}) and takes no new requests; retry, "
+                                f"and another replica (or this one's replacement) will serve it.")
         return self.places.admit(n)
+
+    # ------------------------------------------------------------------ drain (deploy/drain.py decides when)
+    def drain(self, why: str) -> int:
+        """Serve has begun to stop this replica (`why`): refuse new requests, and end those the
+        engine has not started, so that their clients retry elsewhere now rather than wait on a
+        replica that is going away; started ones run on. Returns how many were ended."""
+        self.draining = why
+        return self._abort([rid for rid, started in self._live.items() if not started])
+
+    def cut(self) -> int:
+        """The drain's grace period is spent: end every request still running, so that its client
+        gets a 503 (or, streaming, an error event) rather than a connection cut when Serve kills
+        the replica. Returns how many were ended."""
+        return self._abort(list(self._live))
+
+    def _abort(self, request_ids: list[str]) -> int:
+        if self.actors:  # none once shut down
+            for rid in request_ids:
+                self.actors[0].abort.remote(rid)
+        return len(request_ids)
 
     async def stream(self, request: GenerationRequest, admission: Admission | None = None
                      ) -> AsyncIterator[StreamDelta]:
@@ -133,13 +161,19 @@ class RankGroup:
         inner = self._stream(request)
         metrics = RequestMetrics(self.config.checkpoint.ckpt_dir.name)
         reason = "abort"  # unless it finishes or fails: the caller went away
+        started = False
         try:
             async for delta in inner:
                 metrics.queued(delta.queue_s)
                 metrics.tokens_arrived(len(delta.token_ids))
+                if delta.finish_reason == "abort" and self.draining is not None:
+                    raise DrainingError(self._drain_message(started))
                 if delta.finish_reason is not None:
                     reason = delta.finish_reason
+                started = True
                 yield delta
+        except DrainingError:
+            raise  # counted as the abort it was (reason stays "abort")
         except ValueError:  # the caller's mistake, refused before the request entered the engine
             reason = ""
             raise
@@ -153,10 +187,18 @@ class RankGroup:
             if reason:
                 metrics.finish(reason)
 
+    def _drain_message(self, started: bool) -> str:
+        if started:
+            return (f"this replica is shutting down ({self.draining}), and its grace period ended before your "
+                    f"request finished; retry it, and another replica (or this one's replacement) will serve it.")
+        return (f"this replica is shutting down ({self.draining}) and had not started your request; retry, and "
+                f"another replica (or this one's replacement) will serve it.")
+
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         request_id = uuid.uuid4().hex
         driver = self.actors[0]
         refs = driver.submit.remote(request_id, request)
+        self._live[request_id] = False
         finished = False
         try:
             async for ref in refs:
@@ -165,6 +207,7 @@ class RankGroup:
                 except Exception as e:
                     finished = True  # the driver's generator has ended
                     raise self._classify(e) from e
+                self._live[request_id] = True
                 for d in deltas:
                     finished = finished or d.finish_reason is not None
                     yield d
@@ -172,6 +215,7 @@ class RankGroup:
             finished = True
             raise self._classify(e) from e
         finally:
+            del self._live[request_id]
             if not finished:
                 driver.abort.remote(request_id)
 

@@ -18,7 +18,7 @@ from ray.util.placement_group import PlacementGroup
 
 from cluster.admission import Admission
 from cluster.config import GangConfig
-from cluster.errors import GangStartingError, RankFailedError
+from cluster.errors import DrainingError, GangStartingError, RankFailedError
 from cluster.group import RankGroup
 from cluster.start import StartProgress, stage_deadlines
 from llama.request import GenerationRequest, StreamDelta
@@ -33,6 +33,7 @@ class StartingGroup:
         self.group: RankGroup | None = None
         self.wait_s = wait_s
         self._poll_s = poll_s
+        self._draining: str | None = None
         self._thread = threading.Thread(target=self._start, args=(config, placement, first_bundle),
                                         name="gang-start", daemon=True)
         self._thread.start()
@@ -55,12 +56,17 @@ class StartingGroup:
         loop = asyncio.get_running_loop()
         until = float("inf") if wait_s is None else loop.time() + wait_s
         while self.group is None:
+            if self._draining is not None:
+                raise DrainingError(f"this replica is shutting down ({self._draining}) before its model started; "
+                                    f"retry, and another replica (or this one's replacement) will serve it.")
             if self.progress.error is not None:
                 raise RankFailedError(f"the gang failed to start ({self.progress.error}); this replica will be "
                                       f"replaced")
             if loop.time() >= until:
                 raise self._starting()
             await asyncio.sleep(self._poll_s)
+        if self._draining is not None and self.group.draining is None:  # it became ready as the drain began
+            self.group.drain(self._draining)
         return self.group
 
     def _starting(self) -> GangStartingError:
@@ -95,6 +101,16 @@ class StartingGroup:
             self.progress.check()
         else:
             await self.group.check_health()
+
+    def drain(self, why: str) -> int:
+        """Serve has begun to stop this replica: requests waiting for the start are refused, and
+        the gang, if ready, drains (RankGroup.drain). Returns how many requests were ended."""
+        self._draining = why
+        return 0 if self.group is None else self.group.drain(why)
+
+    def cut(self) -> int:
+        """The drain's grace period is spent: RankGroup.cut."""
+        return 0 if self.group is None else self.group.cut()
 
     def shutdown(self) -> None:
         self.progress.cancel()

@@ -17,7 +17,8 @@ class EngineClient(Protocol):
     async def admit(self, n: int) -> Admission:
         """Places for the n choices of one HTTP request, all or none (cluster/admission.py): raises
         cluster.errors.OverloadedError when the replica holds too many to fit them now, ValueError
-        when it never could, a ClusterError if the gang cannot serve. The caller releases them
+        when it never could, DrainingError once the replica is shutting down, a ClusterError if
+        the gang cannot serve. The caller releases them
         when the request ends, however it ends."""
         ...
 
@@ -26,8 +27,10 @@ class EngineClient(Protocol):
         the engine makes them; the last one has a finish_reason ("stop", "length", "timeout" or
         "abort").
 
-        Raises ValueError before the first delta for a request the model cannot serve, and a
-        cluster.errors.ClusterError if the gang fails (before or during the stream). Closing the
+        Raises ValueError before the first delta for a request the model cannot serve, a
+        cluster.errors.ClusterError if the gang fails (before or during the stream), and
+        DrainingError when the replica's drain ends the request (not started yet, or still
+        running when the grace period is spent). Closing the
         iterator early (`aclose()`, or the consuming task being cancelled) cancels the request:
         the engine frees its slot at the next step."""
         ...

@@ -4,8 +4,9 @@
 
 A caller's mistake (APIError, a request that fails validation, any ValueError, including one
 the engine raises through Ray) is a 4xx that says what to change; a failed gang (ClusterError)
-is a 503, which clients retry; a request the engine stopped (finish_reason "timeout" or
-"abort") is a 504 or 503; anything else is a 500. Failures are logged here, and a 500 never
+is a 503, which clients retry, and so is a request a draining replica refuses or ends
+(DrainingError); a request the engine stopped (finish_reason "timeout" or "abort") is a 504 or
+503; anything else is a 500. Failures are logged here, and a 500 never
 quotes an exception's text, which may contain the prompt. Nothing a caller sends makes an
 exception leave the app. A stream that fails after its first byte sends the same body as one
 server-sent event (deploy/sse.py).
@@ -22,7 +23,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.errors import ClusterError, GangStartingError, OverloadedError
+from cluster.errors import ClusterError, DrainingError, GangStartingError, OverloadedError
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ UNAVAILABLE = "service_unavailable_error"
 TIMEOUT = "timeout_error"
 RATE_LIMIT = "rate_limit_error"
 RETRY_AFTER_S = 5  # what a 503 (model starting) or a 429 (replica full) asks clients to wait
+DRAIN_RETRY_AFTER_S = 1  # a draining replica's 503: the other replicas (or its replacement) can serve now
 
 
 class APIError(Exception):
@@ -96,6 +98,9 @@ def as_api_error(e: BaseException, where: str) -> APIError:
     if isinstance(e, OverloadedError):  # not a failure: the replica is full
         return APIError(429, f"The server is busy: {e} Retry after a few seconds.", type=RATE_LIMIT,
                         code="rate_limit_exceeded", headers={"Retry-After": str(RETRY_AFTER_S)})
+    if isinstance(e, DrainingError):  # not a failure: Serve is stopping this replica
+        return APIError(503, f"The server is shutting down: {e}", type=UNAVAILABLE, code="replica_draining",
+                        headers={"Retry-After": str(DRAIN_RETRY_AFTER_S)})
     if isinstance(e, GangStartingError):  # not a failure: the model is loading
         return APIError(503, f"The model is still starting ({e.progress['stage']}, stage {e.progress['stage_number']} "
                              f"of {e.progress['stages']}). Retry shortly; GET /health says when it is ready.",

@@ -8,6 +8,7 @@ them is deploy/auth.py's.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from ray import serve
@@ -18,15 +19,17 @@ from cluster.config import GangConfig
 from cluster.starting_group import StartingGroup
 from deploy.api import build_api
 from deploy.auth import ApiKeySource, require_api_keys
+from deploy.drain import serve_stopping, watch
 
 log = logging.getLogger(__name__)
 
 
 # A failed gang is replaced, never repaired: the health check (a ping to every rank, cheap) runs
 # every 2 s so Serve notices soon, and a replica whose gang failed has nothing left to drain.
-# Drain: a replica that Serve stops (serve shutdown, a redeploy, a scale-down) gets no new
-# requests and lets its in-flight ones run to their end for up to graceful_shutdown_timeout_s
-# (then Serve kills it, cutting what still runs); it checks every 0.5 s whether they are done.
+# Drain (deploy/drain.py): a replica that Serve stops (serve shutdown, a redeploy, a scale-down)
+# answers new and not yet started requests 503 and lets its started ones run on for up to
+# graceful_shutdown_timeout_s, ending what still runs just before Serve's kill; Serve checks
+# every 0.5 s whether they are done.
 # Requests go to replicas whose gang is ready first (deploy/routing.py), as each replica
 # reports every 2 s. deploy/config.yaml's `deployments:` section may override any of these.
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=2, health_check_timeout_s=30,
@@ -47,6 +50,8 @@ class LlamaDeployment:
         # Requests that come while the gang starts wait for it as long as a request may run.
         self.group = StartingGroup(gang, pg, 0 if pg is None else 1, wait_s=gang.engine.request_timeout_s)
         self.tokenizer = gang.checkpoint.tokenizer()
+        stopping, grace_s = serve_stopping()  # Serve says nothing of a stop until the drain is over
+        self.drain_watch = asyncio.get_running_loop().create_task(watch(self.group, stopping, grace_s))
 
     def __serve_build_asgi_app__(self):
         app = build_api(self.group, self.tokenizer, self.model_id, self.gang.engine.max_seq_len)
@@ -60,6 +65,9 @@ class LlamaDeployment:
         return {"ready": self.group.ready}
 
     def __del__(self) -> None:
+        drain_watch = getattr(self, "drain_watch", None)
+        if drain_watch is not None:
+            drain_watch.get_loop().call_soon_threadsafe(drain_watch.cancel)
         group = getattr(self, "group", None)
         if group is not None:
             group.shutdown()

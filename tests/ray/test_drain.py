@@ -1,8 +1,12 @@
-"""Drain: when Serve stops a replica (here the application is deleted; a redeploy or scale-down
-stops it the same way), a stream it is running goes on to its end, with the tokens an
-undisturbed run gives, for up to graceful_shutdown_timeout_s (deploy/server.py: 60 s; Serve's
-default of 5 s cut such streams short). No new request reaches a stopping replica: once the
-application is deleted, Serve's proxy answers its routes with 404."""
+"""Drain (deploy/drain.py): when Serve stops a replica (here the application is deleted; a
+redeploy or scale-down stops it the same way), a request it has not started gets a 503 with
+Retry-After at once, a stream it is running goes on to its end with the tokens an undisturbed
+run gives, and a stream still running when the grace period is nearly spent ends with a 503
+error event instead of a cut connection. No new request reaches a stopping replica: once the
+application is deleted, Serve's proxy answers its routes with 404.
+
+The application is deployed as `serve run deploy/config.yaml` deploys it, with
+graceful_shutdown_timeout_s set under `deployments:` (12 s here, 60 s in deploy/config.yaml)."""
 from __future__ import annotations
 
 import json
@@ -11,44 +15,106 @@ import time
 
 import httpx
 
-from tests.ray.serving import serving
+from llama.distributed import free_port
 
 MODEL = "llama-demo"
-# 240 tokens: several seconds at MP=2 on a CPU; EOS is banned so that the answer runs to max_tokens.
-LONG = {"model": MODEL, "prompt": "Q: What is a llama?\nA:", "max_tokens": 240, "temperature": 0,
-        "logit_bias": {"2": -100}, "return_token_ids": True}
+GRACE_S = 12.0
+# EOS is banned so that each answer runs to max_tokens: 100 tokens take a few seconds at MP=2 on
+# a CPU, 900 take far longer than the grace period.
+SHORT = {"model": MODEL, "prompt": "Q: What is a llama?\nA:", "max_tokens": 100, "temperature": 0,
+         "logit_bias": {"2": -100}, "return_token_ids": True}
+LONG = {**SHORT, "prompt": "Q: Where do llamas live?\nA:", "max_tokens": 900}
 
 
-def test_a_stream_in_flight_runs_to_its_end_when_its_replica_is_stopped(ray_local):
-    from ray import serve
+class Reader(threading.Thread):
+    """One streamed completion, read to its end: its token ids, finish reason, error event, and
+    whether the response ended cleanly (a cut connection raises in httpx)."""
 
-    with serving({"model": MODEL, "parallel": {"model_parallel_size": 2, "device": "cpu"}}) as url:
-        undisturbed = httpx.post(url + "/v1/completions", json=LONG, timeout=120).json()["choices"][0]["token_ids"]
-        assert len(undisturbed) == 240
+    def __init__(self, url: str, body: dict) -> None:
+        super().__init__()
+        self.url, self.body = url, {**body, "stream": True}
+        self.token_ids: list[int] = []
+        self.finish_reason = self.error = self.broken = None
+        self.done = False
+        self.first_token = threading.Event()
+        self.ended_at = 0.0
 
-        got: dict = {"token_ids": [], "events": []}
-        first_token = threading.Event()
-
-        def read() -> None:
-            with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=120) as r:
+    def run(self) -> None:
+        try:
+            with httpx.stream("POST", self.url + "/v1/completions", json=self.body, timeout=120) as r:
                 for line in r.iter_lines():
-                    if line.startswith("data: {"):
-                        chunk = json.loads(line[6:])
-                        got["token_ids"] += chunk["choices"][0].get("token_ids") or []
-                        got["finish_reason"] = chunk["choices"][0]["finish_reason"]
-                        first_token.set()
+                    event = json.loads(line[6:]) if line.startswith("data: {") else None
+                    if event is not None and "error" in event:
+                        self.error = event["error"]
+                    elif event is not None:
+                        self.token_ids += event["choices"][0].get("token_ids") or []
+                        self.finish_reason = event["choices"][0]["finish_reason"]
+                        self.first_token.set()
                     elif line == "data: [DONE]":
-                        got["done"] = time.monotonic()
+                        self.done = True
+        except httpx.HTTPError as e:
+            self.broken = repr(e)
+        self.ended_at = time.monotonic()
 
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert first_token.wait(60)
+
+def test_a_stopped_replica_refuses_what_it_has_not_started_finishes_what_it_has_and_ends_the_rest_cleanly(ray_local):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    port = free_port("127.0.0.1")
+    url = f"http://127.0.0.1:{port}"
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        args = {"model": MODEL, "engine": {"max_batch_size": 2, "max_waiting": 2, "max_seq_len": 1024},
+                "parallel": {"model_parallel_size": 2, "device": "cpu"}}
+        _get_global_client().deploy_apps(ServeDeploySchema(applications=[{
+            "name": "llama", "route_prefix": "/", "import_path": "deploy.app:build_app", "args": args,
+            "deployments": [{"name": "LlamaDeployment", "graceful_shutdown_timeout_s": GRACE_S}]}]), _blocking=True)
+        undisturbed = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
+        assert len(undisturbed) == 100
+
+        # Both of the engine's slots busy, and one request waiting for a slot.
+        long, short = Reader(url, LONG), Reader(url, SHORT)
+        long.start()
+        assert long.first_token.wait(60)
+        short.start()
+        assert short.first_token.wait(60)
+        waiting: dict = {}
+        waiter = threading.Thread(target=lambda: waiting.update(
+            r=httpx.post(url + "/v1/completions", json=SHORT, timeout=120), at=time.monotonic()))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while httpx.get(url + "/cluster", timeout=10).json()["engine"]["waiting"] < 1:
+            assert time.monotonic() < deadline, "the third request never waited in the engine"
+            time.sleep(0.05)
+
         stopped = time.monotonic()
         serve.delete("llama", _blocking=False)  # Serve stops the replica: it drains
-        time.sleep(1.0)
-        late = httpx.post(url + "/v1/completions", json={**LONG, "max_tokens": 2}, timeout=30)
-        reader.join(120)
-        assert not reader.is_alive()
-        assert got["token_ids"] == undisturbed and got["finish_reason"] == "length" and "done" in got
+        time.sleep(1.5)
+        late = httpx.post(url + "/v1/completions", json={**SHORT, "max_tokens": 2}, timeout=30)
+        for t in (waiter, short, long):
+            t.join(60)
+            assert not t.is_alive()
+
+        # Not started: a 503 at once, which tells the client to retry.
+        r = waiting["r"]
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+        err = r.json()["error"]
+        assert (err["type"], err["code"]) == ("service_unavailable_error", "replica_draining")
+        assert "had not started your request" in err["message"]
+        assert waiting["at"] - stopped < GRACE_S / 2
+        # Started: runs to its end, undisturbed.
+        assert (short.token_ids, short.finish_reason, short.done, short.broken) == (undisturbed, "length", True, None)
+        assert short.ended_at > waiting["at"]  # it ran on after the drain had begun
+        # Still running when the grace period is nearly spent: an error event, then a clean end.
+        assert long.broken is None and not long.done and 0 < len(long.token_ids) < 900
+        assert (long.error["code"], long.error["type"]) == ("replica_draining", "service_unavailable_error")
+        assert "grace period ended before your request finished" in long.error["message"]
+        assert long.ended_at - stopped < GRACE_S
         assert late.status_code == 404  # the route is gone; the stopping replica got nothing new
-        print(f"drained: the stream ended {got['done'] - stopped:.1f} s after the application was deleted")
+        print(f"drain: the waiting request's 503 came {waiting['at'] - stopped:.1f} s after the delete, the running "
+              f"stream ended whole {short.ended_at - stopped:.1f} s after, the long stream's error event "
+              f"{long.ended_at - stopped:.1f} s after ({len(long.token_ids)} tokens), grace {GRACE_S:.0f} s")
+    finally:
+        serve.shutdown()

@@ -15,7 +15,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from cluster.admission import Admission, Places
-from cluster.errors import GangStartingError, OverloadedError, RankFailedError
+from cluster.errors import DrainingError, GangStartingError, OverloadedError, RankFailedError
 from deploy.api import build_api
 from deploy.logprobs import token_bytes
 from llama.chat_format import UNSAFE_ERROR, encode_dialog
@@ -373,6 +373,27 @@ def test_a_full_replica_answers_429_with_retry_after_and_starts_no_choice(http: 
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "n": 4})
     assert error_of(r, 400)["message"].startswith("this request asks for 4 choices, but this server holds at most 3 "
                                                   "requests at once")
+
+
+def test_a_draining_replica_answers_503_with_retry_after(http: TestClient, engine: FakeEngine) -> None:
+    why = "application 'llama' is being deleted"
+    engine.fail["admit"] = DrainingError(f"this replica is shutting down ({why}) and takes no new requests; retry, "
+                                         f"and another replica (or this one's replacement) will serve it.")
+    for stream in (False, True):
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2, "stream": stream})
+        err = error_of(r, 503)
+        assert r.headers["retry-after"] == "1"
+        assert (err["type"], err["code"]) == ("service_unavailable_error", "replica_draining")
+        assert err["message"] == ("The server is shutting down: this replica is shutting down (application 'llama' "
+                                  "is being deleted) and takes no new requests; retry, and another replica (or this "
+                                  "one's replacement) will serve it.")
+    assert engine.streamed == []
+    del engine.fail["admit"]
+    # Admitted, then ended by the drain before its first token: the same 503, and its places back.
+    engine.faults[0] = (0, DrainingError(f"this replica is shutting down ({why}) and had not started your request"))
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
+    assert (error_of(r, 503)["code"], r.headers["retry-after"]) == ("replica_draining", "1")
+    assert engine.places.held == 0
 
 
 def test_while_the_gang_starts_health_names_the_stage_and_requests_are_told_to_come_back(

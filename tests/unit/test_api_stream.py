@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import ClientDisconnect
 from starlette.testclient import TestClient
 
-from cluster.errors import RankFailedError
+from cluster.errors import DrainingError, RankFailedError
 from deploy.api import build_api
 from llama.chat_format import UNSAFE_ERROR
 from llama.tokenizer import Tokenizer
@@ -205,6 +205,7 @@ def test_openai_client_errors_before_the_first_byte(client: openai.OpenAI, engin
 
 @pytest.mark.parametrize("fault, kind", [
     (RankFailedError("rank 1 died"), "service_unavailable_error"),
+    (DrainingError("this replica is shutting down, and its grace period ended"), "service_unavailable_error"),
     ("timeout", "timeout_error"),
     ("abort", "service_unavailable_error"),
 ])

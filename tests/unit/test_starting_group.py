@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import cluster.starting_group as sg
-from cluster.errors import GangStartError, GangStartingError, RankFailedError
+from cluster.errors import DrainingError, GangStartError, GangStartingError, RankFailedError
 from cluster.start import STAGES
 from llama.request import GenerationRequest, SamplingParams, StreamDelta
 from tests.conftest import gang_config
@@ -19,6 +19,11 @@ from tests.conftest import gang_config
 class FakeGroup:
     def __init__(self):
         self.shut = False
+        self.draining = None
+
+    def drain(self, why):
+        self.draining = why
+        return 0
 
     def admit(self, n):
         return n
@@ -138,3 +143,23 @@ def test_a_failed_start_is_a_cluster_error_for_requests_health_and_liveness(scri
     with pytest.raises(RuntimeError, match="rank 1 died"):
         asyncio.run(starting.check_alive())
     assert asyncio.run(starting.cluster_info())["start"]["error"] == "RuntimeError: rank 1 died while loading"
+
+
+def test_a_drain_while_starting_refuses_the_waiting_requests_and_reaches_the_gang_once_ready(script, config):
+    starting = sg.StartingGroup(config, wait_s=10, poll_s=0.01)
+
+    async def scenario():
+        waiting = asyncio.ensure_future(collect(starting))
+        await asyncio.sleep(0.05)
+        assert starting.drain("application 'llama' is being deleted") == 0
+        with pytest.raises(DrainingError, match="shutting down .application 'llama' is being deleted. before its "
+                                                "model started; retry"):
+            await waiting
+        with pytest.raises(DrainingError):
+            await starting.admit(1)
+        await asyncio.to_thread(script.advance, starting, len(STAGES) + 1, None)
+        await starting.admit(1)  # ready now: the gang itself is told, and refuses from then on
+
+    asyncio.run(scenario())
+    assert script.group.draining == "application 'llama' is being deleted"
+    starting.shutdown()
