@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from cluster.errors import ClusterError, DrainingError, GangStartingError, OverloadedError
 
@@ -208,7 +209,10 @@ async def _http_error(request: Request, e: Exception) -> Response:
 
 
 async def _unhandled(request: Request, e: Exception) -> Response:
-    # Last resort for failures outside a route (middleware); OpenAIRoute catches the rest.
+    # Last resort for failures outside a route (middleware, a streamed body); OpenAIRoute catches the rest.
+    if isinstance(e, ClientDisconnect):  # not a failure: no one is left to answer
+        logger.info("%s %s: the client went away", request.method, request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; never sent
     return as_api_error(e, f"{request.method} {request.url.path}").response()
 
 

@@ -16,7 +16,7 @@ from typing import TypeVar
 import anyio
 from pydantic import BaseModel
 from starlette.responses import StreamingResponse
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from deploy.choice_streams import ChoiceStreams
 from deploy.choices import ChoiceShaper, total_usage
@@ -67,8 +67,14 @@ class EventStream(StreamingResponse):
         self._streams = streams
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def receive_or_disconnect() -> Message:
+            try:
+                return await receive()
+            except Exception:  # Ray Serve's receive raises its cancellation when the client goes away
+                return {"type": "http.disconnect"}
+
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive_or_disconnect, send)
         finally:
             with anyio.CancelScope(shield=True):  # the client's leaving cancelled the response
                 await self._events.aclose()
