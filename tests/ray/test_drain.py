@@ -1,12 +1,12 @@
-"""Drain (deploy/drain.py): when Serve stops a replica (here the application is deleted; a
-redeploy or scale-down stops it the same way), a request it has not started gets a 503 with
-Retry-After at once, a stream it is running goes on to its end with the tokens an undisturbed
-run gives, and a stream still running when the grace period is nearly spent ends with a 503
-error event instead of a cut connection. No new request reaches a stopping replica: once the
-application is deleted, Serve's proxy answers its routes with 404.
+"""Drain (deploy/drain.py): when Serve stops a replica (the application deleted, or a redeploy),
+a request it has not started gets a 503 with Retry-After at once, a stream it is running goes
+on to its end with the tokens an undisturbed run gives, and a stream still running when the
+grace period is nearly spent ends with a 503 error event instead of a cut connection. No new
+request reaches a stopping replica: once the application is deleted, Serve's proxy answers its
+routes with 404; on a redeploy, the new replica answers them.
 
 The application is deployed as `serve run deploy/config.yaml` deploys it, with
-graceful_shutdown_timeout_s set under `deployments:` (12 s here, 60 s in deploy/config.yaml)."""
+graceful_shutdown_timeout_s set under `deployments:` (60 s in deploy/config.yaml)."""
 from __future__ import annotations
 
 import json
@@ -14,11 +14,12 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from llama.distributed import free_port
 
 MODEL = "llama-demo"
-GRACE_S = 12.0
+ENGINE = {"max_batch_size": 2, "max_waiting": 2, "max_seq_len": 1024}
 # EOS is banned so that each answer runs to max_tokens: 100 tokens take a few seconds at MP=2 on
 # a CPU, 900 take far longer than the grace period.
 SHORT = {"model": MODEL, "prompt": "Q: What is a llama?\nA:", "max_tokens": 100, "temperature": 0,
@@ -57,64 +58,120 @@ class Reader(threading.Thread):
         self.ended_at = time.monotonic()
 
 
-def test_a_stopped_replica_refuses_what_it_has_not_started_finishes_what_it_has_and_ends_the_rest_cleanly(ray_local):
-    from ray import serve
+def deploy(url_port: int, engine: dict, grace_s: float, blocking: bool = True) -> None:
+    """The application as `serve run deploy/config.yaml` deploys it (a redeploy, when it runs)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
+    args = {"model": MODEL, "engine": engine, "parallel": {"model_parallel_size": 2, "device": "cpu"}}
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[{
+        "name": "llama", "route_prefix": "/", "import_path": "deploy.app:build_app", "args": args,
+        "deployments": [{"name": "LlamaDeployment", "graceful_shutdown_timeout_s": grace_s}]}]), _blocking=blocking)
+
+
+def post_later(url: str, body: dict, into: dict) -> threading.Thread:
+    """POST body in a thread; `into` gets the response ("r") and when it came ("at")."""
+    t = threading.Thread(target=lambda: into.update(r=httpx.post(url + "/v1/completions", json=body, timeout=120),
+                                                    at=time.monotonic()))
+    t.start()
+    return t
+
+
+def wait_until_waiting(url: str) -> None:
+    """Until the engine holds a request waiting for a slot."""
+    deadline = time.monotonic() + 30
+    while httpx.get(url + "/cluster", timeout=10).json()["engine"]["waiting"] < 1:
+        assert time.monotonic() < deadline, "no request ever waited in the engine"
+        time.sleep(0.05)
+
+
+def assert_refused_by_the_drain(r: httpx.Response) -> None:
+    assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
+    err = r.json()["error"]
+    assert (err["type"], err["code"]) == ("service_unavailable_error", "replica_draining")
+    assert "had not started your request" in err["message"]
+
+
+@pytest.fixture
+def serve_port(ray_local):
+    from ray import serve
+
     port = free_port("127.0.0.1")
-    url = f"http://127.0.0.1:{port}"
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        args = {"model": MODEL, "engine": {"max_batch_size": 2, "max_waiting": 2, "max_seq_len": 1024},
-                "parallel": {"model_parallel_size": 2, "device": "cpu"}}
-        _get_global_client().deploy_apps(ServeDeploySchema(applications=[{
-            "name": "llama", "route_prefix": "/", "import_path": "deploy.app:build_app", "args": args,
-            "deployments": [{"name": "LlamaDeployment", "graceful_shutdown_timeout_s": GRACE_S}]}]), _blocking=True)
-        undisturbed = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
-        assert len(undisturbed) == 100
+    yield port
+    serve.shutdown()
 
-        # Both of the engine's slots busy, and one request waiting for a slot.
-        long, short = Reader(url, LONG), Reader(url, SHORT)
-        long.start()
-        assert long.first_token.wait(60)
-        short.start()
-        assert short.first_token.wait(60)
-        waiting: dict = {}
-        waiter = threading.Thread(target=lambda: waiting.update(
-            r=httpx.post(url + "/v1/completions", json=SHORT, timeout=120), at=time.monotonic()))
-        waiter.start()
-        deadline = time.monotonic() + 30
-        while httpx.get(url + "/cluster", timeout=10).json()["engine"]["waiting"] < 1:
-            assert time.monotonic() < deadline, "the third request never waited in the engine"
-            time.sleep(0.05)
 
-        stopped = time.monotonic()
-        serve.delete("llama", _blocking=False)  # Serve stops the replica: it drains
-        time.sleep(1.5)
-        late = httpx.post(url + "/v1/completions", json={**SHORT, "max_tokens": 2}, timeout=30)
-        for t in (waiter, short, long):
-            t.join(60)
-            assert not t.is_alive()
+def test_a_deleted_application_refuses_what_it_has_not_started_finishes_what_it_has_and_ends_the_rest_cleanly(
+        serve_port):
+    from ray import serve
 
-        # Not started: a 503 at once, which tells the client to retry.
-        r = waiting["r"]
-        assert r.status_code == 503 and r.headers["retry-after"] == "1", r.text
-        err = r.json()["error"]
-        assert (err["type"], err["code"]) == ("service_unavailable_error", "replica_draining")
-        assert "had not started your request" in err["message"]
-        assert waiting["at"] - stopped < GRACE_S / 2
-        # Started: runs to its end, undisturbed.
-        assert (short.token_ids, short.finish_reason, short.done, short.broken) == (undisturbed, "length", True, None)
-        assert short.ended_at > waiting["at"]  # it ran on after the drain had begun
-        # Still running when the grace period is nearly spent: an error event, then a clean end.
-        assert long.broken is None and not long.done and 0 < len(long.token_ids) < 900
-        assert (long.error["code"], long.error["type"]) == ("replica_draining", "service_unavailable_error")
-        assert "grace period ended before your request finished" in long.error["message"]
-        assert long.ended_at - stopped < GRACE_S
-        assert late.status_code == 404  # the route is gone; the stopping replica got nothing new
-        print(f"drain: the waiting request's 503 came {waiting['at'] - stopped:.1f} s after the delete, the running "
-              f"stream ended whole {short.ended_at - stopped:.1f} s after, the long stream's error event "
-              f"{long.ended_at - stopped:.1f} s after ({len(long.token_ids)} tokens), grace {GRACE_S:.0f} s")
-    finally:
-        serve.shutdown()
+    url, grace_s = f"http://127.0.0.1:{serve_port}", 12.0
+    deploy(serve_port, ENGINE, grace_s)
+    undisturbed = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
+    assert len(undisturbed) == 100
+
+    # Both of the engine's slots busy, and one request waiting for a slot.
+    long, short = Reader(url, LONG), Reader(url, SHORT)
+    long.start()
+    assert long.first_token.wait(60)
+    short.start()
+    assert short.first_token.wait(60)
+    waiting: dict = {}
+    waiter = post_later(url, SHORT, waiting)
+    wait_until_waiting(url)
+
+    stopped = time.monotonic()
+    serve.delete("llama", _blocking=False)  # Serve stops the replica: it drains
+    time.sleep(1.5)
+    late = httpx.post(url + "/v1/completions", json={**SHORT, "max_tokens": 2}, timeout=30)
+    for t in (waiter, short, long):
+        t.join(60)
+        assert not t.is_alive()
+
+    # Not started: a 503 at once, which tells the client to retry.
+    assert_refused_by_the_drain(waiting["r"])
+    assert waiting["at"] - stopped < grace_s / 2
+    # Started: runs to its end, undisturbed.
+    assert (short.token_ids, short.finish_reason, short.done, short.broken) == (undisturbed, "length", True, None)
+    assert short.ended_at > waiting["at"]  # it ran on after the drain had begun
+    # Still running when the grace period is nearly spent: an error event, then a clean end.
+    assert long.broken is None and not long.done and 0 < len(long.token_ids) < 900
+    assert (long.error["code"], long.error["type"]) == ("replica_draining", "service_unavailable_error")
+    assert "grace period ended before your request finished" in long.error["message"]
+    assert long.ended_at - stopped < grace_s
+    assert late.status_code == 404  # the route is gone; the stopping replica got nothing new
+    print(f"drain: the waiting request's 503 came {waiting['at'] - stopped:.1f} s after the delete, the running "
+          f"stream ended whole {short.ended_at - stopped:.1f} s after, the long stream's error event "
+          f"{long.ended_at - stopped:.1f} s after ({len(long.token_ids)} tokens), grace {grace_s:.0f} s")
+
+
+def test_a_redeploy_drains_the_old_replica_while_the_new_one_takes_the_new_requests(serve_port):
+    url, grace_s = f"http://127.0.0.1:{serve_port}", 45.0  # far past the running stream: it must not be cut
+    one_slot = {**ENGINE, "max_batch_size": 1}
+    deploy(serve_port, one_slot, grace_s)
+    reference = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
+
+    # In the one slot, a stream long enough to outlast the new replica's start (600 tokens).
+    running = Reader(url, {**SHORT, "max_tokens": 600})
+    running.start()
+    assert running.first_token.wait(60)
+    waiting: dict = {}
+    waiter = post_later(url, SHORT, waiting)
+    wait_until_waiting(url)
+
+    redeployed = time.monotonic()
+    deploy(serve_port, {**one_slot, "max_waiting": 3}, grace_s, blocking=False)  # changed args: a new replica
+    waiter.join(60)
+    assert_refused_by_the_drain(waiting["r"])  # once Serve began to stop the old replica
+    after: dict = {}
+    post_later(url, SHORT, after).join(120)  # sent once the old replica was draining: the new one serves it
+    running.join(60)
+    assert (len(running.token_ids), running.token_ids[:100], running.finish_reason, running.done, running.broken) == (
+        600, reference, "length", True, None)
+    assert running.ended_at > waiting["at"]  # it ran on after the drain had begun
+    assert after["r"].status_code == 200, after["r"].text
+    assert after["r"].json()["choices"][0]["token_ids"] == reference
+    print(f"redeploy: the old replica's waiting request got its 503 {waiting['at'] - redeployed:.1f} s after the "
+          f"redeploy, its running stream ended whole {running.ended_at - redeployed:.1f} s after, and the new "
+          f"replica answered a request sent then {after['at'] - redeployed:.1f} s after")
