@@ -77,12 +77,22 @@ def post_later(url: str, body: dict, into: dict) -> threading.Thread:
     return t
 
 
-def wait_until_waiting(url: str) -> None:
-    """Until the engine holds a request waiting for a slot."""
+def fill_then_wait(url: str, streams: list[dict]) -> tuple[list[Reader], dict, threading.Thread]:
+    """The engine's slots taken by `streams` (each started once the one before has its first
+    token), then one more request sent, returned once it waits in the engine for a slot: the
+    readers, the waiting request's `post_later` result and its thread."""
+    readers = []
+    for body in streams:
+        readers.append(Reader(url, body))
+        readers[-1].start()
+        assert readers[-1].first_token.wait(60)
+    waiting: dict = {}
+    waiter = post_later(url, SHORT, waiting)
     deadline = time.monotonic() + 30
     while httpx.get(url + "/cluster", timeout=10).json()["engine"]["waiting"] < 1:
         assert time.monotonic() < deadline, "no request ever waited in the engine"
         time.sleep(0.05)
+    return readers, waiting, waiter
 
 
 def assert_refused_by_the_drain(r: httpx.Response) -> None:
@@ -111,15 +121,7 @@ def test_a_deleted_application_refuses_what_it_has_not_started_finishes_what_it_
     undisturbed = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
     assert len(undisturbed) == 100
 
-    # Both of the engine's slots busy, and one request waiting for a slot.
-    long, short = Reader(url, LONG), Reader(url, SHORT)
-    long.start()
-    assert long.first_token.wait(60)
-    short.start()
-    assert short.first_token.wait(60)
-    waiting: dict = {}
-    waiter = post_later(url, SHORT, waiting)
-    wait_until_waiting(url)
+    (long, short), waiting, waiter = fill_then_wait(url, [LONG, SHORT])  # both slots, and one waiting
 
     stopped = time.monotonic()
     serve.delete("llama", _blocking=False)  # Serve stops the replica: it drains
@@ -153,12 +155,7 @@ def test_a_redeploy_drains_the_old_replica_while_the_new_one_takes_the_new_reque
     reference = httpx.post(url + "/v1/completions", json=SHORT, timeout=120).json()["choices"][0]["token_ids"]
 
     # In the one slot, a stream long enough to outlast the new replica's start (600 tokens).
-    running = Reader(url, {**SHORT, "max_tokens": 600})
-    running.start()
-    assert running.first_token.wait(60)
-    waiting: dict = {}
-    waiter = post_later(url, SHORT, waiting)
-    wait_until_waiting(url)
+    (running,), waiting, waiter = fill_then_wait(url, [{**SHORT, "max_tokens": 600}])
 
     redeployed = time.monotonic()
     deploy(serve_port, {**one_slot, "max_waiting": 3}, grace_s, blocking=False)  # changed args: a new replica
