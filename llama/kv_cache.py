@@ -3,7 +3,8 @@
 A slot is one running sequence's row of positions 0..max_seq_len-1. Allocated once (static
 shapes: a step never allocates); the runner writes each packed token at its (slot, position)
 and reads a slot's first positions back, so a block table can later replace the slot rows
-without touching the model.
+without touching the model. One more row past the slots, `scratch`, takes the writes of rows a
+static-shaped decode step runs without a sequence in them (llama/decode_step.py).
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ class KVCache:
         device: torch.device,
         dtype: torch.dtype,
     ):
-        shape = (max_batch_size, max_seq_len, n_kv_heads, head_dim)
+        shape = (max_batch_size + 1, max_seq_len, n_kv_heads, head_dim)
         self.max_batch_size = max_batch_size  # slots
+        self.scratch = max_batch_size  # the row past them: written, never read as a sequence's
         self.max_seq_len = max_seq_len
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
@@ -41,6 +43,10 @@ class KVCache:
             a, b = slot_range
             return self.k[layer][a:b, :length], self.v[layer][a:b, :length]
         return self.k[layer][slots, :length], self.v[layer][slots, :length]
+
+    def rows(self, layer: int, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (n, length, kv_heads, hd) of slots 0..n-1, positions 0..length-1: a view."""
+        return self.k[layer][:n, :length], self.v[layer][:n, :length]
 
     def copy_slot(self, src: int, dst: int, length: int) -> None:
         """Positions 0..length-1 of slot src into slot dst, every layer."""

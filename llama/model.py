@@ -2,7 +2,10 @@
 
 Numbers follow Meta's reference: RMSNorm and softmax in float32, rotary embedding on
 interleaved pairs, grouped-query attention (SDPA maps each head to its KV head; nothing is
-repeated). One forward serves prefill and decode: a step's segments packed into one sequence.
+repeated). Two forwards: `forward`, any mix of prefill chunks and decodes packed into one
+sequence (eager); and `decode`, one token for each of the cache's first slots, with static
+shapes and no host synchronisation, so that it can be captured as a CUDA graph
+(llama/decode_step.py).
 Built on the device and dtype it is given, never touching global defaults; it needs fairscale's
 model-parallel state initialised (llama/distributed.py).
 """
@@ -130,6 +133,22 @@ class Attention(nn.Module):
             out[g.query_index[g.valid]] = o.transpose(1, 2)[g.valid]
         return self.wo(out.view(T, -1))
 
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+               mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x (B, dim): one token for each of slots 0..B-1, at positions (B,); its key and value
+        go to (write_slots[b], positions[b]); each row attends to its own slot's first S
+        positions (a view of the cache) where mask (B, 1, 1, S) allows."""
+        B, S = x.shape[0], mask.shape[-1]
+        xq = self.wq(x).view(1, B, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(1, B, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # the packed layout: row b at its own position
+        cache.write(self.layer_id, write_slots, positions, xk[0], xv)
+        keys, values = cache.rows(self.layer_id, B, S)  # (B, S, kv, hd)
+        o = F.scaled_dot_product_attention(xq[0].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask, enable_gqa=self.n_rep > 1)  # (B, heads, 1, hd)
+        return self.wo(o.reshape(B, -1))
+
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -153,6 +172,11 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, batch, cache)  # (T, dim)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+               mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, positions, write_slots, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -195,6 +219,21 @@ class Transformer(nn.Module):
             return torch.empty((0, self.args.vocab_size), device=self.device)
         h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
         return self.output(h).float()
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, kv_len: int,
+               cache: KVCache) -> torch.Tensor:
+        """One token (B,) for each of the cache's slots 0..B-1, each at its own position (B,),
+        attending to the first kv_len positions of its own slot -> float32 logits (B, vocab).
+        Static shapes for a given (B, kv_len), and nothing read back to the host: a CUDA graph
+        can capture it. A row with no sequence writes into the cache's scratch row (its
+        write_slots entry) and its logits are not to be read."""
+        h = self.tok_embeddings(tokens)  # (B, dim)
+        freqs_cis = self.freqs_cis[positions]  # (B, hd/2)
+        # Row b sees its slot's positions 0..positions[b]: True where attention is allowed.
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        for layer in self.layers:
+            h = layer.decode(h, freqs_cis, positions, write_slots, mask, cache)
+        return self.output(self.norm(h)).float()
 
     def new_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
         """A KV cache of max_batch_size slots of max_seq_len positions, on this shard's device."""

@@ -1,9 +1,10 @@
 """ModelRunner: runs one StepPlan through this rank's shard of the model, on its slot KV cache.
 
-Every rank runs the same plan. A plan's segments are packed into one sequence of tokens, so the
-linear layers (and their collectives) run once per step whatever the mix of decodes and
-prefill chunks; attention runs per group of alike segments (all decodes together, all prefill
-chunks together), each segment against its own slot's cached positions.
+Every rank runs the same plan, in two parts. The one-token segments (decodes, mostly) run as
+one static-shaped decode (llama/decode_step.py: a CUDA graph on CUDA). The longer ones (prefill
+chunks) are packed into one sequence of tokens, so the linear layers (and their collectives) run
+once for all of them, and attention runs per group of alike segments, each segment against its
+own slot's cached positions (`pack`). The logits come back in the plan's segment order.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from llama.decode_step import DecodeStep
 from llama.kv_cache import KVCache
 from llama.model import Transformer
-from llama.step_plan import LOGITS_ALL, LOGITS_LAST, StepPlan
+from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
 
 
 @dataclass
@@ -92,9 +94,11 @@ def pack(plan: StepPlan, device: torch.device) -> PackedBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None):
+        """graphs: capture the decode as CUDA graphs (None: on CUDA devices)."""
         self.model = model
         self.cache = cache
+        self.decode = DecodeStep(model, cache, graphs)
         self.active: set[int] = set()  # slots holding a sequence, as the plans have said
         self.busy_since: float | None = None  # time.monotonic() when the step now running began
         self.steps = 0  # plans run (idle ones not counted), and the seconds they took: for metrics
@@ -125,4 +129,31 @@ class ModelRunner:
             self.active.add(s.slot)
         if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
-        return self.model(pack(plan, self.model.device), self.cache)
+        singles: list[tuple[Segment, int]] = []  # one-token segments and their tokens
+        longer: list[Segment] = []
+        longer_tokens: list[int] = []
+        off = 0
+        for s in plan.segments:
+            if s.length == 1:
+                singles.append((s, plan.tokens[off]))
+            else:
+                longer.append(s)
+                longer_tokens.extend(plan.tokens[off : off + s.length])
+            off += s.length
+        one = (self.decode.run([s.slot for s, _ in singles], [s.start for s, _ in singles], [t for _, t in singles])
+               if singles else None)
+        if not longer and all(s.logits != LOGITS_NONE for s, _ in singles):
+            return one  # a step of decodes alone: their rows, in segment order already
+        many = (self.model(pack(StepPlan(tuple(longer), tuple(longer_tokens)), self.model.device), self.cache)
+                if longer else None)
+        parts, i, row = [], 0, 0  # back in segment order
+        for s in plan.segments:
+            if s.length == 1:
+                if s.logits != LOGITS_NONE:
+                    parts.append(one[i : i + 1])
+                i += 1
+            else:
+                n = {LOGITS_NONE: 0, LOGITS_LAST: 1, LOGITS_ALL: s.length}[s.logits]
+                parts.append(many[row : row + n])
+                row += n
+        return torch.cat(parts) if parts else torch.empty((0, self.model.args.vocab_size), device=self.model.device)

@@ -78,5 +78,5 @@ def test_kv_cache_lives_on_the_model_device_and_dtype(tiny_ckpts, mp1):
     model = Transformer(info.args, 32, device="cpu", dtype=torch.bfloat16)
     cache = model.new_cache(2, 32)
     assert cache.k[0].dtype == torch.bfloat16 and cache.k[0].device == model.device
-    assert cache.k[0].shape == (2, 32, 2, 16)  # slots, positions, local KV heads, head_dim
+    assert cache.k[0].shape == (3, 32, 2, 16)  # slots and the scratch row, positions, local KV heads, head_dim
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
