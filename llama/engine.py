@@ -23,7 +23,7 @@ from llama.detokenizer import TextStream
 from llama.model import Transformer
 from llama.request import EndToken, FinishReason, GenerationRequest
 from llama.runner import ModelRunner
-from llama.sampling import adjust_logits, logprobs_of, sample
+from llama.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
 from llama.scheduler import Scheduler
 from llama.sequence import Sequence, Sink
 from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
@@ -260,8 +260,9 @@ class Engine:
                     due.append((seq, row - 1))
         if not due:
             return
+        # Every choice, logprob and alternative stays on the device until one read-back at the end.
         rows = torch.tensor([r for _, r in due], device=logits.device)
-        chosen = torch.argmax(logits[rows], dim=-1).tolist()  # greedy rows, all at once
+        picked = torch.argmax(logits[rows], dim=-1)  # greedy rows, all at once
         for i, (s, r) in enumerate(due):
             p = s.params
             if p.temperature > 0 or p.adjusts_logits:
@@ -269,16 +270,23 @@ class Engine:
                 # the model's own logits); requests without them skip this.
                 row_logits = (adjust_logits(logits[r], s.tokens[s.prompt_len :], p.presence_penalty,
                                             p.frequency_penalty, p.logit_bias) if p.adjusts_logits else logits[r])
-                chosen[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
+                picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
         wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
-        lps: dict[int, tuple[float, list]] = {}
+        parts = [picked.double()]  # float64 holds every token id and float32 logprob exactly
+        k = max((due[i][0].params.logprobs for i in wants), default=0)
         if wants:
-            k = max(due[i][0].params.logprobs for i in wants)
-            want_rows = torch.tensor([due[i][1] for i in wants], device=logits.device)
-            ids = torch.tensor([chosen[i] for i in wants], device=logits.device)
-            chosen_lp, tops = logprobs_of(logits[want_rows], ids, k)
-            for j, i in enumerate(wants):
-                lps[i] = (chosen_lp[j], tops[j][: due[i][0].params.logprobs])
+            want = torch.tensor(wants, device=logits.device)
+            chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], k)
+            parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
+        flat = torch.cat(parts).tolist()  # the step's one read-back
+        n, w = len(due), len(wants)
+        chosen = [int(t) for t in flat[:n]]
+        lps: dict[int, tuple[float, list]] = {}
+        for j, i in enumerate(wants):
+            asked = due[i][0].params.logprobs
+            lp_row = flat[n + w + j * k : n + w + j * k + asked]
+            id_row = flat[n + w + w * k + j * k : n + w + w * k + j * k + asked]
+            lps[i] = (flat[n + j], [(int(t), lp) for t, lp in zip(id_row, lp_row)])
         for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
             if tok in self.tokenizer.stop_ids:  # an end token (EOS, Llama 3's <|eot_id|>): not in the output

@@ -49,31 +49,37 @@ GREEDY_BELOW = 1e-5
 
 def sample(
     logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
-) -> int:
-    """logits (vocab,) -> one token id. top_k (when > 0) keeps the k most likely tokens, then
-    top_p is applied to their renormalised probabilities (vLLM's order). One multinomial draw
-    from `generator` per call, whatever the distribution."""
+) -> torch.Tensor:
+    """logits (vocab,) -> one token id, a 0-d tensor on the logits' device (nothing is read back
+    to the host). top_k (when > 0) keeps the k most likely tokens, then top_p is applied to their
+    renormalised probabilities (vLLM's order). One multinomial draw from `generator` per call,
+    whatever the distribution."""
     if temperature < GREEDY_BELOW:
-        return int(torch.argmax(logits))
+        return torch.argmax(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if 0 < top_k < probs.shape[-1]:
         kept, idx = torch.topk(probs, top_k)  # sorted, most likely first
         kept = kept / kept.sum()
         choice = sample_top_p(kept[None], top_p, generator)[0, 0]
-        return int(idx[choice])
-    return int(sample_top_p(probs[None], top_p, generator)[0, 0])
+        return idx[choice]
+    return sample_top_p(probs[None], top_p, generator)[0, 0]
+
+
+def logprobs_on_device(logits: torch.Tensor, chosen: torch.Tensor, k: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits (R, vocab), chosen (R,) -> float32 tensors on their device: the chosen tokens'
+    logprobs (R,), and the k most likely tokens' logprobs and ids (R, k), best first, of the
+    model's own distribution (before temperature)."""
+    lsm = torch.log_softmax(logits.float(), dim=-1)
+    top_lp, top_id = torch.topk(lsm, k, dim=-1)
+    return lsm.gather(-1, chosen[:, None])[:, 0], top_lp, top_id
 
 
 def logprobs_of(logits: torch.Tensor, chosen: torch.Tensor, k: int) -> tuple[list[float], list[list[tuple[int, float]]]]:
-    """logits (R, vocab), chosen (R,) -> the chosen tokens' logprobs and the k most likely
-    (token, logprob) per row, of the model's own distribution (before temperature), float32."""
-    lsm = torch.log_softmax(logits.float(), dim=-1)
-    chosen_lp = lsm.gather(-1, chosen[:, None])[:, 0].tolist()
-    if k == 0:
-        return chosen_lp, [[] for _ in chosen_lp]
-    top_lp, top_id = torch.topk(lsm, k, dim=-1)
-    tops = [list(zip(ids, lps)) for ids, lps in zip(top_id.tolist(), top_lp.tolist())]
-    return chosen_lp, tops
+    """logprobs_on_device, read back: the chosen tokens' logprobs and the k most likely
+    (token, logprob) per row."""
+    chosen_lp, top_lp, top_id = logprobs_on_device(logits, chosen, k)
+    return chosen_lp.tolist(), [list(zip(ids, lps)) for ids, lps in zip(top_id.tolist(), top_lp.tolist())]
 
 
 def validate_sampling(temperature: float, top_p: float) -> None:

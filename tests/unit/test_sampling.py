@@ -11,7 +11,7 @@ from llama.sampling import adjust_logits, logprobs_of, sample, sample_top_p
 
 def test_greedy_and_top_p():
     logits = torch.tensor([[0.0, 3.0, 1.0], [5.0, 0.0, 0.0]])
-    assert [sample(row, 0.0, 0.9, 0, None) for row in logits] == [1, 0]
+    assert [int(sample(row, 0.0, 0.9, 0, None)) for row in logits] == [1, 0]
     # top_p so small that only the most likely token survives: sampling becomes greedy
     probs = torch.softmax(logits, dim=-1)
     for _ in range(20):
@@ -27,10 +27,10 @@ def test_top_p_keeps_the_nucleus():
 def test_top_k_restricts_the_draw_before_top_p_and_a_seed_repeats_it():
     logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
     best3 = set(torch.topk(logits, 3).indices.tolist())
-    draws = [sample(logits, 2.0, 1.0, 3, torch.Generator().manual_seed(s)) for s in range(100)]
+    draws = [int(sample(logits, 2.0, 1.0, 3, torch.Generator().manual_seed(s))) for s in range(100)]
     assert set(draws) == best3  # a hot temperature reaches all three, never a fourth
-    assert sample(logits, 1.0, 1.0, 1, torch.Generator()) == int(torch.argmax(logits))  # top_k 1 is greedy
-    again = [sample(logits, 2.0, 1.0, 3, torch.Generator().manual_seed(s)) for s in range(100)]
+    assert int(sample(logits, 1.0, 1.0, 1, torch.Generator())) == int(torch.argmax(logits))  # top_k 1 is greedy
+    again = [int(sample(logits, 2.0, 1.0, 3, torch.Generator().manual_seed(s))) for s in range(100)]
     assert again == draws
 
 
@@ -60,10 +60,10 @@ def test_logit_bias_forces_or_bans_a_token_greedy_or_sampled():
     best = int(torch.argmax(logits))
     forced = adjust_logits(logits, [], 0.0, 0.0, ((7, 100.0),))
     banned = adjust_logits(logits, [], 0.0, 0.0, ((best, -100.0),))
-    assert sample(forced, 0.0, 1.0, 0, None) == 7
-    assert {sample(forced, 1.0, 1.0, 0, torch.Generator().manual_seed(s)) for s in range(50)} == {7}
-    assert sample(banned, 0.0, 1.0, 0, None) != best
-    assert best not in {sample(banned, 1.0, 1.0, 0, torch.Generator().manual_seed(s)) for s in range(200)}
+    assert int(sample(forced, 0.0, 1.0, 0, None)) == 7
+    assert {int(sample(forced, 1.0, 1.0, 0, torch.Generator().manual_seed(s))) for s in range(50)} == {7}
+    assert int(sample(banned, 0.0, 1.0, 0, None)) != best
+    assert best not in {int(sample(banned, 1.0, 1.0, 0, torch.Generator().manual_seed(s))) for s in range(200)}
 
 
 @pytest.mark.parametrize("params, message", [
@@ -93,4 +93,4 @@ def test_a_temperature_too_small_to_divide_by_draws_greedily():
     """1e-40 (or 5e-324, which float32 makes 0) would overflow the logits to inf and fail the draw."""
     logits = torch.tensor([0.5, 3.0, 2.9])
     g = torch.Generator().manual_seed(0)
-    assert [sample(logits, t, 1.0, 0, g) for t in (1e-40, 5e-324, 9e-6)] == [1, 1, 1]
+    assert [int(sample(logits, t, 1.0, 0, g)) for t in (1e-40, 5e-324, 9e-6)] == [1, 1, 1]
