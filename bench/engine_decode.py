@@ -2,7 +2,7 @@
 the reference's algorithm, on one device, in one run.
 
     PYTHONPATH=. python bench/engine_decode.py --shape 7b          # on a GPU: bf16, about 3 minutes
-    PYTHONPATH=. python bench/engine_decode.py --shape tiny --device cpu
+    PYTHONPATH=. python bench/engine_decode.py --shape tiny --device cpu   # one thread, in CPU time
 
 Imports only llama/ (no Ray). Builds a model of a named shape with random weights directly on
 the device, measures the device's copy bandwidth, then for each batch size runs the same
@@ -15,8 +15,8 @@ random prompts (PROMPT_LEN tokens, --new-tokens greedy tokens each, no end token
 Both must give the same greedy tokens (checked). The table, printed last, gives per batch size
 the decode step (ms, steady state: every row decoding) and tokens/s, the share of the
 bandwidth limit (weight bytes / copy bandwidth: a step reads every weight once), time to first
-token at batch 1 for each --ttft-prompts length, and the start-up (engine: construction and a
-first step; nothing is compiled or captured yet).
+token at batch 1 for each --ttft-prompts length, and the start-up: an engine's construction and
+first step, and the time spent capturing the decode's CUDA graphs (llama/decode_step.py).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +94,21 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
 
 # ---- the engine ------------------------------------------------------------------------------
 
+# The steps' clock: wall time on a GPU; on the CPU this process's CPU time (one thread), since
+# wall time on a shared machine swings by 30% and more between runs.
+clock = time.perf_counter
 
-def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, max_seq_len: int
-               ) -> tuple[list[list[int]], list[float], float]:
-    """The prompts through a fresh Engine, greedy: each one's tokens, the duration of every
-    steady-state step (all rows decoding), and the time to the first token of the first row."""
+
+class EngineRun(NamedTuple):
+    tokens: list[list[int]]  # each prompt's generated tokens
+    steady: list[float]  # the duration of every steady-state step (all rows decoding)
+    first_token_s: float  # from the first submit to the first row's first token
+    capture_s: float  # of the decode's CUDA graphs (captured as the run first needs each bucket)
+    graphs: int
+
+
+def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, max_seq_len: int) -> EngineRun:
+    """The prompts through a fresh Engine, greedy."""
     tok = NumberTokenizer(model.args.vocab_size)
     config = EngineConfig(max_batch_size=len(prompts), max_seq_len=max_seq_len,
                           prefill_chunk=sum(len(p) for p in prompts))  # every prompt in the first step
@@ -110,23 +121,25 @@ def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, ma
             if isinstance(d, BaseException):
                 raise d
             if d.token_ids and not first:
-                first.append(time.perf_counter())
+                first.append(clock())
             out[i] += d.token_ids
         return put
 
-    t0 = time.perf_counter()
+    t0 = clock()
     for i, p in enumerate(prompts):
         engine.submit(str(i), GenerationRequest(tuple(p), SamplingParams(max_tokens=new_tokens, temperature=0)), sink(i))
     steady: list[float] = []
     while True:
         before = (engine.stats.decode_tokens, engine.stats.prefill_tokens)
-        s0 = time.perf_counter()
+        s0 = clock()
         if not engine.step():
             break
-        step_s = time.perf_counter() - s0
+        step_s = clock() - s0
         if (engine.stats.decode_tokens - before[0], engine.stats.prefill_tokens - before[1]) == (len(prompts), 0):
             steady.append(step_s)
-    return [out[i] for i in range(len(prompts))], steady, first[0] - t0
+    decode = engine.runner.decode
+    return EngineRun([out[i] for i in range(len(prompts))], steady, first[0] - t0, decode.capture_s,
+                     len(decode._captured))
 
 
 # ---- the reference's algorithm ---------------------------------------------------------------
@@ -181,19 +194,19 @@ class ReferenceLoop:
         plen = len(prompts[0])
         tokens = torch.tensor(prompts, device=device)
         out, steps = [], []
-        t0 = time.perf_counter()
+        t0 = clock()
         prev = 0
         first_s = 0.0
         for cur in range(plen, plen + new_tokens):
-            s0 = time.perf_counter()
+            s0 = clock()
             logits = self.forward(tokens[:, prev:cur] if prev else tokens, prev)
             nxt = torch.argmax(logits[:, -1], dim=-1)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)
             done = bool((nxt == -1).all())  # the reference's end-of-sequence check: a host sync per step
             if prev:
-                steps.append(time.perf_counter() - s0)
+                steps.append(clock() - s0)
             else:
-                first_s = time.perf_counter() - t0
+                first_s = clock() - t0
             prev = cur
             if done:
                 break
@@ -219,8 +232,11 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, max_seq_len: int
 
 
 def run(a: argparse.Namespace) -> list[str]:
+    global clock
     device = resolve_device(a.device)
     dtype = resolve_dtype(a.dtype, device)
+    if device.type == "cpu":
+        clock = time.process_time
     if not torch.distributed.is_initialized():
         init_single_process_group(choose_backend(device))
         init_model_parallel(1)
@@ -246,15 +262,16 @@ def run(a: argparse.Namespace) -> list[str]:
     t0 = time.perf_counter()
     engine_run(model, prompts(1, 8), 2, 16)
     startup_s = time.perf_counter() - t0
-    rows = []
+    rows, captures = [], []
     for bsz in a.batches:
         ps = prompts(bsz, PROMPT_LEN)
-        e_tokens, e_steps, _ = engine_run(model, ps, a.new_tokens, PROMPT_LEN + a.new_tokens)
+        e = engine_run(model, ps, a.new_tokens, PROMPT_LEN + a.new_tokens)
+        captures.append((e.graphs, e.capture_s))
         ref = ReferenceLoop(model, bsz, PROMPT_LEN + a.new_tokens)
         r_tokens, r_steps, _ = ref.generate(ps, a.new_tokens)
         del ref
-        same = sum(x == y for x, y in zip(e_tokens, r_tokens))
-        rows.append((bsz, statistics.median(e_steps), statistics.median(r_steps), same))
+        same = sum(x == y for x, y in zip(e.tokens, r_tokens))
+        rows.append((bsz, statistics.median(e.steady), statistics.median(r_steps), same))
         print(f"batch {bsz}: engine {rows[-1][1] * 1e3:.2f} ms/step, reference {rows[-1][2] * 1e3:.2f} ms/step; "
               f"{same} of {bsz} rows' greedy tokens equal", flush=True)
         if device.type == "cuda":
@@ -263,12 +280,13 @@ def run(a: argparse.Namespace) -> list[str]:
     for plen in a.ttft_prompts:
         p = prompts(1, plen)
         engine_run(model, p, 1, plen + 1)  # warm for this length
-        e = engine_run(model, p, 1, plen + 1)[2]
+        e = engine_run(model, p, 1, plen + 1).first_token_s
         r = ReferenceLoop(model, 1, plen + 1).generate(p, 1)[2]
         ttft.append((plen, e, r))
 
+    timed = "wall time" if device.type == "cuda" else "CPU time of one thread"
     table = [f"decode through the engine vs an eager loop with the reference's algorithm; {card}, {dtype}, shape "
-             f"{a.shape}, prompt {PROMPT_LEN}, {a.new_tokens} new tokens, greedy; bandwidth limit "
+             f"{a.shape}, prompt {PROMPT_LEN}, {a.new_tokens} new tokens, greedy, {timed}; bandwidth limit "
              f"{limit_s * 1e3:.3f} ms/step ({weight_bytes / 1e9:.2f} GB at {bw / 2e12:.2f} TB/s read)",
              "| batch | engine ms/step | engine tok/s | engine % of limit | reference ms/step | reference tok/s "
              "| reference % of limit | engine speed-up | same tokens |",
@@ -279,8 +297,10 @@ def run(a: argparse.Namespace) -> list[str]:
     for plen, e, r in ttft:
         table.append(f"time to first token, batch 1, {plen}-token prompt: engine {e * 1e3:.1f} ms, reference "
                      f"{r * 1e3:.1f} ms")
-    table.append(f"start-up: engine built and stepped once in {startup_s * 1e3:.1f} ms (eager: nothing is compiled or "
-                 f"captured)")
+    graphs, capture_s = sum(n for n, _ in captures), sum(s for _, s in captures)
+    table.append(f"start-up: engine built and stepped once in {startup_s * 1e3:.1f} ms; decode graphs: {graphs} "
+                 f"captured in {capture_s:.2f} s over the batch sizes' runs, each the first time a step needed "
+                 f"its bucket (none on the CPU, where the same code runs eagerly)")
     return table
 
 
@@ -296,7 +316,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print("\n".join(run(parser().parse_args(argv))))
+    a = parser().parse_args(argv)
+    if resolve_device(a.device).type == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: comparable between the two loops and across runs
+    print("\n".join(run(a)))
 
 
 if __name__ == "__main__":
