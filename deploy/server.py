@@ -66,7 +66,7 @@ class LlamaDeployment:
 
     def __del__(self) -> None:
         drain_watch = getattr(self, "drain_watch", None)
-        if drain_watch is not None:
+        if drain_watch is not None and not drain_watch.get_loop().is_closed():
             drain_watch.get_loop().call_soon_threadsafe(drain_watch.cancel)
         group = getattr(self, "group", None)
         if group is not None:
