@@ -21,27 +21,9 @@ from llama.model import Transformer
 from llama.runner import ModelRunner
 from llama.step_plan import LOGITS_LAST, Segment, StepPlan
 
+from engine_decode import copy_bandwidth, sync  # bench/, beside this script
+
 MAX_SEQ_LEN = 512
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def copy_bandwidth(device: torch.device, nbytes: int) -> float:
-    """Bytes read + written per second by a device-to-device copy."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    _sync(device)
-    t0 = time.perf_counter()
-    reps = 10
-    for _ in range(reps):
-        dst.copy_(src)
-    _sync(device)
-    return 2 * nbytes * reps / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -79,11 +61,11 @@ def main() -> None:
 
         for pos in range(16, 20 + a.steps):  # warm-up over the same positions as the timed loop
             decode(pos)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         for pos in range(20, 20 + a.steps):
             decode(pos)
-        _sync(device)
+        sync(device)
         step_s = (time.perf_counter() - t0) / a.steps
         print(f"batch {bsz}: engine decode step (no sampling) {step_s * 1e3:.3f} ms = {limit_s / step_s:.3f} of the "
               f"bandwidth limit; {bsz / step_s:.1f} tokens/s")
