@@ -207,7 +207,8 @@ class RankActor:
             publish = self.channel.publish if self.channel is not None else None
             self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish)
         else:
-            self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len))
+            self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len), share_sampled=True)
+            self.runner.warm_up()  # as the driver's Engine does, at the same point: captures line up
         self.model = model
         log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())
         return RankState(backend=dist.get_backend(), device=str(self.device), dtype=str(dtype).removeprefix("torch."),

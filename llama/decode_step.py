@@ -5,10 +5,13 @@ Rows are slots. A step whose one-token segments sit in slots up to s runs the bu
 s rows (slots 0..B-1), each at its own position, against the first S positions of its own
 slot, S the bucket above the furthest position. Slots with no token this step run too, on
 inputs that write into the cache's scratch row, and their logits are dropped; the scheduler
-gives the lowest free slot first, which keeps B near the number of running sequences.
+gives the lowest free slot first, which keeps B near the number of running sequences. A
+row's input may be a reference to a token the previous step sampled, resolved on the device
+inside the graph, so the step never waits for the host to learn it.
 
 Buckets: B in 1, 2, 4, ... up to max_batch_size; S in 64, 128, ... up to max_seq_len. On CUDA
-each (B, S) is captured the first time a step needs it, all of them into one memory pool; a run
+every (B, S) is captured at start-up (`capture_all`; one a step needs that is not yet captured
+is captured then), all of them into one memory pool; a run
 copies its inputs into the bucket's device buffer and replays the graph: one launch for the
 whole forward, nothing allocated, nothing read back. The positions index the cache on the
 device, so a block table can later replace the slot rows.
@@ -19,6 +22,7 @@ import time
 
 import torch
 
+from llama.device_io import to_device
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 
@@ -39,8 +43,9 @@ def bucket_of(n: int, sizes: list[int]) -> int:
 
 
 class DecodeStep:
-    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None):
-        self.model, self.cache = model, cache
+    def __init__(self, model: Transformer, cache: KVCache, sampled: torch.Tensor, graphs: bool | None = None):
+        """sampled: the runner's (max_batch_size,) device buffer of the previous step's tokens."""
+        self.model, self.cache, self.sampled = model, cache, sampled
         self.graphs = model.device.type == "cuda" if graphs is None else graphs  # CUDA graphs need CUDA
         self.batch_buckets = buckets(cache.max_batch_size)
         self.kv_buckets = buckets(cache.max_seq_len, min(MIN_KV_BUCKET, cache.max_seq_len))
@@ -51,7 +56,8 @@ class DecodeStep:
 
     def run(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         """Float32 logits (len(slots), vocab): row i for tokens[i] at positions[i] in slots[i]
-        (distinct slots, each holding its sequence's positions below positions[i])."""
+        (distinct slots, each holding its sequence's positions below positions[i]). A token < 0
+        is -1-j: row j of `sampled`, the tokens the previous step sampled (on the device)."""
         B = bucket_of(max(slots) + 1, self.batch_buckets)
         S = bucket_of(max(positions) + 1, self.kv_buckets)
         host = torch.zeros(3, B, dtype=torch.long)
@@ -62,12 +68,16 @@ class DecodeStep:
         host[2, rows] = rows
         if self.graphs:
             graph, out = self._graph(B, S)
-            self._inputs[B].copy_(host)
+            self._inputs[B].copy_(to_device(host, self.model.device))  # queued after the last replay
             graph.replay()
         else:
-            dev = host.to(self.model.device)
-            out = self.model.decode(dev[0], dev[1], dev[2], S, self.cache)
-        return out[rows.to(out.device)]  # a copy: the graph's output is overwritten by its next replay
+            out = self._forward(to_device(host, self.model.device), S)
+        return out[to_device(rows, out.device)]  # a copy: the graph's output is overwritten by its next replay
+
+    def _forward(self, inputs: torch.Tensor, S: int) -> torch.Tensor:
+        """inputs (3, B): tokens (or sampled-token references), positions, write slots."""
+        tokens = torch.where(inputs[0] >= 0, inputs[0], self.sampled[(-1 - inputs[0]).clamp(min=0)])
+        return self.model.decode(tokens, inputs[1], inputs[2], S, self.cache)
 
     def capture_all(self) -> float:
         """Capture every bucket now (what a server's start-up can pay once); returns the seconds."""
@@ -88,11 +98,11 @@ class DecodeStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, kernel selection
                 for _ in range(2):
-                    self.model.decode(inputs[0], inputs[1], inputs[2], S, self.cache)
+                    self._forward(inputs, S)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self.model.decode(inputs[0], inputs[1], inputs[2], S, self.cache)
+                out = self._forward(inputs, S)
             self._pool = graph.pool()
             self._captured[(B, S)] = (graph, out)
             self.capture_s += time.perf_counter() - t0

@@ -2,8 +2,19 @@
 
 The driver's engine owns the scheduler and the sampling. Each step it builds a StepPlan,
 hands it to `publish` (which sends it to the other model-parallel ranks; None when there are
-none), runs the plan on its own shard, samples the sequences that need a token and sends each
-its delta; a request that only scores its prompt (max_tokens 0) ends once its prompt has run.
+none), runs the plan on its own shard and samples the sequences that need a token, all on the
+device, then reads the tokens back in one copy and sends each sequence its delta; a request
+that only scores its prompt (max_tokens 0) ends once its prompt has run.
+
+With overlap (`async_scheduling`, on CUDA by default) step N is read back only after step N+1
+has been planned, sent and queued: the host's planning, the plan's broadcast and step N's
+detokenising and emitting run while the device computes. Step N+1's decodes then take their
+inputs from step N's tokens on the device (`sampled_token`; at MP>1 the driver's copy reaches
+the other ranks by a broadcast queued on the device). The scheduler plans no step past a
+sequence's max_tokens or max_seq_len; one that ends on a stop token or stop string is known a
+step late, and the row it ran in that step is dropped. A request with presence or frequency
+penalties needs its last token on the host for its next draw, so a step in flight is read back
+first while one is running.
 Requests, cancellations and deadlines enter between steps, so every rank sees them at the same
 step boundary. `submit` and `abort` may be called from any thread; `step` and
 `run` belong to the engine's own thread.
@@ -15,18 +26,19 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from llama.detokenizer import TextStream
+from llama.device_io import Readback, to_device
 from llama.model import Transformer
 from llama.request import EndToken, FinishReason, GenerationRequest
 from llama.runner import ModelRunner
 from llama.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
 from llama.scheduler import Scheduler
 from llama.sequence import Sequence, Sink
-from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan, sampled_token
 from llama.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -50,6 +62,11 @@ class EngineConfig:
     # Requests a replica holds beyond its max_batch_size running ones; more are refused at once
     # (HTTP 429 with Retry-After) rather than left to wait for their deadline.
     max_waiting: int = 64
+    # Plan and send step N+1 while the device runs step N, reading step N's tokens back after
+    # (null: on CUDA). A sequence that ends on a stop token or string then runs one more row, which
+    # is dropped. On the CPU, where nothing runs beside the host, overlapping only delays each
+    # token by a step.
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         least = {"max_batch_size": 1, "max_seq_len": 2, "prefill_chunk": 1, "max_waiting": 0}
@@ -57,6 +74,8 @@ class EngineConfig:
                if type(getattr(self, k)) is not int or getattr(self, k) < n]  # bool is no count
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             bad.append(f"request_timeout_s must be > 0 seconds (or null for no limit), got {self.request_timeout_s}")
+        if self.async_scheduling not in (None, True, False):
+            bad.append(f"async_scheduling must be true, false or null (on CUDA), got {self.async_scheduling!r}")
         if not self.heartbeat_s > 0:
             bad.append(f"heartbeat_s must be > 0 seconds, got {self.heartbeat_s}")
         if bad:
@@ -92,8 +111,21 @@ class EngineStats:
     timed_out: int = 0  # of which: past their deadline
     step_s: float = 0.0  # wall time inside steps that ran a forward
     publish_s: float = 0.0  # of which: sending the plan to the other ranks
-    forward_s: float = 0.0  # of which: this rank's forward
-    sample_s: float = 0.0  # of which: sampling, logprobs, detokenising, emitting
+    forward_s: float = 0.0  # of which: this rank's forward and the sampling (on a GPU: queuing them)
+    sample_s: float = 0.0  # of which: reading a step's tokens back, detokenising, emitting
+
+
+@dataclass
+class Launched:
+    """A step queued on the device whose results the host has not read yet."""
+
+    due: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences that get a token, their logits rows
+    wants: list[int] = field(default_factory=list)  # indices into due that asked for logprobs
+    k: int = 0  # alternatives read back per logprobs row
+    readback: Readback | None = None  # tokens, then the logprobs of `wants`, flat
+    prompt_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (seq, row, n, start): echo logprobs
+    logits: torch.Tensor | None = None  # kept for prompt_rows only
+    scored: list[Sequence] = field(default_factory=list)  # scoring requests whose prompt ended here
 
 
 class Engine:
@@ -108,8 +140,11 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config
         self.publish = publish
-        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len))
-        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk)
+        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len),
+                                  share_sampled=publish is not None)
+        self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
+        self.overlap = model.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len)
         self.stats = EngineStats()
         self.failure: BaseException | None = None
         self._rng = random.Random(config.seed)
@@ -119,6 +154,7 @@ class Engine:
         self._wake = threading.Event()
         self._by_id: dict[str, Sequence] = {}  # engine thread only
         self._freed: list[int] = []  # slots given back since the last plan
+        self._in_flight: Launched | None = None  # a step launched but not yet read back (overlap)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
@@ -169,28 +205,28 @@ class Engine:
                 self._send(StepPlan((), (), stop=True))
 
     def step(self) -> bool:
-        """One iteration. Returns False when there was nothing to run."""
+        """One iteration: plan, send and launch a step, then read back the step before it (with
+        overlap) or this one. Returns False when there was nothing to run or read."""
         self._intake()
+        if self._in_flight is not None and self._needs_history():
+            self._complete(self._take_in_flight())  # a penalty counts the token in flight: read it first
         work, copies = self.scheduler.schedule()
         if not work:
-            return False
+            if self._in_flight is None:
+                return False
+            self._complete(self._take_in_flight())
+            return True
         t0 = time.perf_counter()
-        segments, tokens = [], []
-        for seq, n in work:
-            if seq.prefilling:
-                done = seq.computed + n == seq.prompt_len
-                want_all = seq.prompt_logprobs is not None
-                mode = LOGITS_ALL if want_all else (LOGITS_LAST if done else LOGITS_NONE)
-            else:
-                mode = LOGITS_LAST
-            segments.append(Segment(seq.slot, seq.computed, n, mode))
-            tokens.extend(seq.next_input(n))
-        plan = StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()), copies=tuple(copies))
+        plan = self._plan(work, copies)
         self._send(plan)
         t1 = time.perf_counter()
-        logits = self.runner.execute(plan)  # (R, vocab)
+        launched = self._launch(work, plan)
         t2 = time.perf_counter()
-        self._sample(work, plan, logits)
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._complete(previous)  # its host work overlaps this step on the device
+        if not self.overlap:
+            self._complete(self._take_in_flight())
         t3 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -200,6 +236,37 @@ class Engine:
         s.forward_s += t2 - t1
         s.sample_s += t3 - t2
         return True
+
+    def _plan(self, work: list[tuple[Sequence, int]], copies: list[SlotCopy]) -> StepPlan:
+        """The step's plan; each sequence's tokens are counted as cached from here on. A decode
+        whose input was sampled by the step still in flight takes it on the device."""
+        segments, tokens = [], []
+        for seq, n in work:
+            if seq.prefilling:
+                done = seq.computed + n == seq.prompt_len
+                want_all = seq.prompt_logprobs is not None
+                mode = LOGITS_ALL if want_all else (LOGITS_LAST if done else LOGITS_NONE)
+                self.stats.prefill_tokens += n
+            else:
+                mode = LOGITS_LAST
+                self.stats.decode_tokens += 1
+            segments.append(Segment(seq.slot, seq.computed, n, mode))
+            if seq.in_flight:
+                tokens.append(sampled_token(seq.last_row))
+            else:
+                tokens.extend(seq.next_input(n))
+            seq.computed += n
+        return StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()), copies=tuple(copies))
+
+    def _needs_history(self) -> bool:
+        """Whether a running sequence with a token in flight counts its generated tokens in its
+        draw (presence or frequency penalty): its next draw needs that token on the host."""
+        return any(s.in_flight and (s.params.presence_penalty or s.params.frequency_penalty)
+                   for s in self.scheduler.running)
+
+    def _take_in_flight(self) -> Launched:
+        launched, self._in_flight = self._in_flight, None
+        return launched
 
     def _send(self, plan: StepPlan) -> None:
         if self.publish is not None:
@@ -231,6 +298,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "",
                 logprobs: list[float] | None = None, top: list | None = None, end_token: EndToken | None = None) -> None:
         seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top, end_token)
+        seq.finished = True
         del self._by_id[seq.request_id]
         slot = self.scheduler.remove(seq)
         if slot is not None:
@@ -239,29 +307,30 @@ class Engine:
         self.stats.aborted += reason == "abort"
         self.stats.timed_out += reason == "timeout"
 
-    def _sample(self, work: list[tuple[Sequence, int]], plan: StepPlan, logits: torch.Tensor) -> None:
+    def _launch(self, work: list[tuple[Sequence, int]], plan: StepPlan) -> Launched:
+        """Run the plan and draw the step's tokens, on the device; start their read-back. Nothing
+        here waits for the device."""
+        logits = self.runner.execute(plan)  # (R, vocab)
+        out = Launched()
         row = 0
-        due: list[tuple[Sequence, int]] = []  # sequences that get a token now, and their logits row
         for (seq, n), seg in zip(work, plan.segments):
-            if seg.length == 1 and not seq.prefilling:
-                self.stats.decode_tokens += 1
-            else:
-                self.stats.prefill_tokens += n
             if seg.logits == LOGITS_ALL:
-                self._prompt_logprobs(seq, logits[row : row + n], seg.start)
+                out.prompt_rows.append((seq, row, n, seg.start))
                 row += n
             elif seg.logits == LOGITS_LAST:
                 row += 1
-            seq.computed += n
             if seg.logits != LOGITS_NONE and not seq.prefilling:
                 if seq.params.max_tokens == 0:
-                    self._finish(seq, "length")  # scoring: its prompt's logprobs are all it asked for
+                    out.scored.append(seq)  # scoring: its prompt's logprobs are all it asked for
                 else:
-                    due.append((seq, row - 1))
-        if not due:
-            return
-        # Every choice, logprob and alternative stays on the device until one read-back at the end.
-        rows = torch.tensor([r for _, r in due], device=logits.device)
+                    out.due.append((seq, row - 1))
+        if out.prompt_rows:
+            out.logits = logits
+        if not out.due:
+            return out
+        due = out.due
+        # Every choice, logprob and alternative stays on the device until one read-back.
+        rows = to_device([r for _, r in due], logits.device)
         picked = torch.argmax(logits[rows], dim=-1)  # greedy rows, all at once
         for i, (s, r) in enumerate(due):
             p = s.params
@@ -271,14 +340,34 @@ class Engine:
                 row_logits = (adjust_logits(logits[r], s.tokens[s.prompt_len :], p.presence_penalty,
                                             p.frequency_penalty, p.logit_bias) if p.adjusts_logits else logits[r])
                 picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
-        wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
+        self.runner.record_sampled(picked)  # the next plan's decodes read their inputs here
+        for i, (s, _) in enumerate(due):
+            s.in_flight += 1
+            s.last_row = i
+        out.wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
         parts = [picked.double()]  # float64 holds every token id and float32 logprob exactly
-        k = max((due[i][0].params.logprobs for i in wants), default=0)
-        if wants:
-            want = torch.tensor(wants, device=logits.device)
-            chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], k)
+        out.k = max((due[i][0].params.logprobs for i in out.wants), default=0)
+        if out.wants:
+            want = to_device(out.wants, logits.device)
+            chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], out.k)
             parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
-        flat = torch.cat(parts).tolist()  # the step's one read-back
+        out.readback = Readback(torch.cat(parts))  # the step's one read-back, collected by _complete
+        return out
+
+    def _complete(self, step: Launched) -> None:
+        """A launched step's results on the host: prompt logprobs, then each sampled token, its
+        stop and length checks, and its delta. A sequence that ended meanwhile (a stop found in
+        the step before, an abort, a deadline) drops its row."""
+        for seq, row, n, start in step.prompt_rows:
+            if not seq.finished:
+                self._prompt_logprobs(seq, step.logits[row : row + n], start)
+        for seq in step.scored:
+            if not seq.finished:
+                self._finish(seq, "length")
+        if step.readback is None:
+            return
+        flat = step.readback.tolist()
+        due, wants, k = step.due, step.wants, step.k
         n, w = len(due), len(wants)
         chosen = [int(t) for t in flat[:n]]
         lps: dict[int, tuple[float, list]] = {}
@@ -288,6 +377,9 @@ class Engine:
             id_row = flat[n + w + w * k + j * k : n + w + w * k + j * k + asked]
             lps[i] = (flat[n + j], [(int(t), lp) for t, lp in zip(id_row, lp_row)])
         for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
+            seq.in_flight -= 1
+            if seq.finished:
+                continue
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
             if tok in self.tokenizer.stop_ids:  # an end token (EOS, Llama 3's <|eot_id|>): not in the output
                 end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
@@ -310,7 +402,7 @@ class Engine:
         if not targets:
             return
         k = seq.params.logprobs or 0
-        lp, top = logprobs_of(rows[: len(targets)], torch.tensor(targets, device=rows.device), k)
+        lp, top = logprobs_of(rows[: len(targets)], to_device(targets, rows.device), k)
         seq.prompt_logprobs.extend(lp)
         seq.prompt_top.extend(top)
 
@@ -318,6 +410,7 @@ class Engine:
         with self._lock:
             self.failure = e
             new, self._new = self._new, []
+        self._in_flight = None
         err = EngineFailedError(f"the engine failed: {type(e).__name__}: {e}")
         log.error("engine failed: %r", e)
         for seq in list(self._by_id.values()) + new:

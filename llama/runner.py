@@ -11,9 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import fairscale.nn.model_parallel.initialize as fs_init
 import torch
+import torch.distributed as dist
 
 from llama.decode_step import DecodeStep
+from llama.device_io import to_device
 from llama.kv_cache import KVCache
 from llama.model import Transformer
 from llama.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
@@ -59,12 +62,12 @@ def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> A
     visible = torch.arange(K)[None, None, :] <= qpos[:, :, None]  # (G, L, K)
     mask = torch.zeros((G, L, K)).masked_fill_(~visible, float("-inf"))
     return AttentionGroup(
-        query_index=query_index.to(device),
-        valid=valid.to(device),
-        slots=torch.tensor(slots, dtype=torch.long, device=device),
+        query_index=to_device(query_index, device),
+        valid=to_device(valid, device),
+        slots=to_device(slots, device),
         slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
         kv_len=K,
-        mask=mask.unsqueeze(1).to(device),
+        mask=to_device(mask.unsqueeze(1), device),
     )
 
 
@@ -85,24 +88,40 @@ def pack(plan: StepPlan, device: torch.device) -> PackedBatch:
         off += s.length
     groups = [_group(g, device) for g in (decodes, prefills) if g]
     return PackedBatch(
-        tokens=torch.tensor(plan.tokens, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        token_slots=torch.tensor(token_slots, dtype=torch.long, device=device),
+        tokens=to_device(plan.tokens, device),
+        positions=to_device(positions, device),
+        token_slots=to_device(token_slots, device),
         groups=groups,
-        logit_index=torch.tensor(logit_index, dtype=torch.long, device=device),
+        logit_index=to_device(logit_index, device),
     )
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None):
-        """graphs: capture the decode as CUDA graphs (None: on CUDA devices)."""
+    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None, share_sampled: bool = False):
+        """graphs: capture the decode as CUDA graphs (None: on CUDA devices). share_sampled: this
+        rank is one of a driver's gang (cluster/lockstep.py), so the tokens the driver samples
+        reach the others over the model-parallel group, on the device, when a plan uses them."""
         self.model = model
         self.cache = cache
-        self.decode = DecodeStep(model, cache, graphs)
+        # The tokens the last step sampled, row j for the plan's sampled_token(j). The driver's
+        # engine writes them (record_sampled); the other ranks receive them.
+        self.sampled = torch.zeros(cache.max_batch_size, dtype=torch.long, device=model.device)
+        self.share_sampled = share_sampled
+        self.decode = DecodeStep(model, cache, self.sampled, graphs)
         self.active: set[int] = set()  # slots holding a sequence, as the plans have said
         self.busy_since: float | None = None  # time.monotonic() when the step now running began
         self.steps = 0  # plans run (idle ones not counted), and the seconds they took: for metrics
         self.step_s = 0.0
+
+    def warm_up(self) -> float:
+        """Start-up work before the first step: capture every decode bucket as a CUDA graph
+        (nothing on the CPU). Every rank of a gang calls it at the same point, so the
+        collectives inside the captures line up. Returns the seconds spent capturing."""
+        return self.decode.capture_all() if self.decode.graphs else 0.0
+
+    def record_sampled(self, tokens: torch.Tensor) -> None:
+        """Driver: the tokens this step sampled (R,), on the device, for the next plan to use."""
+        self.sampled[: tokens.shape[0]].copy_(tokens)
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
@@ -129,6 +148,11 @@ class ModelRunner:
             self.active.add(s.slot)
         if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
+        if plan.takes_sampled and self.share_sampled:
+            # The driver's row of the last step's tokens to every rank: queued on the device
+            # after that step's sampling, before this step's forward; the host never waits.
+            src = fs_init.get_model_parallel_src_rank()
+            dist.broadcast(self.sampled, src=src, group=fs_init.get_model_parallel_group())
         singles: list[tuple[Segment, int]] = []  # one-token segments and their tokens
         longer: list[Segment] = []
         longer_tokens: list[int] = []
@@ -137,6 +161,7 @@ class ModelRunner:
             if s.length == 1:
                 singles.append((s, plan.tokens[off]))
             else:
+                assert min(plan.tokens[off : off + s.length]) >= 0, "a sampled token in a prefill chunk"
                 longer.append(s)
                 longer_tokens.extend(plan.tokens[off : off + s.length])
             off += s.length

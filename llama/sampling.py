@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from llama.device_io import to_device
+
 
 def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """probs (bsz, vocab) -> token ids (bsz, 1). Drops every token whose preceding cumulative
@@ -15,7 +17,7 @@ def sample_top_p(probs: torch.Tensor, p: float, generator: torch.Generator | Non
     probs_sort, probs_idx = torch.sort(probs, dim=-1, descending=True)
     probs_sum = torch.cumsum(probs_sort, dim=-1)
     mask = probs_sum - probs_sort > p
-    probs_sort[mask] = 0.0
+    probs_sort.masked_fill_(mask, 0.0)  # not probs_sort[mask] = 0: a boolean index waits for the GPU
     probs_sort.div_(probs_sort.sum(dim=-1, keepdim=True))
     next_token = torch.multinomial(probs_sort, num_samples=1, generator=generator)
     return torch.gather(probs_idx, -1, next_token)
@@ -34,11 +36,12 @@ def adjust_logits(
     prompt). Only the draw sees these; logprobs stay the model's own."""
     out = logits.float().clone()  # (vocab,); .float() alone would alias float32 logits
     if generated and (presence_penalty or frequency_penalty):
-        counts = torch.bincount(torch.tensor(generated, device=out.device), minlength=out.shape[-1]).float()
+        ids = to_device(generated, out.device)
+        counts = torch.zeros_like(out).index_add_(0, ids, torch.ones_like(ids, dtype=out.dtype))  # bincount would wait for the GPU
         out -= frequency_penalty * counts + presence_penalty * (counts > 0).float()
     if logit_bias:
-        ids = torch.tensor([t for t, _ in logit_bias], device=out.device)
-        out.index_add_(0, ids, torch.tensor([b for _, b in logit_bias], device=out.device, dtype=out.dtype))
+        ids = to_device([t for t, _ in logit_bias], out.device)
+        out.index_add_(0, ids, to_device([b for _, b in logit_bias], out.device, out.dtype))
     return out
 
 

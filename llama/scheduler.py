@@ -18,10 +18,11 @@ from llama.step_plan import SlotCopy
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, prefill_chunk: int):
-        # EngineConfig has checked both (>= 1)
+    def __init__(self, max_batch_size: int, prefill_chunk: int, max_seq_len: int):
+        # EngineConfig has checked them (>= 1)
         self.max_batch_size = max_batch_size  # slots
         self.prefill_chunk = prefill_chunk
+        self.max_seq_len = max_seq_len
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order, each holding a slot
         self._free: list[int] = list(range(max_batch_size))  # a heap: the lowest free slot is taken first
@@ -46,7 +47,8 @@ class Scheduler:
     def schedule(self) -> tuple[list[tuple[Sequence, int]], list[SlotCopy]]:
         """The next step's work: (sequence, number of its tokens to run), decodes first; and the
         slot copies to make before it."""
-        work = [(s, 1) for s in self.running if not s.prefilling]
+        # A sequence whose token in flight is its last (by count) is read back, not run again.
+        work = [(s, 1) for s in self.running if not s.prefilling and s.can_grow(self.max_seq_len)]
         budget = self.prefill_chunk
         for s in self.running:
             if s.prefilling and budget > 0:

@@ -37,7 +37,10 @@ class Sequence:
         self.tokens: list[int] = list(request.prompt_tokens)  # prompt, then generated
         self.prompt_len = len(self.tokens)
         self.prompt_key = hash(request.prompt_tokens)  # finds running sequences with the same prompt
-        self.computed = 0  # leading tokens whose keys/values are in the slot
+        self.computed = 0  # leading tokens whose keys/values are in the slot (or will be, once the steps queued have run)
+        self.in_flight = 0  # tokens sampled on the device and not yet read back (llama/engine.py's overlap)
+        self.last_row = 0  # the newest of them: its row among the tokens its step sampled
+        self.finished = False  # its last delta is out; a row still in flight for it is dropped
         self.slot: int | None = None
         self.arrived = time.monotonic()
         self.deadline = None if request.timeout_s is None else self.arrived + request.timeout_s
@@ -58,6 +61,12 @@ class Sequence:
     @property
     def generated(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+    def can_grow(self, max_seq_len: int) -> bool:
+        """Another token would still fit its max_tokens and max_seq_len, counting those in flight:
+        a decode step for it is not wasted."""
+        held = len(self.tokens) + self.in_flight
+        return held - self.prompt_len < self.params.max_tokens and held < max_seq_len
 
     def next_input(self, n: int) -> list[int]:
         return self.tokens[self.computed : self.computed + n]

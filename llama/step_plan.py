@@ -16,6 +16,15 @@ LOGITS_NONE = 0  # a prefill chunk that is not the prompt's last: nothing to sam
 LOGITS_LAST = 1  # sample the next token from the segment's last position
 LOGITS_ALL = 2  # every position (prompt logprobs for echo) and sample from the last
 
+
+def sampled_token(j: int) -> int:
+    """A plan token that stands for row j of the tokens the previous step sampled. The driver
+    plans step N+1 before step N's tokens are read back (llama/engine.py): a decode's input is
+    then this reference, and every rank takes the token from its own copy of step N's sampled
+    tokens on the device (ModelRunner.sampled). Real token ids are >= 0."""
+    return -1 - j
+
+
 _HEADER = 5  # kind, n_segments, n_tokens, n_freed, n_copies
 _KIND_STEP, _KIND_STOP = 1, 2
 
@@ -42,7 +51,7 @@ class SlotCopy:
 @dataclass(frozen=True)
 class StepPlan:
     segments: tuple[Segment, ...]
-    tokens: tuple[int, ...]  # the segments' input tokens, packed in segment order
+    tokens: tuple[int, ...]  # the segments' input tokens, packed in segment order (< 0: sampled_token)
     freed: tuple[int, ...] = ()  # slots given back since the previous plan (finished, cancelled, failed)
     copies: tuple[SlotCopy, ...] = ()  # done before the forward
     stop: bool = False  # the driver is shutting down: leave the loop
@@ -50,6 +59,11 @@ class StepPlan:
     @property
     def idle(self) -> bool:
         return not self.segments and not self.copies
+
+    @property
+    def takes_sampled(self) -> bool:
+        """Some input is a token the previous step sampled (see sampled_token)."""
+        return any(t < 0 for t in self.tokens)
 
     @classmethod
     def prefill(cls, rows: list[list[int]]) -> "StepPlan":

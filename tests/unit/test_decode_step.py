@@ -51,7 +51,7 @@ def test_the_static_decode_gives_the_packed_forwards_logits(model, lengths) -> N
                                  tuple(tokens)), model.device), runner.cache)
     # Each layer writes its keys and values at these positions before it reads them: the decode
     # overwrites what the packed forward wrote there with its own.
-    static = DecodeStep(model, runner.cache).run(slots, positions, tokens)
+    static = DecodeStep(model, runner.cache, runner.sampled).run(slots, positions, tokens)
     assert static.shape == packed.shape and static.dtype == torch.float32
     assert torch.allclose(static, packed, atol=1e-5, rtol=0)
     assert torch.equal(static.argmax(-1), packed.argmax(-1))
@@ -60,7 +60,7 @@ def test_the_static_decode_gives_the_packed_forwards_logits(model, lengths) -> N
 def test_slots_that_do_not_decode_are_left_as_they_were(model) -> None:
     runner = prefilled(model, {0: 6, 1: 6, 2: 6})
     before = [(k[:3].clone(), v[:3].clone()) for k, v in zip(runner.cache.k, runner.cache.v)]
-    DecodeStep(model, runner.cache).run([0, 2], [6, 6], [5, 9])  # bucket B=4: slots 1 and 3 run on scratch inputs
+    DecodeStep(model, runner.cache, runner.sampled).run([0, 2], [6, 6], [5, 9])  # bucket B=4: slots 1 and 3 run on scratch inputs
     for (k0, v0), k, v in zip(before, runner.cache.k, runner.cache.v):
         assert torch.equal(k[1], k0[1]) and torch.equal(v[1], v0[1])  # untouched
         assert torch.equal(k[0, :6], k0[0, :6]) and not torch.equal(k[0, 6], k0[0, 6])  # written at 6 only

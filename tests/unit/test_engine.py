@@ -10,16 +10,22 @@ import pytest
 import torch
 
 from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
+from llama.step_plan import sampled_token
 from tests.conftest import GOLDEN_CKPT
 
 
 class Driver:
-    """Runs an Engine on the test's thread: submit, then step until idle."""
+    """Runs an Engine on the test's thread: submit, then step until idle. Every test that uses it
+    runs twice (`step_mode`): each step read back at once, and overlapped (step N read back after
+    step N+1 is planned and launched, its decodes taking step N's tokens on the device)."""
+
+    overlap = False
 
     def __init__(self, model, tokenizer, **config):
         from llama.engine import Engine, EngineConfig
 
-        self.engine = Engine(model, tokenizer, EngineConfig(**{"max_batch_size": 4, "max_seq_len": 96, "prefill_chunk": 16, **config}))
+        self.engine = Engine(model, tokenizer, EngineConfig(**{"max_batch_size": 4, "max_seq_len": 96, "prefill_chunk": 16,
+                                                               "async_scheduling": Driver.overlap, **config}))
         self.deltas: dict[str, list] = {}
         self.requests: dict[str, GenerationRequest] = {}
 
@@ -43,6 +49,13 @@ class Driver:
             self.submit(f"r{base + i}", r)
         self.drain()
         return [self.output(f"r{base + i}") for i in range(len(requests))]
+
+
+@pytest.fixture(params=["sync", "overlap"], autouse=True)
+def step_mode(request):
+    Driver.overlap = request.param == "overlap"
+    yield request.param
+    Driver.overlap = False
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +162,8 @@ def test_long_prompt_is_chunked_and_does_not_stall_decoding(golden_model):
     while not d.deltas["long"]:
         d.engine.step()
         steps += 1
-    assert steps == 81 // 8 + 1  # 81 prompt tokens, 8 per step
+    lag = int(Driver.overlap)  # overlapped, a step's tokens are read back in the step() after it
+    assert steps == 81 // 8 + 1 + lag  # 81 prompt tokens, 8 per step
     assert len(d.deltas["short"]) - before == steps  # one token every step meanwhile
     d.drain()
     assert d.output("long").token_ids == Driver(model, tok).run([greedy(long_, 4)])[0].token_ids
@@ -346,3 +360,32 @@ def test_the_configured_request_timeout_applies_to_requests_that_bring_none(gold
     assert d.deltas["late"][-1].finish_reason == "timeout"
     assert d.output("own").finish_reason in ("stop", "length")
     assert d.engine.scheduler.free_slots == 4
+
+
+def test_overlapped_decodes_read_their_inputs_on_the_device_and_a_stop_costs_one_dropped_row(golden_model, step_mode):
+    from llama.engine import Engine, EngineConfig
+
+    if step_mode == "overlap":
+        pytest.skip("compares the two modes itself")
+    model, tok = golden_model
+    prompt = random_prompts(1, tok.n_words, seed=23)[0]
+    first = Driver(model, tok).run([greedy(prompt, 12)])[0]
+    stop = tok.decode(first.token_ids[:6])[-2:]  # a stop string that ends it within its first 6 tokens
+    runs = {}
+    for overlap in (False, True):
+        plans = []
+        engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=96, async_scheduling=overlap),
+                        publish=plans.append)
+        deltas = []
+        engine.submit("s", greedy(prompt, 12, stop=(stop,)), deltas.append)
+        while engine.step():
+            pass
+        runs[overlap] = (collect(list(prompt), deltas), engine.stats.decode_tokens, plans)
+    (sync, sync_rows, sync_plans), (over, over_rows, over_plans) = runs[False], runs[True]
+    assert sync.finish_reason == over.finish_reason == "stop" and over.token_ids == sync.token_ids
+    assert len(sync.token_ids) < 12
+    assert over_rows == sync_rows + 1  # the stop is found a step late: that step's row is dropped
+    assert not any(p.takes_sampled for p in sync_plans)
+    decodes = [p for p in over_plans if p.segments and p.segments[0].length == 1]
+    assert decodes and all(p.takes_sampled and p.tokens == (sampled_token(0),) for p in decodes)
+

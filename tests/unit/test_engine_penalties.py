@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from llama.request import GenerationRequest, SamplingParams
-from test_engine import Driver, golden_model, greedy, random_prompts  # noqa: F401 (golden_model: a fixture)
+from test_engine import Driver, golden_model, greedy, random_prompts, step_mode  # noqa: F401 (fixtures)
 
 
 def reference(model, tok, prompt: list[int], n: int, presence: float = 0.0, frequency: float = 0.0,

@@ -52,13 +52,13 @@ def step(sched: Scheduler) -> tuple[list[tuple[str, int]], list[SlotCopy]]:
 
 
 def test_an_empty_scheduler_has_no_work():
-    sched = Scheduler(max_batch_size=2, prefill_chunk=4)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=4, max_seq_len=512)
     assert sched.schedule() == ([], [])
     assert sched.free_slots == 2
 
 
 def test_each_decoding_sequence_advances_one_token_per_step_whatever_the_budget(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=3)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=3, max_seq_len=512)
     a, b, c = make("a", 1), make("b", 1), make("c", 1)
     for s in (a, b, c):
         sched.add(s)
@@ -71,7 +71,7 @@ def test_each_decoding_sequence_advances_one_token_per_step_whatever_the_budget(
 
 
 def test_decodes_come_before_prefill_chunks_and_do_not_use_the_budget(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=2)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=2, max_seq_len=512)
     d = make("d", 2)
     sched.add(d)
     step(sched)  # d prefilled, now decoding
@@ -85,7 +85,7 @@ def test_decodes_come_before_prefill_chunks_and_do_not_use_the_budget(make):
 
 
 def test_decodes_are_listed_first_whatever_the_admission_order(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=16)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=16, max_seq_len=512)
     x, y = make("x", 6), make("y", 3)
     sched.add(x)
     sched.add(y)
@@ -96,7 +96,7 @@ def test_decodes_are_listed_first_whatever_the_admission_order(make):
 
 
 def test_the_budget_goes_to_continuing_prompts_first_then_to_new_ones_in_arrival_order(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=4)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=4, max_seq_len=512)
     for name, n in (("a", 6), ("b", 3), ("c", 2)):
         sched.add(make(name, n))
     assert step(sched)[0] == [("a", 4)]  # nothing else is admitted once the budget is spent
@@ -108,7 +108,7 @@ def test_the_budget_goes_to_continuing_prompts_first_then_to_new_ones_in_arrival
 
 
 def test_a_long_prompt_is_chunked_over_several_steps(make):
-    sched = Scheduler(max_batch_size=2, prefill_chunk=4)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=4, max_seq_len=512)
     s = make("s", 10)
     sched.add(s)
     chunks = []
@@ -126,7 +126,7 @@ def test_a_long_prompt_is_chunked_over_several_steps(make):
 
 
 def test_admission_stops_when_slots_run_out_and_resumes_when_remove_frees_one(make):
-    sched = Scheduler(max_batch_size=2, prefill_chunk=64)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=64, max_seq_len=512)
     a, b, c = make("a", 3), make("b", 3), make("c", 3)
     for s in (a, b, c):
         sched.add(s)
@@ -141,7 +141,7 @@ def test_admission_stops_when_slots_run_out_and_resumes_when_remove_frees_one(ma
 
 
 def test_the_lowest_free_slot_is_taken_first(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=64)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=64, max_seq_len=512)
     seqs = [make(f"s{i}", 2) for i in range(4)]
     for s in seqs:
         sched.add(s)
@@ -157,7 +157,7 @@ def test_the_lowest_free_slot_is_taken_first(make):
 
 
 def test_remove_of_a_waiting_sequence_gives_back_no_slot_and_it_never_runs(make):
-    sched = Scheduler(max_batch_size=1, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=1, prefill_chunk=8, max_seq_len=512)
     a, b, c = make("a", 2), make("b", 2), make("c", 2)
     for s in (a, b, c):
         sched.add(s)
@@ -172,7 +172,7 @@ def test_remove_of_a_waiting_sequence_gives_back_no_slot_and_it_never_runs(make)
 
 
 def test_a_prompt_already_in_a_decoding_slot_is_copied_and_runs_one_token(make):
-    sched = Scheduler(max_batch_size=3, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=3, prefill_chunk=8, max_seq_len=512)
     a = make("a", [1, 5, 9, 30])
     sched.add(a)
     step(sched)
@@ -188,7 +188,7 @@ def test_a_prompt_already_in_a_decoding_slot_is_copied_and_runs_one_token(make):
 
 
 def test_a_donor_needs_only_all_but_the_last_prompt_token_cached(make):
-    sched = Scheduler(max_batch_size=2, prefill_chunk=4)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=4, max_seq_len=512)
     a = make("a", [1, 2, 3, 4, 5])
     sched.add(a)
     step(sched)  # a: 4 of 5 prompt tokens cached
@@ -200,7 +200,7 @@ def test_a_donor_needs_only_all_but_the_last_prompt_token_cached(make):
 
 
 def test_a_different_prompt_of_the_same_length_is_not_copied(make):
-    sched = Scheduler(max_batch_size=2, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=8, max_seq_len=512)
     sched.add(make("a", [1, 5, 9, 30]))
     step(sched)
     sched.add(make("b", [1, 5, 9, 31]))
@@ -209,7 +209,7 @@ def test_a_different_prompt_of_the_same_length_is_not_copied(make):
 
 
 def test_a_twin_of_a_prompt_still_prefilling_waits_in_its_place_then_copies(make):
-    sched = Scheduler(max_batch_size=3, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=3, prefill_chunk=8, max_seq_len=512)
     a, twin, c, d, e = make("a", [1, 8, 9]), make("twin", [1, 8, 9]), make("c", 2), make("d", 2), make("e", 2)
     for s in (a, twin, c, d, e):
         sched.add(s)
@@ -225,7 +225,7 @@ def test_a_twin_of_a_prompt_still_prefilling_waits_in_its_place_then_copies(make
 
 
 def test_a_deferred_twin_does_not_hold_up_the_queue_behind_it(make):
-    sched = Scheduler(max_batch_size=4, prefill_chunk=4)
+    sched = Scheduler(max_batch_size=4, prefill_chunk=4, max_seq_len=512)
     prompt = [1, 8, 9, 10, 11, 12]
     a, twin, other = make("a", prompt), make("twin", prompt), make("other", 2)
     for s in (a, twin, other):
@@ -240,7 +240,7 @@ def test_a_deferred_twin_does_not_hold_up_the_queue_behind_it(make):
 
 @pytest.mark.parametrize("donor_echo", [False, True])
 def test_a_sequence_that_needs_its_prompt_logprobs_never_shares(make, donor_echo):
-    sched = Scheduler(max_batch_size=3, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=3, prefill_chunk=8, max_seq_len=512)
     a = make("a", [1, 8, 9, 10], **({"logprobs": 1, "echo": True} if donor_echo else {}))
     sched.add(a)
     step(sched)
@@ -252,7 +252,7 @@ def test_a_sequence_that_needs_its_prompt_logprobs_never_shares(make, donor_echo
 
 
 def test_an_echo_twin_of_a_prompt_still_prefilling_is_not_deferred(make):
-    sched = Scheduler(max_batch_size=3, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=3, prefill_chunk=8, max_seq_len=512)
     sched.add(make("a", [1, 8, 9]))
     sched.add(make("echo", [1, 8, 9], logprobs=0, echo=True))
     work, copies = sched.schedule()
@@ -260,7 +260,7 @@ def test_an_echo_twin_of_a_prompt_still_prefilling_is_not_deferred(make):
 
 
 def test_logprobs_without_echo_still_share(make):
-    sched = Scheduler(max_batch_size=2, prefill_chunk=8)
+    sched = Scheduler(max_batch_size=2, prefill_chunk=8, max_seq_len=512)
     a = make("a", [1, 8, 9, 10])
     sched.add(a)
     step(sched)
