@@ -130,7 +130,7 @@ class Attention(nn.Module):
             # head h to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
             o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=g.mask,
                                                enable_gqa=self.n_rep > 1)  # (G, heads, L, hd)
-            out[g.query_index[g.valid]] = o.transpose(1, 2)[g.valid]
+            out[g.valid_targets] = o.transpose(1, 2).flatten(0, 1)[g.valid_rows]
         return self.wo(out.view(T, -1))
 
     def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,

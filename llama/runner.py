@@ -29,6 +29,8 @@ class AttentionGroup:
 
     query_index: torch.Tensor  # (G, L) packed index of each row's queries; padding repeats index 0
     valid: torch.Tensor  # (G, L) bool: False on padding
+    valid_rows: torch.Tensor  # (N,) the valid (g, l) as flat indices g*L + l, found on the host
+    valid_targets: torch.Tensor  # (N,) their packed indices: where each row's output goes
     slots: torch.Tensor  # (G,) the rows' cache slots
     slot_range: tuple[int, int] | None  # (first, end) when the slots are consecutive: a view, no copy
     kv_len: int  # K: keys gathered per row
@@ -64,6 +66,9 @@ def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> A
     return AttentionGroup(
         query_index=to_device(query_index, device),
         valid=to_device(valid, device),
+        # Integer indices, not the boolean mask: indexing by a mask on CUDA waits for the device.
+        valid_rows=to_device(valid.flatten().nonzero()[:, 0], device),
+        valid_targets=to_device(query_index[valid], device),
         slots=to_device(slots, device),
         slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
         kv_len=K,

@@ -44,6 +44,8 @@ def test_decodes_and_prefill_chunks_attend_in_separate_groups_sorted_by_slot():
     # rows padded to the longest chunk (3); padding repeats index 0 and is marked invalid
     assert prefills.query_index.tolist() == [[1, 2, 3], [5, 6, 0]]
     assert prefills.valid.tolist() == [[True, True, True], [True, True, False]]
+    assert prefills.valid_rows.tolist() == [0, 1, 2, 3, 4]  # flat (g, l) of the valid rows: not 5, the padding
+    assert prefills.valid_targets.tolist() == [1, 2, 3, 5, 6]  # where each one's output goes
     assert prefills.kv_len == 7  # slot 0's chunk ends at position 6
 
 
