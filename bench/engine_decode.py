@@ -14,9 +14,10 @@ random prompts (PROMPT_LEN tokens, --new-tokens greedy tokens each, no end token
   Meta's attention (repeat_kv, matmul, float32 softmax); eager, on the same weights.
 Both must give the same greedy tokens (checked). The table, printed last, gives per batch size
 the decode step (ms, steady state: every row decoding) and tokens/s, the share of the
-bandwidth limit (weight bytes / copy bandwidth: a step reads every weight once), time to first
-token at batch 1 for each --ttft-prompts length, and the start-up: an engine's construction and
-first step, and the time spent capturing the decode's CUDA graphs (llama/decode_step.py).
+bandwidth limit (weight bytes / copy bandwidth: a step reads every weight once), the same step
+without overlap (each step read back before the next is planned: on the CPU the only mode),
+time to first token at batch 1 for each --ttft-prompts length, and the start-up: building the
+engine, of which capturing the decode's CUDA graphs (llama/decode_step.py).
 """
 from __future__ import annotations
 
@@ -103,16 +104,22 @@ class EngineRun(NamedTuple):
     tokens: list[list[int]]  # each prompt's generated tokens
     steady: list[float]  # the duration of every steady-state step (all rows decoding)
     first_token_s: float  # from the first submit to the first row's first token
-    capture_s: float  # of the decode's CUDA graphs (captured as the run first needs each bucket)
-    graphs: int
 
 
-def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, max_seq_len: int) -> EngineRun:
-    """The prompts through a fresh Engine, greedy."""
-    tok = NumberTokenizer(model.args.vocab_size)
-    config = EngineConfig(max_batch_size=len(prompts), max_seq_len=max_seq_len,
-                          prefill_chunk=sum(len(p) for p in prompts))  # every prompt in the first step
-    engine = Engine(model, tok, config)
+def new_engine(model: Transformer, max_batch_size: int, max_seq_len: int, prefill_chunk: int) -> tuple[Engine, float]:
+    """An engine as a server builds one (its CUDA graphs captured), and the seconds that took."""
+    t0 = time.perf_counter()
+    engine = Engine(model, NumberTokenizer(model.args.vocab_size),
+                    EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk))
+    sync(model.device)
+    return engine, time.perf_counter() - t0
+
+
+def engine_run(engine: Engine, prompts: list[list[int]], new_tokens: int, overlap: bool | None = None) -> EngineRun:
+    """The prompts through an idle engine, greedy, stepped on this thread. overlap: plan each
+    step while the one before runs (None: the engine's own choice, on CUDA)."""
+    if overlap is not None:
+        engine.overlap = overlap  # between runs only: nothing is in flight while it is idle
     out: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     first: list[float] = []
 
@@ -127,7 +134,8 @@ def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, ma
 
     t0 = clock()
     for i, p in enumerate(prompts):
-        engine.submit(str(i), GenerationRequest(tuple(p), SamplingParams(max_tokens=new_tokens, temperature=0)), sink(i))
+        rid = f"{id(out)}-{i}"
+        engine.submit(rid, GenerationRequest(tuple(p), SamplingParams(max_tokens=new_tokens, temperature=0)), sink(i))
     steady: list[float] = []
     while True:
         before = (engine.stats.decode_tokens, engine.stats.prefill_tokens)
@@ -137,9 +145,7 @@ def engine_run(model: Transformer, prompts: list[list[int]], new_tokens: int, ma
         step_s = clock() - s0
         if (engine.stats.decode_tokens - before[0], engine.stats.prefill_tokens - before[1]) == (len(prompts), 0):
             steady.append(step_s)
-    decode = engine.runner.decode
-    return EngineRun([out[i] for i in range(len(prompts))], steady, first[0] - t0, decode.capture_s,
-                     len(decode._captured))
+    return EngineRun([out[i] for i in range(len(prompts))], steady, first[0] - t0)
 
 
 # ---- the reference's algorithm ---------------------------------------------------------------
@@ -258,49 +264,56 @@ def run(a: argparse.Namespace) -> list[str]:
     def prompts(n: int, length: int) -> list[list[int]]:
         return torch.randint(3, model.args.vocab_size, (n, length), generator=g).tolist()
 
-    # Start-up: a first engine, built and stepped once (what a server pays before its first request).
-    t0 = time.perf_counter()
-    engine_run(model, prompts(1, 8), 2, 16)
-    startup_s = time.perf_counter() - t0
-    rows, captures = [], []
+    # Start-up: the engine a server would build for the batch runs, its graphs captured.
+    engine, startup_s = new_engine(model, max(a.batches), PROMPT_LEN + a.new_tokens, max(a.batches) * PROMPT_LEN)
+    graphs, capture_s = len(engine.runner.decode._captured), engine.capture_s
+    overlapping = engine.overlap
+    engine_run(engine, prompts(1, 8), 2)  # first steps: lazy initialisations outside the graphs
+    rows = []
     for bsz in a.batches:
         ps = prompts(bsz, PROMPT_LEN)
-        e = engine_run(model, ps, a.new_tokens, PROMPT_LEN + a.new_tokens)
-        captures.append((e.graphs, e.capture_s))
+        e = engine_run(engine, ps, a.new_tokens, overlap=overlapping)
+        plain = engine_run(engine, ps, a.new_tokens, overlap=False) if overlapping else e
         ref = ReferenceLoop(model, bsz, PROMPT_LEN + a.new_tokens)
         r_tokens, r_steps, _ = ref.generate(ps, a.new_tokens)
         del ref
-        same = sum(x == y for x, y in zip(e.tokens, r_tokens))
-        rows.append((bsz, statistics.median(e.steady), statistics.median(r_steps), same))
-        print(f"batch {bsz}: engine {rows[-1][1] * 1e3:.2f} ms/step, reference {rows[-1][2] * 1e3:.2f} ms/step; "
-              f"{same} of {bsz} rows' greedy tokens equal", flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        same = sum(x == y == z for x, y, z in zip(e.tokens, plain.tokens, r_tokens))
+        rows.append((bsz, statistics.median(e.steady), statistics.median(plain.steady), statistics.median(r_steps), same))
+        print(f"batch {bsz}: engine {rows[-1][1] * 1e3:.2f} ms/step ({rows[-1][2] * 1e3:.2f} without overlap), "
+              f"reference {rows[-1][3] * 1e3:.2f} ms/step; {same} of {bsz} rows' greedy tokens equal", flush=True)
+    del engine
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     ttft = []
+    longest = max(a.ttft_prompts)
+    engine, ttft_startup_s = new_engine(model, 1, longest + 1, longest)
     for plen in a.ttft_prompts:
         p = prompts(1, plen)
-        engine_run(model, p, 1, plen + 1)  # warm for this length
-        e = engine_run(model, p, 1, plen + 1).first_token_s
+        engine_run(engine, p, 1)  # warm for this length
+        e = engine_run(engine, p, 1).first_token_s
         r = ReferenceLoop(model, 1, plen + 1).generate(p, 1)[2]
         ttft.append((plen, e, r))
+    ttft_graphs = len(engine.runner.decode._captured)
+    del engine
 
     timed = "wall time" if device.type == "cuda" else "CPU time of one thread"
     table = [f"decode through the engine vs an eager loop with the reference's algorithm; {card}, {dtype}, shape "
              f"{a.shape}, prompt {PROMPT_LEN}, {a.new_tokens} new tokens, greedy, {timed}; bandwidth limit "
              f"{limit_s * 1e3:.3f} ms/step ({weight_bytes / 1e9:.2f} GB at {bw / 2e12:.2f} TB/s read)",
-             "| batch | engine ms/step | engine tok/s | engine % of limit | reference ms/step | reference tok/s "
-             "| reference % of limit | engine speed-up | same tokens |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for bsz, e, r, same in rows:
-        table.append(f"| {bsz} | {e * 1e3:.2f} | {bsz / e:,.1f} | {100 * limit_s / e:.1f}% | {r * 1e3:.2f} | "
-                     f"{bsz / r:,.1f} | {100 * limit_s / r:.1f}% | {r / e:.2f}x | {same}/{bsz} |")
+             "| batch | engine ms/step | engine tok/s | engine % of limit | without overlap ms/step "
+             "| reference ms/step | reference tok/s | reference % of limit | engine speed-up | same tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for bsz, e, plain, r, same in rows:
+        table.append(f"| {bsz} | {e * 1e3:.2f} | {bsz / e:,.1f} | {100 * limit_s / e:.1f}% | {plain * 1e3:.2f} | "
+                     f"{r * 1e3:.2f} | {bsz / r:,.1f} | {100 * limit_s / r:.1f}% | {r / e:.2f}x | {same}/{bsz} |")
     for plen, e, r in ttft:
         table.append(f"time to first token, batch 1, {plen}-token prompt: engine {e * 1e3:.1f} ms, reference "
                      f"{r * 1e3:.1f} ms")
-    graphs, capture_s = sum(n for n, _ in captures), sum(s for _, s in captures)
-    table.append(f"start-up: engine built and stepped once in {startup_s * 1e3:.1f} ms; decode graphs: {graphs} "
-                 f"captured in {capture_s:.2f} s over the batch sizes' runs, each the first time a step needed "
-                 f"its bucket (none on the CPU, where the same code runs eagerly)")
+    table.append(f"start-up: the batch runs' engine (max_batch_size {max(a.batches)}, max_seq_len "
+                 f"{PROMPT_LEN + a.new_tokens}) built in {startup_s:.2f} s, of which {capture_s:.2f} s capturing "
+                 f"{graphs} decode graphs; the first-token runs' (1, {longest + 1}) in {ttft_startup_s:.2f} s, "
+                 f"{ttft_graphs} graphs (none on the CPU, where the same code runs eagerly); overlap "
+                 f"{'on' if overlapping else 'off (the CPU default)'}")
     return table
 
 

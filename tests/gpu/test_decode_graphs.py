@@ -37,3 +37,43 @@ def test_captured_decode_gives_the_eager_decodes_logits(mp1_cuda, dtype, atol):
         for s, t in zip(slots, eager.argmax(-1).tolist()):
             last[s], at[s] = t, at[s] + 1
     assert runners[1].decode.capture_s > 0 and len(runners[1].decode._captured) >= 2
+
+
+def test_an_overlapped_engine_queues_its_steps_without_waiting_for_the_gpu(mp1_cuda, golden):
+    """Only reading a step back may wait for the GPU: planning, the prefill, the captured decode,
+    the sampling and the read-back's start must not (CUDA's sync debug mode raises on any that does)."""
+    from llama.engine import Engine, EngineConfig
+    from llama.request import GenerationRequest, SamplingParams, collect
+    from llama.tokenizer import load_tokenizer
+
+    info = inspect_checkpoint(GOLDEN_CKPT)
+    model = Transformer(info.args, 96, device="cuda", dtype=torch.float32)
+    load_into(model, info, 0, 1)
+    engine = Engine(model, load_tokenizer(info.tokenizer_path),
+                    EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16, async_scheduling=True))
+    assert engine.capture_s > 0 and len(engine.runner.decode._captured) == 3 * 2  # B 1, 2, 4 x S 64, 96
+    c = golden["completions"]
+    reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0, logprobs=2))
+            for p in c["prompt_token_ids"][:4]]
+    sinks = [[] for _ in reqs]
+    for i, r in enumerate(reqs):
+        engine.submit(str(i), r, sinks[i].append)
+    complete, waits = engine._complete, []
+
+    def read_back(step):  # the one place allowed to wait
+        torch.cuda.set_sync_debug_mode(0)
+        try:
+            waits.append(1)
+            complete(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("error")
+
+    engine._complete = read_back
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        while engine.step():
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [collect(list(r.prompt_tokens), s).token_ids for r, s in zip(reqs, sinks)] == c["generated_token_ids"][:4]
+    assert len(waits) == engine.stats.steps

@@ -20,4 +20,4 @@ def test_the_engine_and_the_reference_loop_agree_and_the_table_is_whole(mp1) -> 
     assert [(r[0], r[-1]) for r in rows] == [("1", "1/1"), ("3", "3/3")]  # every row's greedy tokens equal
     ttft = [line for line in table if line.startswith("time to first token")]
     assert [line.split(", ")[2].split("-")[0] for line in ttft] == ["16", "40"]
-    assert table[-1].startswith("start-up: engine built and stepped once in ")
+    assert table[-1].startswith("start-up: the batch runs' engine (max_batch_size 3, max_seq_len 134) built in ")
