@@ -151,11 +151,13 @@ def test_a_gang_this_cluster_can_never_hold_is_refused_at_once(ray_local, tiny_c
 
 
 def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts):
-    """A GQA model cut for 1 rank, served at MP=1 and resharded to MP=2: same tokens, same logprobs."""
+    """A GQA model cut for 1 rank, served at MP=1 and resharded to MP=2: same tokens, same logprobs.
+    The MP=2 gang overlaps its steps, as it does on GPUs: its follower takes each decode's input
+    from the driver's sampled tokens, broadcast over the gang's group."""
     prompts = [[1, 5], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 100, 7, 9], [1] + list(range(200, 230))]
     results = {}
     for mp in (1, 2):
-        g = _start(ray_local, tiny_ckpts["gqa1"], mp)
+        g = _start(ray_local, tiny_ckpts["gqa1"], mp, async_scheduling=mp == 2)
         try:
             results[mp] = g.generate(_greedy(prompts, 24, logprobs=True))
         finally:
