@@ -74,7 +74,7 @@ class EngineConfig:
                if type(getattr(self, k)) is not int or getattr(self, k) < n]  # bool is no count
         if self.request_timeout_s is not None and not self.request_timeout_s > 0:
             bad.append(f"request_timeout_s must be > 0 seconds (or null for no limit), got {self.request_timeout_s}")
-        if self.async_scheduling not in (None, True, False):
+        if not (self.async_scheduling is None or isinstance(self.async_scheduling, bool)):
             bad.append(f"async_scheduling must be true, false or null (on CUDA), got {self.async_scheduling!r}")
         if not self.heartbeat_s > 0:
             bad.append(f"heartbeat_s must be > 0 seconds, got {self.heartbeat_s}")

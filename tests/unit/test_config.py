@@ -69,6 +69,8 @@ def test_every_bad_parallel_setting_is_named_at_once():
     ("request_timeout_s", -1.0),
     ("heartbeat_s", 0),
     ("heartbeat_s", -0.5),
+    ("async_scheduling", "yes"),
+    ("async_scheduling", 1),
 ])
 def test_engine_config_refuses_a_bad_value_by_name(setting, value):
     with pytest.raises(ValueError, match=f"engine settings: {setting} must be"):
