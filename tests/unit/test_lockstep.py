@@ -1,4 +1,5 @@
-"""PlanChannel and follow on a real 2-process gloo group (loopback, no Ray): plans arrive in order; stop ends the loop."""
+"""PlanChannel and follow on a real 2-process gloo group (loopback, no Ray): plans arrive in order; stop ends the
+loop; a real MP=2 engine and follower give Meta's tokens with and without overlap."""
 from __future__ import annotations
 
 import multiprocessing as mp
@@ -55,28 +56,31 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_path):
+def run_two_ranks(target, tmp_path: Path, join_s: float) -> tuple[dict, dict]:
+    """target(rank, port, out_dir) in two spawned processes; what each wrote. Neither outlives this."""
     ctx = mp.get_context("spawn")
     port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=_rank, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)]
     try:
         for p in procs:
             p.start()
         for p in procs:
-            p.join(JOIN_S)
+            p.join(join_s)
         hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        assert not hung, f"ranks {hung} still running after {JOIN_S}s: follow did not return on the stop plan?"
+        assert not hung, f"ranks {hung} still running after {join_s}s: a rank waits for a plan or collective that never comes?"
         assert [p.exitcode for p in procs] == [0, 0]
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
                 p.join(5)
-    driver = pickle.loads((tmp_path / "rank0.pkl").read_bytes())
-    follower = pickle.loads((tmp_path / "rank1.pkl").read_bytes())
+    return tuple(pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2))
+
+
+def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_path):
+    driver, follower = run_two_ranks(_rank, tmp_path, JOIN_S)
     assert driver == {"sent": len(PLANS)}
     assert follower["executed"] == PLANS[:-1]  # every step and the heartbeat, in order; the stop plan is not run
-
 
 
 def _gang_rank(rank: int, port: int, out_dir: str) -> None:
@@ -140,23 +144,7 @@ def test_an_overlapped_driver_hands_its_sampled_tokens_to_the_follower_on_the_de
     """MP=2 on the golden checkpoint: the overlapped driver's decodes name last step's tokens
     instead of carrying them, the follower takes them from the driver's broadcast, and both
     modes give Meta's tokens (and the same seeded draw)."""
-    ctx = mp.get_context("spawn")
-    port = free_port("127.0.0.1")
-    procs = [ctx.Process(target=_gang_rank, args=(r, port, str(tmp_path)), daemon=True) for r in range(2)]
-    try:
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(120)
-        assert not [r for r, p in enumerate(procs) if p.is_alive()], "a rank is still running after 120 s"
-        assert [p.exitcode for p in procs] == [0, 0]
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    driver = pickle.loads((tmp_path / "rank0.pkl").read_bytes())
-    follower = pickle.loads((tmp_path / "rank1.pkl").read_bytes())
+    driver, follower = run_two_ranks(_gang_rank, tmp_path, 120)
     n = len(driver["golden"])
     assert driver["False"][:n] == driver["True"][:n] == driver["golden"]
     assert driver["False"][n] == driver["True"][n] and len(driver["True"][n]) > 0  # the seeded draw
