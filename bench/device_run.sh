@@ -6,8 +6,9 @@
 #
 # That machine has torch (2.11 when last seen) with CUDA, sentencepiece and pytest, but no Ray
 # and no fairscale: fairscale travels as a wheel. It runs the GPU test tier (the captured decode
-# against the eager one, Meta's tokens on CUDA), then bench/engine_decode.py on the 7B shape; the
-# logs come back under $OUT. About 5 minutes.
+# against the eager one, Meta's tokens on CUDA, an overlapped engine under CUDA's sync debug
+# mode), then bench/engine_decode.py on the 7B shape; the logs come back under $OUT. About 5
+# minutes (never run yet: allow the timeout's margin for a second try).
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   || exit 1

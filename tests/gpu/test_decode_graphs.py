@@ -1,6 +1,7 @@
 """On a CUDA device: the decode captured as CUDA graphs (llama/decode_step.py) gives the eager
 decode's logits, step after step, in fp32 and bf16, through buckets of several batch sizes and
-kv lengths; and the engine, which captures them, still gives Meta's tokens (test_cuda.py)."""
+kv lengths; the engine, which captures them, still gives Meta's tokens (test_cuda.py); and an
+overlapped engine waits for the GPU only where it reads a step back."""
 from __future__ import annotations
 
 import pytest
