@@ -3,7 +3,9 @@
 PlanChannel broadcasts each StepPlan as one fixed-size int64 tensor over a CPU (gloo) group of
 its own, apart from the model's NCCL/gloo group, so a plan never waits behind GPU work and a
 step costs one small collective. Followers loop on `follow`: receive a plan, run it, repeat,
-until the driver's stop plan arrives; they never decide anything themselves.
+until the driver's stop plan arrives; they never decide anything themselves. An overlapping
+driver (llama/engine.py) sends plan N+1 while step N runs; a plan whose decodes take step N's
+tokens makes every rank's ModelRunner join the broadcast of those tokens first, on the device.
 """
 from __future__ import annotations
 
