@@ -366,7 +366,8 @@ class Engine:
                 self._finish(seq, "length")
         if step.readback is None:
             return
-        flat = step.readback.tolist()
+        with self.runner.busy():  # waits for the step on a GPU: the watchdog's to see
+            flat = step.readback.tolist()
         due, wants, k = step.due, step.wants, step.k
         n, w = len(due), len(wants)
         chosen = [int(t) for t in flat[:n]]

@@ -9,6 +9,7 @@ own slot's cached positions (`pack`). The logits come back in the plan's segment
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import fairscale.nn.model_parallel.initialize as fs_init
@@ -130,14 +131,25 @@ class ModelRunner:
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
-        self.busy_since = t0 = time.monotonic()  # a watchdog (cluster/rank.py) reads it from another thread
+        t0 = time.monotonic()
         try:
-            return self._execute(plan)
+            with self.busy():
+                return self._execute(plan)
         finally:
-            self.busy_since = None
             if not plan.idle:
                 self.steps += 1
                 self.step_s += time.monotonic() - t0
+
+    @contextmanager
+    def busy(self):
+        """Marks work that waits on the device or a collective: a watchdog (cluster/rank.py) reads
+        busy_since from another thread. On a GPU a step's forward only queues work; the engine
+        marks its read-back too, where a hung device or collective is waited for."""
+        self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_since = None
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> torch.Tensor:

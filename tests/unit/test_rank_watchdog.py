@@ -45,3 +45,34 @@ def test_the_runner_marks_its_step_busy_while_it_runs(tiny_ckpts, mp1):
     model.forward = lambda *a: (seen.append(runner.busy_since), original(*a))[1]
     runner.execute(StepPlan.prefill([[1, 5, 9]]))
     assert seen and seen[0] is not None and runner.busy_since is None
+
+
+def test_the_engine_marks_its_read_back_busy(tiny_ckpts, mp1):
+    """On a GPU the forward only queues work; a hung device or collective is waited for in the
+    read-back, so the watchdog must see that wait too."""
+    import torch
+
+    from llama.checkpoint import inspect_checkpoint, load_into
+    from llama.engine import Engine, EngineConfig
+    from llama.model import Transformer
+    from llama.request import GenerationRequest, SamplingParams
+    from llama.tokenizer import load_tokenizer
+
+    info = inspect_checkpoint(tiny_ckpts["gqa1"])
+    model = Transformer(info.args, 32, dtype=torch.float32)
+    load_into(model, info, 0, 1)
+    engine = Engine(model, load_tokenizer(info.tokenizer_path), EngineConfig(max_batch_size=1, max_seq_len=32))
+    seen = []
+    launch = engine._launch
+
+    def watched(*a):
+        step = launch(*a)
+        tolist = step.readback.tolist
+        step.readback.tolist = lambda: (seen.append(engine.runner.busy_since), tolist())[1]
+        return step
+
+    engine._launch = watched
+    engine.submit("r", GenerationRequest((1, 5, 9), SamplingParams(max_tokens=2, temperature=0)), lambda d: None)
+    while engine.step():
+        pass
+    assert len(seen) == 2 and all(t is not None for t in seen) and engine.runner.busy_since is None
