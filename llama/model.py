@@ -145,8 +145,12 @@ class Attention(nn.Module):
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # the packed layout: row b at its own position
         cache.write(self.layer_id, write_slots, positions, xk[0], xv)
         keys, values = cache.rows(self.layer_id, B, S)  # (B, S, kv, hd)
-        o = F.scaled_dot_product_attention(xq[0].unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-                                           attn_mask=mask, enable_gqa=self.n_rep > 1)  # (B, heads, 1, hd)
+        # Query head h reads KV head h // n_rep: the n_rep heads of one KV head go in as that head's
+        # n_rep query rows. Plain attention then, with no GQA flag (which, with a mask, can send
+        # SDPA to its slow math kernel on CUDA), no copy of the keys, and each KV head read once.
+        q = xq[0].view(B, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask)  # (B, kv, n_rep, hd); the mask broadcasts over both
         return self.wo(o.reshape(B, -1))
 
 
