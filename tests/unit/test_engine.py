@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
-from llama.step_plan import sampled_token
 from tests.conftest import GOLDEN_CKPT
 
 
@@ -360,32 +359,4 @@ def test_the_configured_request_timeout_applies_to_requests_that_bring_none(gold
     assert d.deltas["late"][-1].finish_reason == "timeout"
     assert d.output("own").finish_reason in ("stop", "length")
     assert d.engine.scheduler.free_slots == 4
-
-
-def test_overlapped_decodes_read_their_inputs_on_the_device_and_a_stop_costs_one_dropped_row(golden_model, step_mode):
-    from llama.engine import Engine, EngineConfig
-
-    if step_mode == "overlap":
-        pytest.skip("compares the two modes itself")
-    model, tok = golden_model
-    prompt = random_prompts(1, tok.n_words, seed=23)[0]
-    first = Driver(model, tok).run([greedy(prompt, 12)])[0]
-    stop = tok.decode(first.token_ids[:6])[-2:]  # a stop string that ends it within its first 6 tokens
-    runs = {}
-    for overlap in (False, True):
-        plans = []
-        engine = Engine(model, tok, EngineConfig(max_batch_size=2, max_seq_len=96, async_scheduling=overlap),
-                        publish=plans.append)
-        deltas = []
-        engine.submit("s", greedy(prompt, 12, stop=(stop,)), deltas.append)
-        while engine.step():
-            pass
-        runs[overlap] = (collect(list(prompt), deltas), engine.stats.decode_tokens, plans)
-    (sync, sync_rows, sync_plans), (over, over_rows, over_plans) = runs[False], runs[True]
-    assert sync.finish_reason == over.finish_reason == "stop" and over.token_ids == sync.token_ids
-    assert len(sync.token_ids) < 12
-    assert over_rows == sync_rows + 1  # the stop is found a step late: that step's row is dropped
-    assert not any(p.takes_sampled for p in sync_plans)
-    decodes = [p for p in over_plans if p.segments and p.segments[0].length == 1]
-    assert decodes and all(p.takes_sampled and p.tokens == (sampled_token(0),) for p in decodes)
 
