@@ -69,10 +69,23 @@ def deploy(url_port: int, engine: dict, grace_s: float, blocking: bool = True) -
         "deployments": [{"name": "LlamaDeployment", "graceful_shutdown_timeout_s": grace_s}]}]), _blocking=blocking)
 
 
-def post_later(url: str, body: dict, into: dict) -> threading.Thread:
-    """POST body in a thread; `into` gets the response ("r") and when it came ("at")."""
-    t = threading.Thread(target=lambda: into.update(r=httpx.post(url + "/v1/completions", json=body, timeout=120),
-                                                    at=time.monotonic()))
+def post_later(url: str, body: dict, into: dict, retry_draining: bool = False) -> threading.Thread:
+    """POST body in a thread; `into` gets the response ("r") and when it came ("at"). With
+    retry_draining, as a client that honours Retry-After: a 503 from a draining replica is sent
+    again after the seconds it names (up to 30 times), and `into["refused"]` counts those 503s."""
+
+    def post() -> None:
+        refused = 0
+        while True:
+            r = httpx.post(url + "/v1/completions", json=body, timeout=120)
+            draining = r.status_code == 503 and r.json()["error"]["code"] == "replica_draining"
+            if not (retry_draining and draining and refused < 30):
+                break
+            refused += 1
+            time.sleep(float(r.headers["retry-after"]))
+        into.update(r=r, at=time.monotonic(), refused=refused)
+
+    t = threading.Thread(target=post)
     t.start()
     return t
 
@@ -162,7 +175,9 @@ def test_a_redeploy_drains_the_old_replica_while_the_new_one_takes_the_new_reque
     waiter.join(60)
     assert_refused_by_the_drain(waiting["r"])  # once Serve began to stop the old replica
     after: dict = {}
-    post_later(url, SHORT, after).join(120)  # sent once the old replica was draining: the new one serves it
+    # Sent once the old replica was draining. Serve's router may still hand it the old replica for
+    # a moment; that refuses it with a 503 and Retry-After, and the retry reaches the new one.
+    post_later(url, SHORT, after, retry_draining=True).join(150)
     running.join(60)
     assert (len(running.token_ids), running.token_ids[:100], running.finish_reason, running.done, running.broken) == (
         600, reference, "length", True, None)
@@ -171,4 +186,5 @@ def test_a_redeploy_drains_the_old_replica_while_the_new_one_takes_the_new_reque
     assert after["r"].json()["choices"][0]["token_ids"] == reference
     print(f"redeploy: the old replica's waiting request got its 503 {waiting['at'] - redeployed:.1f} s after the "
           f"redeploy, its running stream ended whole {running.ended_at - redeployed:.1f} s after, and the new "
-          f"replica answered a request sent then {after['at'] - redeployed:.1f} s after")
+          f"replica answered a request sent then {after['at'] - redeployed:.1f} s after "
+          f"({after['refused']} retries after a 503 from the draining replica)")
