@@ -22,54 +22,41 @@ import sys
 import tempfile
 from pathlib import Path
 
+# argv: the tree, the checkpoint, and "engine" (Llama.generate) or "reference" (Meta's loop on
+# the same model, from the tree's bench/engine_decode.py).
 _CHILD = r"""
-import json, random, sys, time
-sys.path.insert(0, sys.argv[1])
+import importlib.util, json, random, sys, time
+tree, ckpt, side = sys.argv[1:4]
+sys.path.insert(0, tree)
 import torch
 torch.set_num_threads(1)
 from llama import Llama
-ckpt = sys.argv[2]
 g = Llama.build(ckpt, ckpt + "/tokenizer.model", max_seq_len=256, max_batch_size=8, model_parallel_size=1)
+if side == "reference":
+    spec = importlib.util.spec_from_file_location("engine_decode", tree + "/bench/engine_decode.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    eos = g.tokenizer.eos_id
+
+    def generate(prompts, n):  # -> the tokens, and how many the loop made (it runs every row to n)
+        tokens = bench.ReferenceLoop(g.model, len(prompts), 256).generate(prompts, n)[0]
+        return [t[: t.index(eos)] if eos in t else t for t in tokens], len(prompts) * n  # cut as the reference cuts
+else:
+    def generate(prompts, n):
+        tokens = g.generate(prompts, n, temperature=0)[0]
+        return tokens, sum(len(t) for t in tokens)
 rng = random.Random(0)
 out = {}
 for bsz in (1, 8):
     prompts = [[1] + [rng.randrange(3, 500) for _ in range(30)] for _ in range(bsz)]
-    g.generate(prompts, 8, temperature=0)  # warm-up
+    generate(prompts, 8)  # warm-up
     per_token = []
     for _ in range(3):
         t0 = time.process_time()
-        tokens, _ = g.generate(prompts, 64, temperature=0)
-        per_token.append((time.process_time() - t0) / sum(len(t) for t in tokens))
+        tokens, made = generate(prompts, 64)
+        per_token.append((time.process_time() - t0) / made)
     out[bsz] = min(per_token) * 1e3
     out[f"tokens{bsz}"] = tokens
-print(json.dumps(out))
-"""
-
-_REFERENCE_CHILD = r"""
-import importlib.util, json, random, sys, time
-sys.path.insert(0, sys.argv[1])
-import torch
-torch.set_num_threads(1)
-from llama import Llama
-spec = importlib.util.spec_from_file_location("engine_decode", sys.argv[1] + "/bench/engine_decode.py")
-bench = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(bench)
-ckpt = sys.argv[2]
-g = Llama.build(ckpt, ckpt + "/tokenizer.model", max_seq_len=256, max_batch_size=8, model_parallel_size=1)
-rng = random.Random(0)
-out = {}
-for bsz in (1, 8):
-    prompts = [[1] + [rng.randrange(3, 500) for _ in range(30)] for _ in range(bsz)]
-    loop = bench.ReferenceLoop(g.model, bsz, 256)
-    loop.generate(prompts, 8)  # warm-up
-    per_token = []
-    for _ in range(3):
-        t0 = time.process_time()
-        tokens, _, _ = loop.generate(prompts, 64)
-        per_token.append((time.process_time() - t0) / (bsz * 64))
-    out[bsz] = min(per_token) * 1e3
-    eos = g.tokenizer.eos_id
-    out[f"tokens{bsz}"] = [t[: t.index(eos)] if eos in t else t for t in tokens]  # cut as the reference cuts
 print(json.dumps(out))
 """
 
@@ -85,13 +72,14 @@ def main() -> None:
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {trees[0]!r}); import torch; "
                     f"from llama.make_tiny import make_tiny; make_tiny({ckpt!r}, dim=512, n_layers=8, n_heads=8, "
                     f"n_kv_heads=4, vocab_size=512, multiple_of=64, dtype=torch.float32)"], check=True)
-    sides = [(t, _CHILD, t) for t in trees]
+    sides = [(t, t, "engine") for t in trees]
     if a.reference:
-        sides.append(("Meta's algorithm", _REFERENCE_CHILD, trees[0]))
+        sides.append(("Meta's algorithm", trees[0], "reference"))
     results: dict[str, list[dict]] = {name: [] for name, _, _ in sides}
     for _ in range(a.rounds):
-        for name, child, tree in sides:
-            r = subprocess.run([sys.executable, "-c", child, tree, ckpt], check=True, capture_output=True, text=True)
+        for name, tree, side in sides:
+            r = subprocess.run([sys.executable, "-c", _CHILD, tree, ckpt, side], check=True, capture_output=True,
+                               text=True)
             results[name].append(json.loads(r.stdout.strip().splitlines()[-1]))
     print("ms of CPU time per generated token, best of 3 calls per round:")
     for name, rounds in results.items():
