@@ -68,7 +68,7 @@ class DecodeStep:
         host[2, rows] = rows
         if self.graphs:
             graph, out = self._graph(B, S)
-            self._inputs[B].copy_(to_device(host, self.model.device))  # queued after the last replay
+            self._inputs[B].copy_(host.pin_memory(), non_blocking=True)  # one upload, queued after the last replay
             graph.replay()
         else:
             out = self._forward(to_device(host, self.model.device), S)
