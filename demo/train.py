@@ -177,7 +177,7 @@ def train(out_dir: Path, cfg: TrainConfig) -> float:
                      lr_at(step, cfg), time.perf_counter() - t0)
 
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    save_sharded(state, PARAMS, out_dir, SHARDS, dtype=torch.bfloat16)
+    save_sharded(state, PARAMS, out_dir, SHARDS, version=2, dtype=torch.bfloat16)
     final = sum(recent) / len(recent)
     log.info("wrote %s in %.1fs in all", out_dir, time.perf_counter() - t_start)
     return final

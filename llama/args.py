@@ -55,6 +55,15 @@ class ModelArgs:
     @classmethod
     def from_params(cls, params: dict) -> "ModelArgs":
         known = {f.name for f in dataclasses.fields(cls)}
+        if "quantization_args" in params or "lora_args" in params:  # Llama 3.2's INT4 QLoRA / SpinQuant files
+            raise ValueError(
+                f"params.json has quantization_args {params.get('quantization_args')}: a quantized checkpoint, "
+                f"whose weights carry scales. This server serves Meta's bf16 weights: use the bf16 release "
+                f"of the same model (e.g. Llama-3.2-1B-Instruct, not its QLORA_INT4_EO8 or SpinQuant variant)."
+            )
+        if any(k.startswith("vision_") for k in params):
+            raise ValueError(f"params.json describes a vision model ({sorted(k for k in params if k.startswith('vision_'))}): "
+                             f"this server serves Llama's text models.")
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(

@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from llama.args import ModelArgs
 from llama.checkpoint import CheckpointError
-from llama.layout import full_shapes, shard_range, split_dim
+from llama.layout import full_shapes, rank_dim, shard_range
 
 # ---------------------------------------------------------------------------------------------
 # config.json
@@ -217,7 +217,7 @@ def load_hf_rank_state(weight_files: dict[str, Path], args: ModelArgs, rank: int
     slice (args must be valid for world_size: ModelArgs.validate_for). Reads only those slices."""
     out: dict[str, torch.Tensor] = {}
     for key, f, name, full in _checked_sources(weight_files, args, tied):
-        d = split_dim(key)
+        d = rank_dim(key)
         t = f.whole(name) if d is None else f.narrow(name, d, *shard_range(full[d], rank, world_size))
         if key.endswith(_ROTARY):  # the rank's rows are whole heads: undo the permutation per head
             t = _unpermute_rotary(t, args.head_dim)

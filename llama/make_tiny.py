@@ -2,10 +2,11 @@
 
     python -m llama.make_tiny OUTDIR --shards 2 [--dim 64 --n-layers 2 --n-heads 4 --n-kv-heads 2]
 
-Writes params.json, consolidated.NN.pth (each tensor cut the way fairscale cuts it, bf16 as
-Meta ships them) and a byte-fallback sentencepiece tokenizer.model with Meta's ids (unk 0,
-bos 1, eos 2, pad -1), trained on a small built-in text; or, with `tokenizer_model`, a copy of
-that file (Llama 3's, for a Llama 3-format checkpoint). Weights are random but seeded.
+Writes params.json, consolidated.NN.pth (each tensor cut the way Meta's reference of that
+version cuts it: Llama 2's embedding by its width, Llama 3's by its vocabulary; bf16 as Meta
+ships them) and a byte-fallback sentencepiece tokenizer.model with Meta's ids (unk 0, bos 1,
+eos 2, pad -1), trained on a small built-in text; or, with `tokenizer_model`, a copy of that
+file (Llama 3's tiktoken file makes a Llama 3-format checkpoint). Weights are random but seeded.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from llama.args import ModelArgs
-from llama.layout import full_shapes, shard_range, split_dim
+from llama.layout import full_shapes, meta_dim, shard_range
 
 # Enough varied text for a byte-fallback BPE of a few hundred pieces.
 _TEXT = """\
@@ -67,15 +68,16 @@ def random_state(args: ModelArgs, seed: int, qk_std: float = 0.02) -> dict[str, 
     return state
 
 
-def save_sharded(state: dict[str, torch.Tensor], args_params: dict, out_dir: Path, shards: int,
+def save_sharded(state: dict[str, torch.Tensor], args_params: dict, out_dir: Path, shards: int, version: int,
                  dtype: torch.dtype = torch.bfloat16) -> None:
-    """Cut a whole state dict into `shards` Meta-format files plus params.json."""
+    """Cut a whole state dict into `shards` files plus params.json, as Meta's Llama `version`
+    (2 or 3) reference cuts them."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "params.json").write_text(json.dumps(args_params))
     for r in range(shards):
         part = {}
         for key, t in state.items():
-            d = split_dim(key)
+            d = meta_dim(key, version)
             if d is not None:
                 start, end = shard_range(t.shape[d], r, shards)
                 t = t.narrow(d, start, end - start)
@@ -114,7 +116,9 @@ def make_tiny(
         (out / "tokenizer.model").write_bytes(Path(tokenizer_model).read_bytes())
     from llama.tokenizer import load_tokenizer
 
-    n_words = load_tokenizer(out / "tokenizer.model").n_words
+    tok = load_tokenizer(out / "tokenizer.model")
+    n_words = tok.n_words
+    version = 3 if tok.chat_format == "llama3" else 2  # Meta ships Llama 3 with its tiktoken file
     params: dict = {"dim": dim, "multiple_of": multiple_of, "n_heads": n_heads, "n_layers": n_layers,
                     "norm_eps": 1e-5, "vocab_size": n_words if explicit_vocab else -1, **(extra_params or {})}
     if n_kv_heads is not None:
@@ -123,7 +127,7 @@ def make_tiny(
         params["ffn_dim_multiplier"] = ffn_dim_multiplier
     args = ModelArgs.from_params({**params, "vocab_size": n_words})
     args.validate_for(shards)
-    save_sharded(random_state(args, seed, qk_std), params, out, shards, dtype)
+    save_sharded(random_state(args, seed, qk_std), params, out, shards, version, dtype)
     return out
 
 

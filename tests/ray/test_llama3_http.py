@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.llama3_reference import make_tiny_llama3, reference_chat_ids, reference_greedy
+from tests.meta_reference import make_tiny_llama3, reference_chat_ids, reference_greedy
 from tests.ray.serving import check_chat, check_completions, served
 
 pytest.importorskip("llama_models")

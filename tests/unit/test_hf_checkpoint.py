@@ -22,7 +22,7 @@ from llama.hf_checkpoint import (
     load_hf_rank_state,
     read_hf_config,
 )
-from llama.layout import full_shapes, split_dim
+from llama.layout import full_shapes, rank_dim
 from llama.model import Transformer
 from llama.runner import pack
 from llama.step_plan import StepPlan
@@ -93,7 +93,7 @@ def test_two_ranks_slices_make_the_whole(case, tmp_path):
     ranks = [_rank_state(ckpt, r, 2) for r in range(2)]
     assert list(whole) == list(full_shapes(hf_model_args(ckpt / "config.json")))
     for key, t in whole.items():
-        d = split_dim(key)
+        d = rank_dim(key)
         assert all(r[key].is_contiguous() for r in ranks)
         joined = ranks[0][key] if d is None else torch.cat([r[key] for r in ranks], dim=d)
         assert torch.equal(joined, t), key

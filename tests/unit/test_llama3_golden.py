@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llama.checkpoint import inspect_checkpoint
-from tests.llama3_reference import make_tiny_llama3, reference_greedy
+from tests.meta_reference import make_tiny_llama3, reference_greedy
 
 pytest.importorskip("llama_models")
 

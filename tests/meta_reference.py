@@ -1,6 +1,12 @@
-"""Meta's Llama 3 reference (the `llama-models` package, test-only) run on a tiny Llama 3.1-format
-checkpoint, float32 on the CPU at model-parallel size 1 (the caller provides the size-1 group):
-greedy tokens and logprobs, and the chat formatter's prompt ids, to compare ours against."""
+"""Meta's reference (the `llama-models` package, test-only) run on tiny Meta-format checkpoints,
+float32 on the CPU at model-parallel size 1 (the caller provides the size-1 group): greedy
+tokens and logprobs, and the Llama 3 chat formatter's prompt ids, to compare ours against.
+
+Files cut for several ranks are read by llama-models' own loader, which reshards them to this
+one process. That loader knows Llama 3's cut only (it joins tok_embeddings by the vocabulary),
+so a Llama 2 checkpoint's reference reads the same weights written as one file: llama-models'
+Transformer with Llama 2's rope (theta 10000, no scaling) is the computation of Meta's Llama 2
+reference, whose package is not published."""
 from __future__ import annotations
 
 import importlib.util
@@ -19,11 +25,13 @@ from tests.tokenizer_files import llama3_tokenizer_model
 LLAMA31 = {"rope_theta": 500000.0, "use_scaled_rope": True}  # params.json keys of Llama 3.1
 
 
-def make_tiny_llama3(out: Path, shards: int, seed: int = 7) -> Path:
-    """A tiny Llama 3.1-format checkpoint: GQA, scaled rope, the real tokenizer, random weights.
-    Its attention is sharp (wq, wk of std 1), so positions matter: without the rope scaling its
-    logprobs differ by more than 1e-3 within 30 tokens (with Meta's 0.02, by under 1e-5)."""
-    return make_tiny(out, shards=shards, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
+def make_tiny_llama3(out: Path, shards: int, seed: int = 7, n_heads: int = 4, n_kv_heads: int = 2) -> Path:
+    """A tiny Llama 3.1-format checkpoint: GQA, scaled rope, the real tokenizer, random weights,
+    cut into `shards` files as Meta cuts Llama 3 (the embedding by its vocabulary). Its attention
+    is sharp (wq, wk of std 1), so positions matter: without the rope scaling its logprobs differ
+    by more than 1e-3 within 30 tokens (with Meta's 0.02, by under 1e-5). 8 heads and 4 KV
+    heads let it run at model-parallel size 4."""
+    return make_tiny(out, shards=shards, dim=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads, multiple_of=32,
                      ffn_dim_multiplier=1.3, seed=seed, explicit_vocab=True, tokenizer_model=llama3_tokenizer_model(),
                      extra_params=LLAMA31, qk_std=1.0)
 
@@ -52,8 +60,10 @@ def _without_torchvision() -> Iterator[None]:
 def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
                      max_seq_len: int = 128) -> list[tuple[list[int], list[float]]]:
     """Each prompt's first max_gen_len greedy tokens (fewer if a stop token came) and their
-    logprobs, from llama-models' Llama3.generate on the one-shard checkpoint."""
+    logprobs, from llama-models' Llama3.generate on the checkpoint: its files read by llama-models'
+    loader (every file of a Llama 3 checkpoint; a Llama 2 one must be one file, see above)."""
     with _without_torchvision():
+        from llama_models.checkpoint import maybe_reshard_state_dict
         from llama_models.llama3.args import ModelArgs as RefArgs
         from llama_models.llama3.chat_format import LLMInput
         from llama_models.llama3.generation import Llama3
@@ -61,11 +71,23 @@ def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
         from llama_models.llama3.tokenizer import Tokenizer as RefTokenizer
 
     params = json.loads((ckpt_dir / "params.json").read_text())
+    paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
+    llama3 = "rope_theta" in params  # Meta's Llama 2 params.json has none: its rope's theta is 10000
+    if not llama3:
+        assert len(paths) == 1, "llama-models' loader joins files as Llama 3's are cut: give Llama 2's as one file"
+        params["rope_theta"] = 10000.0
+    tokenizer = RefTokenizer(ckpt_dir / "tokenizer.model") if llama3 else _SentencePieceStops(ckpt_dir / "tokenizer.model")
+    if params.get("vocab_size", -1) == -1:  # Meta's Llama 2 reference: the tokenizer decides
+        params["vocab_size"] = tokenizer.n_words
     args = RefArgs(**params, max_batch_size=len(prompts), max_seq_len=max_seq_len)
+    dtype = torch.get_default_dtype()
+    try:
+        state = maybe_reshard_state_dict(paths, n_kv_heads=args.n_kv_heads)  # sets bf16 as the default type
+        state = {k: v.float() for k, v in state.items() if k != "rope.freqs"}
+    finally:
+        torch.set_default_dtype(dtype)
     model = RefTransformer(args).float()
-    state = torch.load(ckpt_dir / "consolidated.00.pth", map_location="cpu", weights_only=True)
-    model.load_state_dict({k: v.float() for k, v in state.items() if k != "rope.freqs"})
-    tokenizer = RefTokenizer(ckpt_dir / "tokenizer.model")
+    model.load_state_dict(state)
     generator = Llama3(model, tokenizer, args)
     out: list[tuple[list[int], list[float]]] = [([], []) for _ in prompts]
     done = [False] * len(prompts)
@@ -81,6 +103,23 @@ def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
             out[i][0].append(r.token)
             out[i][1].append(r.logprobs[0])
     return out
+
+
+class _SentencePieceStops:
+    """What Llama3.generate asks of its tokenizer (pad id, stop tokens, decode), from Llama 2's
+    sentencepiece file: Meta's Llama 2 pads with -1 and stops at EOS."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.n_words = self._sp.vocab_size()
+        self.pad_id = self._sp.pad_id()
+        self.stop_tokens = [self._sp.eos_id()]
+        self.special_tokens = {"<|image|>": -2}  # looked up by Llama3's chat formatter, never met in text
+
+    def decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
 
 
 def reference_chat_ids(tokenizer_model: Path, dialog: list[dict]) -> list[int]:
