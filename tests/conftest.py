@@ -44,3 +44,36 @@ def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
         "mha1": make_tiny(root / "mha1", shards=1, n_kv_heads=None, seed=5),
         "mha4": make_tiny(root / "mha4", shards=4, n_kv_heads=None, seed=5),
     }
+
+
+@pytest.fixture(scope="session")
+def meta_files(tmp_path_factory) -> dict[tuple[int, int], Path]:
+    """(version, files) -> one seeded tiny model per Llama version, in Meta's layout, written as
+    1, 2 and 4 files the way Meta's reference of that version cuts them (Llama 3: the real
+    tokenizer and scaled rope). 8 heads and 4 KV heads, so each loads at model-parallel size 1,
+    2 and 4 from every cut."""
+    from llama.make_tiny import make_tiny
+    from tests.meta_reference import make_tiny_llama3
+
+    root = tmp_path_factory.mktemp("meta_files")
+    out: dict[tuple[int, int], Path] = {}
+    for n in (1, 2, 4):
+        out[3, n] = make_tiny_llama3(root / f"llama3-{n}", shards=n, seed=11, n_heads=8, n_kv_heads=4)
+        out[2, n] = make_tiny(root / f"llama2-{n}", shards=n, seed=13, n_heads=8, n_kv_heads=4, ffn_dim_multiplier=1.3,
+                              qk_std=1.0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def meta_references(meta_files) -> dict[int, tuple[list[list[int]], list[tuple[list[int], list[float]]]]]:
+    """version -> (prompt ids, Meta's reference's greedy tokens and logprobs) for meta_files
+    (tests/meta_reference.py), computed in this process on a one-process group."""
+    import torch.distributed as dist
+
+    from llama.distributed import init_model_parallel, init_single_process_group
+    from tests.meta_reference import meta_files_reference
+
+    if not dist.is_initialized():
+        init_single_process_group("gloo")
+    init_model_parallel(1)
+    return {v: meta_files_reference(meta_files, v) for v in (2, 3)}

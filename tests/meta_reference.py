@@ -13,6 +13,7 @@ import importlib.util
 import json
 import sys
 import types
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,7 +83,9 @@ def reference_greedy(ckpt_dir: Path, prompts: list[list[int]], max_gen_len: int,
     args = RefArgs(**params, max_batch_size=len(prompts), max_seq_len=max_seq_len)
     dtype = torch.get_default_dtype()
     try:
-        state = maybe_reshard_state_dict(paths, n_kv_heads=args.n_kv_heads)  # sets bf16 as the default type
+        with warnings.catch_warnings():  # it sets bf16 as the default type, the deprecated way
+            warnings.simplefilter("ignore", UserWarning)
+            state = maybe_reshard_state_dict(paths, n_kv_heads=args.n_kv_heads)
         state = {k: v.float() for k, v in state.items() if k != "rope.freqs"}
     finally:
         torch.set_default_dtype(dtype)
@@ -120,6 +123,28 @@ class _SentencePieceStops:
 
     def decode(self, ids: list[int]) -> str:
         return self._sp.decode(ids)
+
+
+META_PROMPTS = ["The capital of France is", "Hello, world! <|eot_id|> stays text here", "日本語のテキスト 🦙 " * 3]
+META_DIALOG = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Name a llama."}]
+META_MAX_GEN = 12
+
+
+def meta_files_reference(meta_files: dict[tuple[int, int], Path], version: int
+                         ) -> tuple[list[list[int]], list[tuple[list[int], list[float]]]]:
+    """For tests/conftest.py's meta_files of `version`: META_PROMPTS and META_DIALOG's chat prompt
+    as ids, and the reference's greedy answers (META_MAX_GEN tokens). Llama 3's reference reads
+    the 4 files through llama-models' loader; Llama 2's reads the same weights as one file."""
+    from llama.chat_format import encode_dialog
+    from llama.checkpoint import inspect_checkpoint
+
+    tok = inspect_checkpoint(meta_files[version, 1]).tokenizer()
+    if version == 3:
+        chat = reference_chat_ids(meta_files[3, 1] / "tokenizer.model", META_DIALOG)
+    else:  # Llama 2's formatter is checked against Meta's golden chat (tests/unit/test_golden.py)
+        chat = encode_dialog(tok, META_DIALOG)
+    prompts = [tok.encode(p, bos=True, eos=False) for p in META_PROMPTS] + [chat]
+    return prompts, reference_greedy(meta_files[version, 4 if version == 3 else 1], prompts, META_MAX_GEN)
 
 
 def reference_chat_ids(tokenizer_model: Path, dialog: list[dict]) -> list[int]:

@@ -1,5 +1,6 @@
-"""`from llama import Llama` under torchrun with two processes (model parallel size 2, gloo):
-the golden tokens, and every rank exits cleanly."""
+"""`from llama import Llama` under torchrun (gloo): with two processes, the golden tokens; with
+two and four, Meta's reference tokens from Llama 2 and Llama 3 files cut for 1, 2 and 4 ranks
+(resharded both ways); every rank exits cleanly."""
 from __future__ import annotations
 
 import json
@@ -10,20 +11,44 @@ import sys
 from pathlib import Path
 
 
-def test_torchrun_two_ranks_reproduce_the_reference(tmp_path):
-    out = tmp_path / "result.json"
-    script = Path(__file__).with_name("torchrun_golden.py")
+import pytest
+
+
+def _torchrun(script: str, nproc: int, *args: str) -> None:
+    """`torchrun --standalone --nproc_per_node nproc` on tests/unit/`script`, which must exit 0."""
     # Its own session, so a hang can be ended with every worker it started.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(out)],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         str(Path(__file__).with_name(script)), *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        _, stderr = proc.communicate(timeout=180)
+        _, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         raise
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def test_torchrun_two_ranks_reproduce_the_reference(tmp_path):
+    out = tmp_path / "result.json"
+    _torchrun("torchrun_golden.py", 2, str(out))
     assert json.loads(out.read_text()) == {"world_size": 2, "rank": 0, "match": True}
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_meta_files_cut_for_any_size_give_the_reference_tokens_at_two_and_four_ranks(tmp_path, meta_files,
+                                                                                     meta_references, nproc):
+    pytest.importorskip("llama_models")
+    cases = []
+    for (version, _), ckpt in sorted(meta_files.items()):
+        prompts, want = meta_references[version]
+        cases.append({"ckpt": str(ckpt), "prompts": prompts, "max_gen_len": max(len(t) for t, _ in want),
+                      "tokens": [t for t, _ in want], "logprobs": [lp for _, lp in want]})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    _torchrun("torchrun_meta_files.py", nproc, str(tmp_path / "cases.json"), str(tmp_path / "out.json"))
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["world_size"] == nproc and len(out["results"]) == 6
+    for r in out["results"]:
+        assert r["match"] and r["max_logprob_diff"] < 1e-4, r
