@@ -4,7 +4,7 @@
 
 An open-loop workload: requests arrive at Poisson times (seeded), with varied prompt and output
 lengths, greedy. The same arrivals are served in this process (MP=1) by the same engine
-(llama.engine.Engine) under two admission policies:
+(llama.engine.core.Engine) under two admission policies:
   - static: one batch at a time, as servers without iteration-level scheduling do: wait for the
     running batch to end, then admit up to max-batch waiting requests, prefilled in one step;
   - continuous: the engine on its own thread, requests submitted as they arrive.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llama.request import GenerationRequest, SamplingParams
+from llama.engine.request import GenerationRequest, SamplingParams
 
 
 @dataclass
@@ -90,7 +90,8 @@ def _sink(a: Arrival, t0: float, finished: threading.Semaphore | None = None):
 
 
 def run_static(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_seq_len: int) -> float:
-    from llama.engine import Engine, EngineConfig
+    from llama.engine.config import EngineConfig
+    from llama.engine.core import Engine
 
     # The whole batch prefills in its first step, as a static batch loop does.
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len,
@@ -110,7 +111,8 @@ def run_static(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_se
 
 
 def run_continuous(model, tokenizer, arrivals: list[Arrival], max_batch: int, max_seq_len: int, chunk: int):
-    from llama.engine import Engine, EngineConfig
+    from llama.engine.config import EngineConfig
+    from llama.engine.core import Engine
 
     engine = Engine(model, tokenizer, EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk))
     stop = threading.Event()
@@ -137,7 +139,7 @@ def run_mp2(ckpt: str, arrivals: list[Arrival], max_batch: int, max_seq_len: int
 
     from cluster.config import GangConfig, ParallelConfig
     from cluster.group import RankGroup
-    from llama.engine import EngineConfig
+    from llama.engine.config import EngineConfig
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     engine = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk)
@@ -189,14 +191,14 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
 
-    from llama.checkpoint import inspect_checkpoint, load_into
+    from llama.checkpoints.load import inspect_checkpoint, load_into
     from llama.distributed import init_model_parallel, init_single_process_group
-    from llama.model import Transformer
-    from llama.tokenizer import load_tokenizer
+    from llama.model.transformer import Transformer
+    from llama.tokenizers.load import load_tokenizer
 
     ckpt = a.ckpt
     if ckpt is None:
-        from llama.make_tiny import make_tiny
+        from llama.checkpoints.make_tiny import make_tiny
 
         ckpt = str(make_tiny(tempfile.mkdtemp(prefix="bench-ckpt-"), shards=2, dim=256, n_layers=4, n_heads=8,
                              n_kv_heads=4, vocab_size=512, multiple_of=64, seed=0))

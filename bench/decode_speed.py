@@ -4,7 +4,7 @@
 
 A decode step must read every weight once, so (weight bytes / copy bandwidth) is the fastest a
 step can be; the ratio printed is that limit over the measured step time (1.0 = at the limit).
-The step is the engine's own (llama/runner.py: a plan of one decode segment per slot, packed,
+The step is the engine's own (llama/engine/runner.py: a plan of one decode segment per slot, packed,
 through the model), without sampling. Random weights, one process, no Ray.
 """
 from __future__ import annotations
@@ -14,12 +14,18 @@ import time
 
 import torch
 
-from llama.args import ModelArgs
-from llama.distributed import choose_backend, init_model_parallel, init_single_process_group, resolve_device, resolve_dtype
-from llama.make_tiny import add_shape_args
-from llama.model import Transformer
-from llama.runner import ModelRunner
-from llama.step_plan import LOGITS_LAST, Segment, StepPlan
+from llama.checkpoints.make_tiny import add_shape_args
+from llama.distributed import (
+    choose_backend,
+    init_model_parallel,
+    init_single_process_group,
+    resolve_device,
+    resolve_dtype,
+)
+from llama.engine.runner import ModelRunner
+from llama.engine.step_plan import LOGITS_LAST, Segment, StepPlan
+from llama.model.args import ModelArgs
+from llama.model.transformer import Transformer
 
 from engine_decode import copy_bandwidth, sync  # bench/, beside this script
 

@@ -7,7 +7,7 @@ the reference's algorithm, on one device, in one run.
 Imports only llama/ (no Ray). Builds a model of a named shape with random weights directly on
 the device, measures the device's copy bandwidth, then for each batch size runs the same
 random prompts (PROMPT_LEN tokens, --new-tokens greedy tokens each, no end token) two ways:
-- engine: llama/engine.py's Engine, stepped in this thread (no other ranks): continuous
+- engine: llama/engine/core.py's Engine, stepped in this thread (no other ranks): continuous
   batching, its packed forward and its sampling, as the server runs it;
 - reference: Meta's generate loop (REFERENCE.md): a static batch, a (batch, positions) cache
   per layer, the whole prompt in one forward, then one forward per token over every row, with
@@ -17,7 +17,7 @@ the decode step (ms, steady state: every row decoding) and tokens/s, the share o
 bandwidth limit (weight bytes / copy bandwidth: a step reads every weight once), the same step
 without overlap (each step read back before the next is planned: on the CPU the only mode),
 time to first token at batch 1 for each --ttft-prompts length, and the start-up: building the
-engine, of which capturing the decode's CUDA graphs (llama/decode_step.py).
+engine, of which capturing the decode's CUDA graphs (llama/engine/decode_step.py).
 """
 from __future__ import annotations
 
@@ -32,12 +32,19 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from llama.args import ModelArgs
-from llama.distributed import choose_backend, init_model_parallel, init_single_process_group, resolve_device, resolve_dtype
-from llama.engine import Engine, EngineConfig
-from llama.model import Transformer, apply_rotary_emb
-from llama.request import GenerationRequest, SamplingParams, StreamDelta
-from llama.tokenizer import Tokenizer
+from llama.distributed import (
+    choose_backend,
+    init_model_parallel,
+    init_single_process_group,
+    resolve_device,
+    resolve_dtype,
+)
+from llama.engine.config import EngineConfig
+from llama.engine.core import Engine
+from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
+from llama.model.args import ModelArgs
+from llama.model.transformer import Transformer, apply_rotary_emb
+from llama.tokenizers.base import Tokenizer
 
 PROMPT_LEN = 128
 # Llama shapes: Llama 3.2 1B, Llama 2 7B and 13B, and 8 of Llama 2 70B's 80 layers (its layers

@@ -70,7 +70,7 @@ def main() -> None:
     trees = [str(Path(t).resolve()) for t in a.trees]
     ckpt = tempfile.mkdtemp(prefix="bench-generate-")
     subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {trees[0]!r}); import torch; "
-                    f"from llama.make_tiny import make_tiny; make_tiny({ckpt!r}, dim=512, n_layers=8, n_heads=8, "
+                    f"from llama.checkpoints.make_tiny import make_tiny; make_tiny({ckpt!r}, dim=512, n_layers=8, n_heads=8, "
                     f"n_kv_heads=4, vocab_size=512, multiple_of=64, dtype=torch.float32)"], check=True)
     sides = [(t, t, "engine") for t in trees]
     if a.reference:

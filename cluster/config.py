@@ -1,7 +1,7 @@
 """The gang's configuration: how ranks are placed and joined (ParallelConfig), and GangConfig,
 everything a gang needs, built once where configuration enters and passed whole to every rank.
 
-Each setting has one home and one default: the engine's in llama.engine.EngineConfig, the
+Each setting has one home and one default: the engine's in llama.engine.config.EngineConfig, the
 ranks' here, the HTTP app's in deploy/settings.py. deploy/config.yaml fills all three.
 """
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama.checkpoint import CheckpointInfo, inspect_checkpoint
+from llama.checkpoints.info import CheckpointInfo
+from llama.checkpoints.load import inspect_checkpoint
 from llama.distributed import DTYPES
-from llama.engine import EngineConfig
+from llama.engine.config import EngineConfig
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
 

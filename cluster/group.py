@@ -25,7 +25,7 @@ from cluster.placement import acquire, plan_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
 from cluster.weights import find_holder
-from llama.request import GenerationOutput, GenerationRequest, StreamDelta, collect
+from llama.engine.request import GenerationOutput, GenerationRequest, StreamDelta, collect
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ PlanChannel broadcasts each StepPlan as one fixed-size int64 tensor over a CPU (
 its own, apart from the model's NCCL/gloo group, so a plan never waits behind GPU work and a
 step costs one small collective. Followers loop on `follow`: receive a plan, run it, repeat,
 until the driver's stop plan arrives; they never decide anything themselves. An overlapping
-driver (llama/engine.py) sends plan N+1 while step N runs; a plan whose decodes take step N's
+driver (llama/engine/core.py) sends plan N+1 while step N runs; a plan whose decodes take step N's
 tokens makes every rank's ModelRunner join the broadcast of those tokens first, on the device.
 """
 from __future__ import annotations
@@ -16,8 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from llama.runner import ModelRunner
-from llama.step_plan import StepPlan
+from llama.engine.runner import ModelRunner
+from llama.engine.step_plan import StepPlan
 
 log = logging.getLogger(__name__)
 

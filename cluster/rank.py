@@ -26,14 +26,14 @@ from cluster.lockstep import PlanChannel, follow
 from cluster.metrics import RankSampler
 from cluster.network import collective_env
 from cluster.weights import slices_from
-from llama.checkpoint import copy_into, load_into, missing_files, rank_nbytes
+from llama.checkpoints.load import copy_into, load_into, missing_files, rank_nbytes
+from llama.checkpoints.load_progress import LoadProgress
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
-from llama.engine import Engine
-from llama.load_progress import LoadProgress
-from llama.model import Transformer
-from llama.request import GenerationRequest, SamplingParams, StreamDelta
-from llama.runner import ModelRunner
-from llama.step_plan import StepPlan
+from llama.engine.core import Engine
+from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
+from llama.engine.runner import ModelRunner
+from llama.engine.step_plan import StepPlan
+from llama.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class RankState:
     backend: str
     device: str
     dtype: str
-    load: dict  # llama.load_progress.LoadProgress.as_dict(): bytes, rate, seconds
+    load: dict  # llama.checkpoints.load_progress.LoadProgress.as_dict(): bytes, rate, seconds
     weights_from: str  # "local files", or the object store from a machine that has them
 
 

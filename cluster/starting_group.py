@@ -21,7 +21,7 @@ from cluster.config import GangConfig
 from cluster.errors import DrainingError, GangStartingError, RankFailedError
 from cluster.group import RankGroup
 from cluster.start import StartProgress, stage_deadlines
-from llama.request import GenerationRequest, StreamDelta
+from llama.engine.request import GenerationRequest, StreamDelta
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,8 @@ import ray
 import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from llama.checkpoint import CheckpointInfo, load_rank_state, missing_files
+from llama.checkpoints.info import CheckpointInfo
+from llama.checkpoints.load import load_rank_state, missing_files
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llama.args import ModelArgs
-from llama.chat_format import B_INST, E_INST
+from llama.checkpoints.make_tiny import save_sharded, train_tokenizer
 from llama.distributed import init_model_parallel, init_single_process_group
-from llama.make_tiny import save_sharded, train_tokenizer
-from llama.model import Transformer
-from llama.runner import pack
-from llama.step_plan import StepPlan
-from llama.tokenizer import load_tokenizer
+from llama.engine.runner import pack
+from llama.engine.step_plan import StepPlan
+from llama.model.args import ModelArgs
+from llama.model.transformer import Transformer
+from llama.tokenizers.chat_format import B_INST, E_INST
+from llama.tokenizers.load import load_tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import uuid
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from cluster.errors import GangStartingError
 from deploy.choice_streams import ChoiceStreams
 from deploy.choices import ChoiceShaper, ChoiceSpec, Echo, Piece, total_usage
 from deploy.engine_client import EngineClient
-from cluster.errors import GangStartingError
 from deploy.errors import RETRY_AFTER_S, UNAVAILABLE, APIError, error_response, install_error_handlers
 from deploy.schemas import (
     AssistantMessage,
@@ -47,9 +47,9 @@ from deploy.tokenization import (
     tokenize,
     tokenizer_info,
 )
-from llama.chat_format import UNSAFE_ERROR, has_special_tags
-from llama.request import GenerationRequest, SamplingParams, StreamDelta
-from llama.tokenizer import Tokenizer
+from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
+from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.chat_format import UNSAFE_ERROR, has_special_tags
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from contextlib import aclosing
 from cluster.admission import Admission
 from deploy.engine_client import EngineClient
 from deploy.errors import unfinished_error
-from llama.request import GenerationRequest, StreamDelta
+from llama.engine.request import GenerationRequest, StreamDelta
 
 logger = logging.getLogger(__name__)
 

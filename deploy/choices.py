@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from deploy.schemas import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
-from llama.request import StreamDelta, TopLogprobs, join
-from llama.tokenizer import Tokenizer
+from llama.engine.request import StreamDelta, TopLogprobs, join
+from llama.tokenizers.base import Tokenizer
 
 
 @dataclass(frozen=True)

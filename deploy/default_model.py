@@ -15,7 +15,7 @@ def default_checkpoint() -> Path:
     if (DEMO_CKPT / "params.json").is_file():
         return DEMO_CKPT
     if not (FALLBACK_DIR / "params.json").is_file():
-        from llama.make_tiny import make_tiny
+        from llama.checkpoints.make_tiny import make_tiny
 
         log.info("demo checkpoint not found at %s; making a tiny random one in %s", DEMO_CKPT, FALLBACK_DIR)
         make_tiny(FALLBACK_DIR, shards=2)

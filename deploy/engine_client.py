@@ -1,6 +1,6 @@
 """EngineClient: all the HTTP layer asks of whatever generates tokens (vLLM's name for it).
 
-Not llama/engine.py's Engine, which batches requests inside the driver: the Serve deployment
+Not llama/engine/core.py's Engine, which batches requests inside the driver: the Serve deployment
 passes its RankGroup (cluster/), which reaches that engine through Ray; unit tests pass a
 fake. This small interface is what lets the HTTP layer be tested without Ray.
 """
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from cluster.admission import Admission
-from llama.request import GenerationRequest, StreamDelta
+from llama.engine.request import GenerationRequest, StreamDelta
 
 
 class EngineClient(Protocol):

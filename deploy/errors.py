@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -37,25 +38,19 @@ RETRY_AFTER_S = 5  # what a 503 (model starting) or a 429 (replica full) asks cl
 DRAIN_RETRY_AFTER_S = 1  # a draining replica's 503: the other replicas (or its replacement) can serve now
 
 
+@dataclass(eq=False)  # an exception compares and hashes by identity
 class APIError(Exception):
     """A request we refuse, with the status and the OpenAI error fields to send back."""
 
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str = INVALID_REQUEST,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-        self.type = type
-        self.headers = headers
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = INVALID_REQUEST
+    headers: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__init__(self.message)
 
     def body(self) -> dict[str, dict[str, str | None]]:
         return error_body(self.message, self.type, self.param, self.code)
@@ -118,7 +113,7 @@ def as_api_error(e: BaseException, where: str) -> APIError:
 
 
 def unfinished_error(finish_reason: str) -> APIError:
-    """The error for a request the engine ended without finishing it (see llama.request.FinishReason)."""
+    """The error for a request the engine ended without finishing it (see llama.engine.request.FinishReason)."""
     if finish_reason == "timeout":
         return APIError(504, "The request took longer than this server's request timeout and was stopped. Lower "
                              "max_tokens (or n), or ask the operator to raise request_timeout_s.", type=TIMEOUT)

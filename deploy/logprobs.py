@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 from deploy.schemas import CompletionLogprobs, TokenLogprob, TopLogprob
-from llama.request import TopLogprobs
-from llama.tokenizer import Tokenizer
+from llama.engine.request import TopLogprobs
+from llama.tokenizers.base import Tokenizer
 
 _FLOOR = -9999.0  # what OpenAI sends for an impossible token; JSON has no -inf
 

@@ -22,7 +22,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from llama.request import MAX_LOGIT_BIAS, MAX_PENALTY
+from llama.engine.request import MAX_LOGIT_BIAS, MAX_PENALTY
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions endpoint
@@ -124,7 +124,7 @@ class OpenAIRequest(StrictRequest):
     stream: bool = False
     stream_options: Annotated[StreamOptions | None, _only_with("stream", "is only allowed when stream is true")] = None
     user: str | None = None  # accepted and ignored: we keep no per-user state
-    # OpenAI's penalties on tokens already generated (llama.request.SamplingParams says how).
+    # OpenAI's penalties on tokens already generated (llama.engine.request.SamplingParams says how).
     frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
     # Token id (a string, as JSON keys are) -> bias added to its logit before sampling. The ids'

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from cluster.config import GangConfig, ParallelConfig
 from deploy.auth import ApiKeySource, check_key
 from deploy.default_model import default_checkpoint
-from llama.engine import EngineConfig
+from llama.engine.config import EngineConfig
 
 
 class AppArgs(BaseModel):

@@ -13,8 +13,8 @@ from pydantic import BaseModel
 
 from deploy.errors import APIError
 from deploy.schemas import ChatMessage, StrictRequest
-from llama.chat_format import Dialog, encode_dialog
-from llama.tokenizer import Tokenizer
+from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.chat_format import Dialog, encode_dialog
 
 
 class TokenizeRequest(StrictRequest):

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import TypedDict
 
 import torch
 import torch.distributed as dist
 
-from llama.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
-from llama.checkpoint import inspect_checkpoint, load_into
+from llama.checkpoints.load import inspect_checkpoint, load_into
 from llama.distributed import (
     choose_backend,
     destroy_at_exit,
@@ -26,10 +24,12 @@ from llama.distributed import (
     resolve_device,
     resolve_dtype,
 )
-from llama.engine import Engine, EngineConfig, check_request
-from llama.model import Transformer
-from llama.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
-from llama.tokenizer import Tokenizer
+from llama.engine.config import EngineConfig, check_request
+from llama.engine.core import Engine
+from llama.engine.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
+from llama.model.transformer import Transformer
+from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: paths to the golden data and tiny checkpoints made on the fly by llama.make_tiny."""
+"""Shared fixtures: paths to the golden data and tiny checkpoints made on the fly by llama.checkpoints.make_tiny."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ def gang_config(ckpt: Path | str, mp: int, **settings):
     import dataclasses
 
     from cluster.config import GangConfig, ParallelConfig
-    from llama.engine import EngineConfig
+    from llama.engine.config import EngineConfig
 
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
     engine = EngineConfig(**{"max_seq_len": 96, **{k: v for k, v in settings.items() if k in engine_keys}})
@@ -35,7 +35,7 @@ def golden() -> dict:
 def tiny_ckpts(tmp_path_factory) -> dict[str, Path]:
     """The same seeded tiny GQA model cut for 1 and 2 ranks, plus a 4-head/4-KV-head model cut
     for 1 rank (so it can be resharded to 4)."""
-    from llama.make_tiny import make_tiny
+    from llama.checkpoints.make_tiny import make_tiny
 
     root = tmp_path_factory.mktemp("tiny")
     return {
@@ -52,7 +52,7 @@ def meta_files(tmp_path_factory) -> dict[tuple[int, int], Path]:
     1, 2 and 4 files the way Meta's reference of that version cuts them (Llama 3: the real
     tokenizer and scaled rope). 8 heads and 4 KV heads, so each loads at model-parallel size 1,
     2 and 4 from every cut."""
-    from llama.make_tiny import make_tiny
+    from llama.checkpoints.make_tiny import make_tiny
     from tests.meta_reference import make_tiny_llama3
 
     root = tmp_path_factory.mktemp("meta_files")

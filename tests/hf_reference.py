@@ -32,7 +32,7 @@ def make_hf_checkpoint(out: Path, case: str) -> Path:
         tok_path = out / "tokenizer.model"
     else:
         tok_path = write_hf_tokenizer(out, kind)
-    from llama.tokenizer import load_tokenizer
+    from llama.tokenizers.load import load_tokenizer
 
     tok = load_tokenizer(tok_path)
     make_tiny_hf(out, vocab_size=tok.n_words, **options)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from llama.make_tiny import make_tiny
+from llama.checkpoints.make_tiny import make_tiny
 from tests.tokenizer_files import llama3_tokenizer_model
 
 LLAMA31 = {"rope_theta": 500000.0, "use_scaled_rope": True}  # params.json keys of Llama 3.1
@@ -135,8 +135,8 @@ def meta_files_reference(meta_files: dict[tuple[int, int], Path], version: int
     """For tests/conftest.py's meta_files of `version`: META_PROMPTS and META_DIALOG's chat prompt
     as ids, and the reference's greedy answers (META_MAX_GEN tokens). Llama 3's reference reads
     the 4 files through llama-models' loader; Llama 2's reads the same weights as one file."""
-    from llama.chat_format import encode_dialog
-    from llama.checkpoint import inspect_checkpoint
+    from llama.checkpoints.load import inspect_checkpoint
+    from llama.tokenizers.chat_format import encode_dialog
 
     tok = inspect_checkpoint(meta_files[version, 1]).tokenizer()
     if version == 3:

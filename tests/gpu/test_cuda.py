@@ -6,12 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama.checkpoint import inspect_checkpoint, load_into
+from llama.checkpoints.load import inspect_checkpoint, load_into
 from llama.distributed import choose_backend
-from llama.engine import Engine, EngineConfig
-from llama.model import Transformer
-from llama.request import GenerationOutput, GenerationRequest, SamplingParams, collect
-from llama.tokenizer import load_tokenizer
+from llama.engine.config import EngineConfig
+from llama.engine.core import Engine
+from llama.engine.request import GenerationOutput, GenerationRequest, SamplingParams, collect
+from llama.model.transformer import Transformer
+from llama.tokenizers.load import load_tokenizer
 from tests.conftest import GOLDEN_CKPT
 
 

@@ -1,4 +1,4 @@
-"""On a CUDA device: the decode captured as CUDA graphs (llama/decode_step.py) gives the eager
+"""On a CUDA device: the decode captured as CUDA graphs (llama/engine/decode_step.py) gives the eager
 decode's logits, step after step, in fp32 and bf16, through buckets of several batch sizes and
 kv lengths; the engine, which captures them, still gives Meta's tokens (test_cuda.py); and an
 overlapped engine waits for the GPU only where it reads a step back."""
@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama.checkpoint import inspect_checkpoint, load_into
-from llama.model import Transformer
-from llama.runner import ModelRunner
-from llama.step_plan import LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.checkpoints.load import inspect_checkpoint, load_into
+from llama.engine.runner import ModelRunner
+from llama.engine.step_plan import LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.model.transformer import Transformer
 from tests.conftest import GOLDEN_CKPT
 
 
@@ -43,9 +43,10 @@ def test_captured_decode_gives_the_eager_decodes_logits(mp1_cuda, dtype, atol):
 def test_an_overlapped_engine_queues_its_steps_without_waiting_for_the_gpu(mp1_cuda, golden):
     """Only reading a step back may wait for the GPU: planning, the prefill, the captured decode,
     the sampling and the read-back's start must not (CUDA's sync debug mode raises on any that does)."""
-    from llama.engine import Engine, EngineConfig
-    from llama.request import GenerationRequest, SamplingParams, collect
-    from llama.tokenizer import load_tokenizer
+    from llama.engine.config import EngineConfig
+    from llama.engine.core import Engine
+    from llama.engine.request import GenerationRequest, SamplingParams, collect
+    from llama.tokenizers.load import load_tokenizer
 
     info = inspect_checkpoint(GOLDEN_CKPT)
     model = Transformer(info.args, 96, device="cuda", dtype=torch.float32)

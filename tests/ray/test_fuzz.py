@@ -49,7 +49,7 @@ RULES = {  # "field" in every request schema, or "Schema.field"; null stays allo
     "top_k": {"type": "integer", "minimum": -1},
     "stop": {"anyOf": [{"type": "string", "minLength": 1},
                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 4}]},
-    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,2}$"},  # bias: llama.request's bound
+    "logit_bias": {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,2}$"},  # bias: llama.engine.request's bound
                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
     "continuous_usage_stats": {"const": False},
     "CompletionRequest.prompt": {"anyOf": [{"type": "string"},

@@ -9,10 +9,15 @@ import time
 
 import pytest
 
-from cluster.errors import (GangStartError, OverloadedError, PlacementImpossibleError, PlacementTimeoutError,
-                            RankFailedError)
+from cluster.errors import (
+    GangStartError,
+    OverloadedError,
+    PlacementImpossibleError,
+    PlacementTimeoutError,
+    RankFailedError,
+)
 from cluster.start import STAGES
-from llama.request import GenerationRequest, SamplingParams, collect
+from llama.engine.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, gang_config
 
 
@@ -284,8 +289,9 @@ def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
     async def go():
         return await asyncio.gather(*(one(i) for i in range(200)))
 
-    import ray
     import time
+
+    import ray
 
     aborted = ray.get(golden_mp2.actors[0].load.remote())["aborted"]
     reasons = asyncio.run(go())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from llama.request import GenerationRequest, SamplingParams
+from llama.engine.request import GenerationRequest, SamplingParams
 from tests.conftest import gang_config
 from tests.hf_reference import CASES, make_hf_checkpoint, transformers_chat_ids, transformers_greedy
 from tests.ray.serving import check_chat, check_completions, served
@@ -28,7 +28,7 @@ def ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(ckpt):
-    from llama.tokenizer import load_tokenizer
+    from llama.tokenizers.load import load_tokenizer
 
     tok = load_tokenizer(ckpt / "tokenizer.json")
     prompts = [tok.encode(p, bos=True, eos=False) for p in PROMPTS]

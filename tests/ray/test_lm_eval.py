@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deploy.default_model import DEMO_CKPT
-from llama.request import GenerationRequest, SamplingParams
+from llama.engine.request import GenerationRequest, SamplingParams
 from tests.ray.serving import serving
 
 REPO = Path(__file__).resolve().parents[2]

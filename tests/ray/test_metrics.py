@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 
 from llama.distributed import free_port
-from llama.request import GenerationRequest, SamplingParams, collect
+from llama.engine.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import gang_config
 
 _LINE = re.compile(r'^(\w+)\{(.*)\} (\S+)$')

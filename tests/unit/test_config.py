@@ -13,8 +13,8 @@ from pydantic import SecretStr, ValidationError
 from cluster.config import GangConfig, ParallelConfig
 from deploy.auth import ApiKeySource
 from deploy.settings import AppArgs
-from llama.checkpoint import CheckpointError
-from llama.engine import EngineConfig
+from llama.checkpoints.errors import CheckpointError
+from llama.engine.config import EngineConfig
 
 CONFIG_YAML = Path(__file__).resolve().parents[2] / "deploy" / "config.yaml"
 
@@ -165,7 +165,7 @@ def test_app_args_are_frozen(shipped_args):
 
 def test_a_boolean_is_not_a_count():
     from cluster.config import ParallelConfig
-    from llama.engine import EngineConfig
+    from llama.engine.config import EngineConfig
 
     with pytest.raises(ValueError, match="max_batch_size"):
         EngineConfig(max_batch_size=True)

@@ -6,7 +6,7 @@ import sys
 import ray
 
 from cluster.group import RankGroup
-from llama.request import GenerationRequest, SamplingParams
+from llama.engine.request import GenerationRequest, SamplingParams
 from tests.conftest import GOLDEN_CKPT, GOLDEN_DIR, gang_config
 
 ray.init(address=sys.argv[1], log_to_driver=False)

@@ -1,0 +1,369 @@
+"""Engine: serves many requests at once with iteration-level (continuous) batching.
+
+The driver's engine owns the scheduler and the sampling. Each step it builds a StepPlan,
+hands it to `publish` (which sends it to the other model-parallel ranks; None when there are
+none), runs the plan on its own shard and samples the sequences that need a token, all on the
+device, then reads the tokens back in one copy and sends each sequence its delta; a request
+that only scores its prompt (max_tokens 0) ends once its prompt has run.
+
+With overlap (`async_scheduling`, on CUDA by default) step N is read back only after step N+1
+has been planned, sent and queued: the host's planning, the plan's broadcast and step N's
+detokenising and emitting run while the device computes. Step N+1's decodes then take their
+inputs from step N's tokens on the device (`sampled_token`; at MP>1 the driver's copy reaches
+the other ranks by a broadcast queued on the device). The scheduler plans no step past a
+sequence's max_tokens or max_seq_len; one that ends on a stop token or stop string is known a
+step late, and the row it ran in that step is dropped. A request with presence or frequency
+penalties needs its last token on the host for its next draw, so a step in flight is read back
+first while one is running.
+Requests, cancellations and deadlines enter between steps, so every rank sees them at the same
+step boundary. `submit` and `abort` may be called from any thread; `step` and
+`run` belong to the engine's own thread.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from llama.engine.config import EngineConfig, check_request
+from llama.engine.device_io import Readback, to_device
+from llama.engine.request import EndToken, FinishReason, GenerationRequest
+from llama.engine.runner import ModelRunner
+from llama.engine.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
+from llama.engine.scheduler import Scheduler
+from llama.engine.sequence import Sequence, Sink
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan, sampled_token
+from llama.model.transformer import Transformer
+from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.detokenizer import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class EngineFailedError(RuntimeError):
+    """A step failed (a collective broke, a rank died): the engine stops and must be replaced."""
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    decode_tokens: int = 0  # decode inputs run (one per decoding sequence per step)
+    prefill_tokens: int = 0
+    shared_prefill_tokens: int = 0  # prompt tokens copied from another slot instead of run
+    generated_tokens: int = 0
+    finished: int = 0
+    aborted: int = 0  # of which: cancelled by their callers
+    timed_out: int = 0  # of which: past their deadline
+    step_s: float = 0.0  # wall time inside steps that ran a forward
+    publish_s: float = 0.0  # of which: sending the plan to the other ranks
+    forward_s: float = 0.0  # of which: this rank's forward and the sampling (on a GPU: queuing them)
+    sample_s: float = 0.0  # of which: reading a step's tokens back, detokenising, emitting
+
+
+@dataclass
+class Launched:
+    """A step queued on the device whose results the host has not read yet."""
+
+    due: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences that get a token, their logits rows
+    wants: list[int] = field(default_factory=list)  # indices into due that asked for logprobs
+    k: int = 0  # alternatives read back per logprobs row
+    readback: Readback | None = None  # tokens, then the logprobs of `wants`, flat
+    prompt_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (seq, row, n, start): echo logprobs
+    logits: torch.Tensor | None = None  # kept for prompt_rows only
+    scored: list[Sequence] = field(default_factory=list)  # scoring requests whose prompt ended here
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        publish: Callable[[StepPlan], None] | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.publish = publish
+        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len),
+                                  share_sampled=publish is not None)
+        self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
+        self.overlap = model.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len)
+        self.stats = EngineStats()
+        self.failure: BaseException | None = None
+        self._rng = random.Random(config.seed)
+        self._lock = threading.Lock()  # guards the inbox, shared with submitting threads
+        self._new: list[Sequence] = []
+        self._aborts: set[str] = set()
+        self._wake = threading.Event()
+        self._by_id: dict[str, Sequence] = {}  # engine thread only
+        self._freed: list[int] = []  # slots given back since the last plan
+        self._in_flight: Launched | None = None  # a step launched but not yet read back (overlap)
+
+    # ------------------------------------------------------------------ any thread
+    def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; its deltas go to `sink` from the engine thread. Raises ValueError
+        for a request the model cannot serve (nothing is queued then)."""
+        check_request(request, self.config.max_seq_len, self.model.args.vocab_size)
+        if request.timeout_s is None and self.config.request_timeout_s is not None:
+            request = replace(request, timeout_s=self.config.request_timeout_s)
+        p = request.params
+        gen = None
+        if p.temperature > 0:
+            seed = p.seed if p.seed is not None else self._rng.randrange(2**63)
+            gen = torch.Generator(device=self.model.device).manual_seed(seed)
+        seq = Sequence(request_id, request, sink, TextStream(self.tokenizer, p.stop), gen)
+        with self._lock:
+            if self.failure is not None:
+                raise EngineFailedError(f"the engine failed earlier ({self.failure!r}) and must be replaced.")
+            self._new.append(seq)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; it ends (finish_reason "abort") at the next step boundary."""
+        with self._lock:
+            self._aborts.add(request_id)
+        self._wake.set()
+
+    def load(self) -> dict:
+        """Slots and queue, for health pages and tests (read without the engine's lock: approximate)."""
+        return {"slots": self.config.max_batch_size, "free_slots": self.scheduler.free_slots,
+                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+                **asdict(self.stats)}
+
+    # ------------------------------------------------------------------ engine thread
+    def run(self, stop: threading.Event) -> None:
+        """Step until `stop` is set, then tell the other ranks to leave their loops too."""
+        try:
+            while not stop.is_set():
+                if self.step():
+                    continue
+                if not self._wake.wait(self.config.heartbeat_s) and self.publish is not None:
+                    self._send(StepPlan((), (), tuple(self._take_freed())))
+                self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - any failure ends the engine; the streams are told
+            self._fail(e)
+            raise
+        finally:
+            if self.failure is None and self.publish is not None:
+                self._send(StepPlan((), (), stop=True))
+
+    def step(self) -> bool:
+        """One iteration: plan, send and launch a step, then read back the step before it (with
+        overlap) or this one. Returns False when there was nothing to run or read."""
+        self._intake()
+        if self._in_flight is not None and self._needs_history():
+            self._complete(self._take_in_flight())  # a penalty counts the token in flight: read it first
+        work, copies = self.scheduler.schedule()
+        if not work:
+            if self._in_flight is None:
+                return False
+            self._complete(self._take_in_flight())
+            return True
+        t0 = time.perf_counter()
+        plan = self._plan(work, copies)
+        self._send(plan)
+        t1 = time.perf_counter()
+        launched = self._launch(work, plan)
+        t2 = time.perf_counter()
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._complete(previous)  # its host work overlaps this step on the device
+        if not self.overlap:
+            self._complete(self._take_in_flight())
+        t3 = time.perf_counter()
+        s = self.stats
+        s.steps += 1
+        s.shared_prefill_tokens += sum(c.length for c in copies)
+        s.step_s += t3 - t0
+        s.publish_s += t1 - t0
+        s.forward_s += t2 - t1
+        s.sample_s += t3 - t2
+        return True
+
+    def _plan(self, work: list[tuple[Sequence, int]], copies: list[SlotCopy]) -> StepPlan:
+        """The step's plan; each sequence's tokens are counted as cached from here on. A decode
+        whose input was sampled by the step still in flight takes it on the device."""
+        segments, tokens = [], []
+        for seq, n in work:
+            if seq.prefilling:
+                done = seq.computed + n == seq.prompt_len
+                want_all = seq.prompt_logprobs is not None
+                mode = LOGITS_ALL if want_all else (LOGITS_LAST if done else LOGITS_NONE)
+                self.stats.prefill_tokens += n
+            else:
+                mode = LOGITS_LAST
+                self.stats.decode_tokens += 1
+            segments.append(Segment(seq.slot, seq.computed, n, mode))
+            if seq.in_flight:
+                tokens.append(sampled_token(seq.last_row))
+            else:
+                tokens.extend(seq.next_input(n))
+            seq.computed += n
+        return StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()), copies=tuple(copies))
+
+    def _needs_history(self) -> bool:
+        """Whether a running sequence with a token in flight counts its generated tokens in its
+        draw (presence or frequency penalty): its next draw needs that token on the host."""
+        return any(s.in_flight and (s.params.presence_penalty or s.params.frequency_penalty)
+                   for s in self.scheduler.running)
+
+    def _take_in_flight(self) -> Launched:
+        launched, self._in_flight = self._in_flight, None
+        return launched
+
+    def _send(self, plan: StepPlan) -> None:
+        if self.publish is not None:
+            self.publish(plan)
+
+    def _take_freed(self) -> list[int]:
+        freed, self._freed = self._freed, []
+        return freed
+
+    def _intake(self) -> None:
+        with self._lock:
+            new, self._new = self._new, []
+            aborts, self._aborts = self._aborts, set()
+        for seq in new:
+            if seq.request_id in self._by_id:
+                seq.deliver(ValueError(f"request id {seq.request_id!r} is already running; ids must be unique."))
+                continue
+            self._by_id[seq.request_id] = seq
+            self.scheduler.add(seq)
+            if seq.params.max_tokens == 0 and seq.prompt_logprobs is None:
+                self._finish(seq, "length")  # echo of nothing but the prompt's text: nothing to run
+        now = time.monotonic()
+        for seq in list(self._by_id.values()):
+            if seq.request_id in aborts or seq.abort_requested:
+                self._finish(seq, "abort")
+            elif seq.deadline is not None and now >= seq.deadline:
+                self._finish(seq, "timeout")
+
+    def _finish(self, seq: Sequence, reason: FinishReason, token_ids: list[int] | None = None, text: str = "",
+                logprobs: list[float] | None = None, top: list | None = None, end_token: EndToken | None = None) -> None:
+        seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top, end_token)
+        seq.finished = True
+        del self._by_id[seq.request_id]
+        slot = self.scheduler.remove(seq)
+        if slot is not None:
+            self._freed.append(slot)
+        self.stats.finished += 1
+        self.stats.aborted += reason == "abort"
+        self.stats.timed_out += reason == "timeout"
+
+    def _launch(self, work: list[tuple[Sequence, int]], plan: StepPlan) -> Launched:
+        """Run the plan and draw the step's tokens, on the device; start their read-back. Nothing
+        here waits for the device."""
+        logits = self.runner.execute(plan)  # (R, vocab)
+        out = Launched()
+        row = 0
+        for (seq, n), seg in zip(work, plan.segments):
+            if seg.logits == LOGITS_ALL:
+                out.prompt_rows.append((seq, row, n, seg.start))
+                row += n
+            elif seg.logits == LOGITS_LAST:
+                row += 1
+            if seg.logits != LOGITS_NONE and not seq.prefilling:
+                if seq.params.max_tokens == 0:
+                    out.scored.append(seq)  # scoring: its prompt's logprobs are all it asked for
+                else:
+                    out.due.append((seq, row - 1))
+        if out.prompt_rows:
+            out.logits = logits
+        if not out.due:
+            return out
+        due = out.due
+        # Every choice, logprob and alternative stays on the device until one read-back.
+        rows = to_device([r for _, r in due], logits.device)
+        picked = torch.argmax(logits[rows], dim=-1)  # greedy rows, all at once
+        for i, (s, r) in enumerate(due):
+            p = s.params
+            if p.temperature > 0 or p.adjusts_logits:
+                # Penalties and bias on this row only, and only for the draw (logprobs below read
+                # the model's own logits); requests without them skip this.
+                row_logits = (adjust_logits(logits[r], s.tokens[s.prompt_len :], p.presence_penalty,
+                                            p.frequency_penalty, p.logit_bias) if p.adjusts_logits else logits[r])
+                picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
+        self.runner.record_sampled(picked)  # the next plan's decodes read their inputs here
+        for i, (s, _) in enumerate(due):
+            s.in_flight += 1
+            s.last_row = i
+        out.wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
+        parts = [picked.double()]  # float64 holds every token id and float32 logprob exactly
+        out.k = max((due[i][0].params.logprobs for i in out.wants), default=0)
+        if out.wants:
+            want = to_device(out.wants, logits.device)
+            chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], out.k)
+            parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
+        out.readback = Readback(torch.cat(parts))  # the step's one read-back, collected by _complete
+        return out
+
+    def _complete(self, step: Launched) -> None:
+        """A launched step's results on the host: prompt logprobs, then each sampled token, its
+        stop and length checks, and its delta. A sequence that ended meanwhile (a stop found in
+        the step before, an abort, a deadline) drops its row."""
+        for seq, row, n, start in step.prompt_rows:
+            if not seq.finished:
+                self._prompt_logprobs(seq, step.logits[row : row + n], start)
+        for seq in step.scored:
+            if not seq.finished:
+                self._finish(seq, "length")
+        if step.readback is None:
+            return
+        with self.runner.busy():  # waits for the step on a GPU: the watchdog's to see
+            flat = step.readback.tolist()
+        due, wants, k = step.due, step.wants, step.k
+        n, w = len(due), len(wants)
+        chosen = [int(t) for t in flat[:n]]
+        lps: dict[int, tuple[float, list]] = {}
+        for j, i in enumerate(wants):
+            asked = due[i][0].params.logprobs
+            lp_row = flat[n + w + j * k : n + w + j * k + asked]
+            id_row = flat[n + w + w * k + j * k : n + w + w * k + j * k + asked]
+            lps[i] = (flat[n + j], [(int(t), lp) for t, lp in zip(id_row, lp_row)])
+        for i, ((seq, _), tok) in enumerate(zip(due, chosen)):
+            seq.in_flight -= 1
+            if seq.finished:
+                continue
+            lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
+            if tok in self.tokenizer.stop_ids:  # an end token (EOS, Llama 3's <|eot_id|>): not in the output
+                end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
+                self._finish(seq, "stop", end_token=end)
+                continue
+            seq.tokens.append(tok)
+            self.stats.generated_tokens += 1
+            text = seq.text.push(tok)
+            if seq.text.stopped:
+                self._finish(seq, "stop", [tok], text, lp, top)
+            elif seq.generated >= seq.params.max_tokens or len(seq.tokens) >= self.config.max_seq_len:
+                self._finish(seq, "length", [tok], text, lp, top)
+            else:
+                seq.emit([tok], text, None, lp, top)
+
+    def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, start: int) -> None:
+        """rows (n, vocab): logits at positions start..start+n-1; each predicts the next prompt
+        token (the last row of the prompt predicts the first generated one: sampled instead)."""
+        targets = seq.tokens[start + 1 : min(start + 1 + rows.shape[0], seq.prompt_len)]
+        if not targets:
+            return
+        k = seq.params.logprobs or 0
+        lp, top = logprobs_of(rows[: len(targets)], to_device(targets, rows.device), k)
+        seq.prompt_logprobs.extend(lp)
+        seq.prompt_top.extend(top)
+
+    def _fail(self, e: BaseException) -> None:
+        with self._lock:
+            self.failure = e
+            new, self._new = self._new, []
+        self._in_flight = None
+        err = EngineFailedError(f"the engine failed: {type(e).__name__}: {e}")
+        log.error("engine failed: %r", e)
+        for seq in list(self._by_id.values()) + new:
+            seq.deliver(err)
+        self._by_id.clear()

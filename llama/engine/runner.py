@@ -1,0 +1,177 @@
+"""ModelRunner: runs one StepPlan through this rank's shard of the model, on its slot KV cache.
+
+Every rank runs the same plan, in two parts. The one-token segments (decodes, mostly) run as
+one static-shaped decode (llama/engine/decode_step.py: a CUDA graph on CUDA). The longer ones (prefill
+chunks) are packed into one sequence of tokens, so the linear layers (and their collectives) run
+once for all of them, and attention runs per group of alike segments, each segment against its
+own slot's cached positions (`pack`). The logits come back in the plan's segment order.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import torch
+import torch.distributed as dist
+
+from llama.engine.decode_step import DecodeStep
+from llama.engine.device_io import to_device
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.model.kv_cache import KVCache
+from llama.model.packed import AttentionGroup, PackedBatch
+from llama.model.transformer import Transformer
+
+
+def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> AttentionGroup:
+    """segments: (packed offset, slot, start, length)."""
+    segments = sorted(segments, key=lambda s: s[1])  # by slot: often a run of consecutive slots
+    slots = [s[1] for s in segments]
+    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+    L = max(s[3] for s in segments)
+    K = max(s[2] + s[3] for s in segments)
+    G = len(segments)
+    offs = torch.tensor([s[0] for s in segments], dtype=torch.long)
+    starts = torch.tensor([s[2] for s in segments], dtype=torch.long)
+    lens = torch.tensor([s[3] for s in segments], dtype=torch.long)
+    j = torch.arange(L)
+    valid = j[None, :] < lens[:, None]  # (G, L)
+    query_index = torch.where(valid, offs[:, None] + j[None, :], 0)
+    qpos = starts[:, None] + j[None, :]  # (G, L)
+    visible = torch.arange(K)[None, None, :] <= qpos[:, :, None]  # (G, L, K)
+    mask = torch.zeros((G, L, K)).masked_fill_(~visible, float("-inf"))
+    return AttentionGroup(
+        query_index=to_device(query_index, device),
+        valid=to_device(valid, device),
+        # Integer indices, not the boolean mask: indexing by a mask on CUDA waits for the device.
+        valid_rows=to_device(valid.flatten().nonzero()[:, 0], device),
+        valid_targets=to_device(query_index[valid], device),
+        slots=to_device(slots, device),
+        slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
+        kv_len=K,
+        mask=to_device(mask.unsqueeze(1), device),
+    )
+
+
+def pack(plan: StepPlan, device: torch.device) -> PackedBatch:
+    positions: list[int] = []
+    token_slots: list[int] = []
+    logit_index: list[int] = []
+    decodes, prefills = [], []
+    off = 0
+    for s in plan.segments:
+        positions.extend(range(s.start, s.start + s.length))
+        token_slots.extend([s.slot] * s.length)
+        if s.logits == LOGITS_ALL:
+            logit_index.extend(range(off, off + s.length))
+        elif s.logits == LOGITS_LAST:
+            logit_index.append(off + s.length - 1)
+        (decodes if s.length == 1 else prefills).append((off, s.slot, s.start, s.length))
+        off += s.length
+    groups = [_group(g, device) for g in (decodes, prefills) if g]
+    return PackedBatch(
+        tokens=to_device(plan.tokens, device),
+        positions=to_device(positions, device),
+        token_slots=to_device(token_slots, device),
+        groups=groups,
+        logit_index=to_device(logit_index, device),
+    )
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None, share_sampled: bool = False):
+        """graphs: capture the decode as CUDA graphs (None: on CUDA devices). share_sampled: this
+        rank is one of a driver's gang (cluster/lockstep.py), so the tokens the driver samples
+        reach the others over the model-parallel group, on the device, when a plan uses them."""
+        self.model = model
+        self.cache = cache
+        # The tokens the last step sampled, row j for the plan's sampled_token(j). The driver's
+        # engine writes them (record_sampled); the other ranks receive them.
+        self.sampled = torch.zeros(cache.max_batch_size, dtype=torch.long, device=model.device)
+        self.share_sampled = share_sampled
+        self.decode = DecodeStep(model, cache, self.sampled, graphs)
+        self.active: set[int] = set()  # slots holding a sequence, as the plans have said
+        self.busy_since: float | None = None  # time.monotonic() when the step now running began
+        self.steps = 0  # plans run (idle ones not counted), and the seconds they took: for metrics
+        self.step_s = 0.0
+
+    def warm_up(self) -> float:
+        """Start-up work before the first step: capture every decode bucket as a CUDA graph
+        (nothing on the CPU). Every rank of a gang calls it at the same point, so the
+        collectives inside the captures line up. Returns the seconds spent capturing."""
+        return self.decode.capture_all() if self.decode.graphs else 0.0
+
+    def record_sampled(self, tokens: torch.Tensor) -> None:
+        """Driver: the tokens this step sampled (R,), on the device, for the next plan to use."""
+        self.sampled[: tokens.shape[0]].copy_(tokens)
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
+        t0 = time.monotonic()
+        try:
+            with self.busy():
+                return self._execute(plan)
+        finally:
+            if not plan.idle:
+                self.steps += 1
+                self.step_s += time.monotonic() - t0
+
+    @contextmanager
+    def busy(self):
+        """Marks work that waits on the device or a collective: a watchdog (cluster/rank.py) reads
+        busy_since from another thread. On a GPU a step's forward only queues work; the engine
+        marks its read-back too, where a hung device or collective is waited for."""
+        self.busy_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.busy_since = None
+
+    @torch.inference_mode()
+    def _execute(self, plan: StepPlan) -> torch.Tensor:
+        self.active.difference_update(plan.freed)
+        for c in plan.copies:
+            assert c.src in self.active, f"plan copies slot {c.src}, which holds no sequence"
+            self.cache.copy_slot(c.src, c.dst, c.length)
+            self.active.add(c.dst)
+        for s in plan.segments:
+            # A plan that continues a slot nobody started would read another request's keys.
+            assert s.start == 0 or s.slot in self.active, f"plan continues slot {s.slot}, which holds no sequence"
+            assert s.start + s.length <= self.cache.max_seq_len, "plan runs past max_seq_len"
+            self.active.add(s.slot)
+        if not plan.segments:
+            return torch.empty((0, self.model.args.vocab_size))
+        if plan.takes_sampled and self.share_sampled:
+            # The driver's row of the last step's tokens to every rank: queued on the device
+            # after that step's sampling, before this step's forward; the host never waits.
+            src = fs_init.get_model_parallel_src_rank()
+            dist.broadcast(self.sampled, src=src, group=fs_init.get_model_parallel_group())
+        singles: list[tuple[Segment, int]] = []  # one-token segments and their tokens
+        longer: list[Segment] = []
+        longer_tokens: list[int] = []
+        off = 0
+        for s in plan.segments:
+            if s.length == 1:
+                singles.append((s, plan.tokens[off]))
+            else:
+                assert min(plan.tokens[off : off + s.length]) >= 0, "a sampled token in a prefill chunk"
+                longer.append(s)
+                longer_tokens.extend(plan.tokens[off : off + s.length])
+            off += s.length
+        one = (self.decode.run([s.slot for s, _ in singles], [s.start for s, _ in singles], [t for _, t in singles])
+               if singles else None)
+        if not longer and all(s.logits != LOGITS_NONE for s, _ in singles):
+            return one  # a step of decodes alone: their rows, in segment order already
+        many = (self.model(pack(StepPlan(tuple(longer), tuple(longer_tokens)), self.model.device), self.cache)
+                if longer else None)
+        parts, i, row = [], 0, 0  # back in segment order
+        for s in plan.segments:
+            if s.length == 1:
+                if s.logits != LOGITS_NONE:
+                    parts.append(one[i : i + 1])
+                i += 1
+            else:
+                n = {LOGITS_NONE: 0, LOGITS_LAST: 1, LOGITS_ALL: s.length}[s.logits]
+                parts.append(many[row : row + n])
+                row += n
+        return torch.cat(parts) if parts else torch.empty((0, self.model.args.vocab_size), device=self.model.device)

@@ -1,0 +1,253 @@
+"""The Llama Transformer on fairscale's model-parallel layers, one rank's shard of it.
+
+Numbers follow Meta's reference: RMSNorm and softmax in float32, rotary embedding on
+interleaved pairs, grouped-query attention (SDPA maps each head to its KV head; nothing is
+repeated). Two forwards: `forward`, any mix of prefill chunks and decodes packed into one
+sequence (eager); and `decode`, one token for each of the cache's first slots, with static
+shapes and no host synchronisation, so that it can be captured as a CUDA graph
+(llama/engine/decode_step.py).
+Built on the device and dtype it is given, never touching global defaults; it needs fairscale's
+model-parallel state initialised (llama/distributed.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import fairscale.nn.model_parallel.initialize as fs_init
+import fairscale.nn.model_parallel.layers as fs_layers
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+)
+from torch import nn
+
+from llama.model.args import ModelArgs
+from llama.model.kv_cache import KVCache
+from llama.model.packed import PackedBatch
+
+
+def _keep(x: torch.Tensor) -> torch.Tensor:
+    # init_method for fairscale layers: weights come from a checkpoint or the maker.
+    return x
+
+
+@contextlib.contextmanager
+def _skip_fairscale_init() -> Iterator[None]:
+    """fairscale layers build and scatter a full-size master weight on every rank to
+    initialise their shard. Our weights always come from a checkpoint, so that work (and the
+    full-size allocation) is skipped while the model is built."""
+    original = fs_layers._initialize_affine_weight
+    fs_layers._initialize_affine_weight = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        fs_layers._initialize_affine_weight = original
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def precompute_freqs_cis(args: ModelArgs, end: int, device: torch.device) -> torch.Tensor:
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, device=device)[: hd // 2].float() / hd))
+    if args.use_scaled_rope:
+        freqs = scale_rope_frequencies(freqs, args)
+    t = torch.arange(end, device=device).float()
+    freqs = torch.outer(t, freqs)  # (end, head_dim/2)
+    return torch.polar(torch.ones_like(freqs), freqs)  # complex64 (end, head_dim/2)
+
+
+def scale_rope_frequencies(freqs: torch.Tensor, args: ModelArgs) -> torch.Tensor:
+    """Llama 3.1's scaling (llama-models' apply_scaling; Hugging Face's rope type "llama3"): low
+    frequencies divided by the factor, high ones kept, the band between blended smoothly."""
+    factor, low, high, context = (args.rope_scaling_factor, args.rope_low_freq_factor, args.rope_high_freq_factor,
+                                  args.rope_original_context)
+    wavelen = 2 * math.pi / freqs
+    scaled = torch.where(wavelen > context / low, freqs / factor, freqs)
+    smooth = (context / wavelen - low) / (high - low)
+    return torch.where((wavelen >= context / high) & (wavelen <= context / low),
+                       (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+
+
+def apply_rotary_emb(
+    xq: torch.Tensor, xk: torch.Tensor, freqs_cis: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Dims 2i and 2i+1 form one complex number (Meta's interleaved layout).
+    xq_ = torch.view_as_complex(xq.float().reshape(*xq.shape[:-1], -1, 2))  # (bsz, seqlen, heads, hd/2)
+    xk_ = torch.view_as_complex(xk.float().reshape(*xk.shape[:-1], -1, 2))
+    freqs_cis = freqs_cis.view(1, xq_.shape[1], 1, xq_.shape[-1])  # (1, seqlen, 1, hd/2)
+    xq_out = torch.view_as_real(xq_ * freqs_cis).flatten(3)
+    xk_out = torch.view_as_real(xk_ * freqs_cis).flatten(3)
+    return xq_out.type_as(xq), xk_out.type_as(xk)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        mp = fs_init.get_model_parallel_world_size()
+        self.layer_id = layer_id
+        self.n_local_heads = args.n_heads // mp
+        self.n_local_kv_heads = args.n_kv_heads // mp
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        self.head_dim = args.head_dim
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wk = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wv = ColumnParallelLinear(args.dim, args.n_kv_heads * self.head_dim, bias=False, gather_output=False, init_method=_keep)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """x (T, dim): a step's segments packed into one sequence (llama/engine/runner.py);
+        freqs_cis (T, hd/2): each token's rotation at its own position."""
+        T = x.shape[0]
+        xq = self.wq(x).view(1, T, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(1, T, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(T, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
+        xq = xq[0]  # (T, heads, hd)
+        cache.write(self.layer_id, batch.token_slots, batch.positions, xk[0], xv)
+        out = torch.empty_like(xq)  # (T, heads, hd)
+        for g in batch.groups:
+            keys, values = cache.gather(self.layer_id, g.slots, g.kv_len, g.slot_range)  # (G, K, kv, hd)
+            q = xq[g.query_index].transpose(1, 2)  # (G, heads, L, hd)
+            # The reference's repeat_kv + matmul + float32 softmax as one fused call: SDPA maps
+            # head h to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
+            o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=g.mask,
+                                               enable_gqa=self.n_rep > 1)  # (G, heads, L, hd)
+            out[g.valid_targets] = o.transpose(1, 2).flatten(0, 1)[g.valid_rows]
+        return self.wo(out.view(T, -1))
+
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+               mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x (B, dim): one token for each of slots 0..B-1, at positions (B,); its key and value
+        go to (write_slots[b], positions[b]); each row attends to its own slot's first S
+        positions (a view of the cache) where mask (B, 1, 1, S) allows."""
+        B, S = x.shape[0], mask.shape[-1]
+        xq = self.wq(x).view(1, B, self.n_local_heads, self.head_dim)
+        xk = self.wk(x).view(1, B, self.n_local_kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, self.n_local_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # the packed layout: row b at its own position
+        cache.write(self.layer_id, write_slots, positions, xk[0], xv)
+        keys, values = cache.rows(self.layer_id, B, S)  # (B, S, kv, hd)
+        # Query head h reads KV head h // n_rep: the n_rep heads of one KV head go in as that head's
+        # n_rep query rows. Plain attention then, with no GQA flag (which, with a mask, can send
+        # SDPA to its slow math kernel on CUDA), no copy of the keys, and each KV head read once.
+        q = xq[0].view(B, self.n_local_kv_heads, self.n_rep, self.head_dim)
+        o = F.scaled_dot_product_attention(q, keys.transpose(1, 2), values.transpose(1, 2),
+                                           attn_mask=mask)  # (B, kv, n_rep, hd); the mask broadcasts over both
+        return self.wo(o.reshape(B, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden = args.ffn_hidden_dim
+        self.w1 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+        self.w2 = RowParallelLinear(hidden, args.dim, bias=False, input_is_parallel=True, init_method=_keep)
+        self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs_cis, batch, cache)  # (T, dim)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+               mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, positions, write_slots, mask, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """One model-parallel rank's shard. Parameters are allocated uninitialised on `device`:
+    load a checkpoint (llama/checkpoints/load.py) or initialise them (llama/checkpoints/make_tiny.py)."""
+
+    def __init__(self, args: ModelArgs, max_seq_len: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("ModelArgs.vocab_size must be resolved (from the tokenizer) before building the model.")
+        self.args = args
+        self.max_seq_len = max_seq_len  # positions the rotary table covers
+        self.device = torch.device(device)
+        self.dtype = dtype
+        # fairscale allocates its weights with torch.Tensor(...) on the CPU whatever the default
+        # device; each piece is moved to the meta device as soon as it is built, so the host never
+        # holds more than one layer. Then the whole shard is allocated once, where it runs.
+        meta = torch.device("meta")
+        with torch.device("meta"), _skip_fairscale_init():
+            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep).to_empty(device=meta)
+            self.layers = nn.ModuleList(TransformerBlock(i, args).to_empty(device=meta) for i in range(args.n_layers))
+            self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep).to_empty(device=meta)
+        self.to(dtype)
+        self.to_empty(device=self.device)
+        # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).
+        self.freqs_cis = precompute_freqs_cis(args, max_seq_len * 2, self.device)
+
+    def forward(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+        """The one forward, for prefill and decode alike: the packed tokens (T,) of a step's
+        segments (llama/engine/runner.py), each at its own position and cache slot -> float32 logits
+        (R, vocab) for the packed indices batch.logit_index only."""
+        h = self.tok_embeddings(batch.tokens)  # (T, dim)
+        freqs_cis = self.freqs_cis[batch.positions]  # (T, hd/2): each token at its own position
+        for layer in self.layers:
+            h = layer(h, freqs_cis, batch, cache)
+        if batch.logit_index.numel() == 0:  # every rank skips the output's all-gather alike
+            return torch.empty((0, self.args.vocab_size), device=self.device)
+        h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
+        return self.output(h).float()
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, kv_len: int,
+               cache: KVCache) -> torch.Tensor:
+        """One token (B,) for each of the cache's slots 0..B-1, each at its own position (B,),
+        attending to the first kv_len positions of its own slot -> float32 logits (B, vocab).
+        Static shapes for a given (B, kv_len), and nothing read back to the host: a CUDA graph
+        can capture it. A row with no sequence writes into the cache's scratch row (its
+        write_slots entry) and its logits are not to be read."""
+        h = self.tok_embeddings(tokens)  # (B, dim)
+        freqs_cis = self.freqs_cis[positions]  # (B, hd/2)
+        # Row b sees its slot's positions 0..positions[b]: True where attention is allowed.
+        mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
+        for layer in self.layers:
+            h = layer.decode(h, freqs_cis, positions, write_slots, mask, cache)
+        return self.output(self.norm(h)).float()
+
+    def new_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
+        """A KV cache of max_batch_size slots of max_seq_len positions, on this shard's device."""
+        if max_seq_len > self.max_seq_len:
+            raise ValueError(f"a cache of {max_seq_len} positions is longer than this model was built for "
+                             f"({self.max_seq_len}); build the Transformer with a larger max_seq_len.")
+        first = self.layers[0].attention
+        return KVCache(
+            n_layers=self.args.n_layers,
+            max_batch_size=max_batch_size,
+            max_seq_len=max_seq_len,
+            n_kv_heads=first.n_local_kv_heads,
+            head_dim=first.head_dim,
+            device=self.device,
+            dtype=self.dtype,
+        )
