@@ -76,15 +76,15 @@ def file_dim(key: str, full: tuple[int, ...], shape: tuple[int, ...], n: int) ->
     """The dim along which `key` (whole shape `full`) was cut into n files, from one file's
     `shape`: whichever of Meta's Llama 2 and Llama 3 cuts it fits. Raises LayoutError naming the
     shape found and both expected ones when it fits neither."""
-    fits = {v: meta_dim(key, v) for v in LLAMA_VERSIONS if cut_shape(full, meta_dim(key, v), n) == shape}
+    dims = {v: meta_dim(key, v) for v in LLAMA_VERSIONS}
+    fits = [d for d in dims.values() if cut_shape(full, d, n) == shape]
     if fits:
-        return next(iter(fits.values()))  # where both fit (n == 1, or the same cut) they agree on the shape
-    expected = {v: list(cut_shape(full, meta_dim(key, v), n)) for v in LLAMA_VERSIONS}
+        return fits[0]  # where both fit (one file, or the same cut) either dim gives the same slices
+    expected = {v: list(cut_shape(full, d, n)) for v, d in dims.items()}
     if expected[2] == expected[3]:
         want = f"{expected[2]} (Meta's Llama 2 and Llama 3 files cut it alike)"
     else:
-        want = " or ".join(f"{expected[v]} (Llama {v}'s {_EMBEDDING[v]}, cut along dim {meta_dim(key, v)})"
-                           for v in LLAMA_VERSIONS)
+        want = " or ".join(f"{expected[v]} (Llama {v}'s {_EMBEDDING[v]}, cut along dim {dims[v]})" for v in LLAMA_VERSIONS)
     raise LayoutError(f"{key} has shape {list(shape)}, expected {want} for the model in params.json cut into "
                       f"{n} file(s).")
 
@@ -93,13 +93,6 @@ def file_dims(full: dict[str, tuple[int, ...]], shapes: dict[str, tuple[int, ...
     """Each tensor that the n files cut, and the dim they cut it along, from one file's `shapes`."""
     dims = {key: file_dim(key, want, shapes[key], n) for key, want in full.items()}
     return {key: d for key, d in dims.items() if d is not None and n > 1}
-
-
-def embedding_version(dims: dict[str, int]) -> int | None:
-    """Whose embedding cut files with these `file_dims` hold: 2 (ParallelEmbedding), 3
-    (VocabParallelEmbedding), or None when the embedding is whole (one file)."""
-    d = dims.get("tok_embeddings.weight")
-    return None if d is None else next(v for v in LLAMA_VERSIONS if meta_dim("tok_embeddings.weight", v) == d)
 
 
 def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
