@@ -142,7 +142,10 @@ def run_mp2(ckpt: str, arrivals: list[Arrival], max_batch: int, max_seq_len: int
     from llama.engine.config import EngineConfig
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engine = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk)
+    # An open loop: every arrival may be waiting at once, as it may for the MP=1 engine above (the
+    # replica's admission bound, max_waiting, would otherwise refuse the burst with a 429).
+    engine = EngineConfig(max_batch_size=max_batch, max_seq_len=max_seq_len, prefill_chunk=chunk,
+                          max_waiting=len(arrivals))
     group = RankGroup.start(GangConfig.inspect(ckpt, None, ParallelConfig(model_parallel_size=2), engine))
     try:
         group.generate([arrivals[0].request])  # warm up
