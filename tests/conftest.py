@@ -25,6 +25,17 @@ def gang_config(ckpt: Path | str, mp: int, **settings):
     return GangConfig.inspect(ckpt, None, parallel, engine)
 
 
+def rank_slice(whole: dict, key: str, rank: int, world_size: int):
+    """What rank `rank` of `world_size` holds of the whole model's tensor `key` (llama/checkpoints/layout.py)."""
+    from llama.checkpoints.layout import rank_dim, shard_range
+
+    d = rank_dim(key)
+    if d is None:
+        return whole[key]
+    start, end = shard_range(whole[key].shape[d], rank, world_size)
+    return whole[key].narrow(d, start, end - start)
+
+
 @pytest.fixture(scope="session")
 def golden() -> dict:
     """What Meta's reference code returned for the golden checkpoint (see tests/data/golden/README.md)."""

@@ -10,6 +10,7 @@ import torch
 
 from llama.checkpoints.errors import CheckpointError
 from llama.checkpoints.load import inspect_checkpoint, load_rank_state
+from tests.conftest import rank_slice
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -115,19 +116,8 @@ def test_reshard_gives_the_native_slices(tiny_ckpts, src, dst, m):
                 assert torch.equal(t, want[k]), (k, r)
         else:  # compare against the whole model when no native M-way files exist
             whole = load_rank_state(inspect_checkpoint(tiny_ckpts[dst]), 0, 1)
-            from llama.checkpoints.layout import rank_dim
-
             for k, t in got.items():
-                d = rank_dim(k)
-                w = whole[k] if d is None else whole[k].narrow(d, *_span(whole[k].shape[d], r, m))
-                assert torch.equal(t, w), (k, r)
-
-
-def _span(size: int, r: int, m: int) -> tuple[int, int]:
-    from llama.checkpoints.layout import shard_range
-
-    s, e = shard_range(size, r, m)
-    return s, e - s
+                assert torch.equal(t, rank_slice(whole, k, r, m)), (k, r)
 
 
 def test_rank_reads_only_its_slice_views(tiny_ckpts):

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from llama.checkpoints.errors import CheckpointError
-from llama.checkpoints.layout import rank_dim, shard_range
 from llama.checkpoints.load import inspect_checkpoint, load_rank_state
-from tests.conftest import GOLDEN_CKPT
+from tests.conftest import GOLDEN_CKPT, rank_slice
 from tests.meta_reference import META_MAX_GEN
 
 pytest.importorskip("llama_models")
@@ -63,14 +62,7 @@ def test_every_cut_reshards_to_the_slices_of_the_whole_model(meta_files, version
         got = load_rank_state(info, r, m)
         assert set(got) == set(whole)
         for k, t in got.items():
-            d = rank_dim(k)
-            want = whole[k] if d is None else whole[k].narrow(d, *_span(whole[k].shape[d], r, m))
-            assert torch.equal(t, want), (k, r)
-
-
-def _span(size: int, r: int, m: int) -> tuple[int, int]:
-    s, e = shard_range(size, r, m)
-    return s, e - s
+            assert torch.equal(t, rank_slice(whole, k, r, m)), (k, r)
 
 
 def _copy(src: Path, dst: Path) -> Path:
