@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from llama.checkpoints.info import CheckpointInfo
 from llama.checkpoints.load import inspect_checkpoint
-from llama.distributed import DTYPES
+from llama.distributed import DTYPES, resolve_dtype
 from llama.engine.config import EngineConfig
+from llama.engine.kv_memory import pool_blocks
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
 
@@ -71,4 +74,16 @@ class GangConfig:
         ValueError naming the file and the fix) and bundle it with the settings."""
         parallel = parallel or ParallelConfig()
         checkpoint = inspect_checkpoint(ckpt_dir, tokenizer_path, parallel.model_parallel_size)
-        return cls(checkpoint, parallel, engine or EngineConfig())
+        engine = engine or EngineConfig()
+        return cls(checkpoint, parallel, engine.for_model(checkpoint.args, _pool_tokens(engine, checkpoint, parallel)))
+
+
+def _pool_tokens(engine: EngineConfig, checkpoint: CheckpointInfo, parallel: ParallelConfig) -> int | None:
+    """Positions each rank's KV pool will hold, where that is known before the ranks start (not
+    for CUDA's default, which the ranks measure)."""
+    if parallel.device == "auto":
+        return None
+    element = resolve_dtype(parallel.dtype if parallel.dtype != "auto" or parallel.device == "cpu" else "bfloat16",
+                            torch.device(parallel.device)).itemsize
+    blocks = pool_blocks(engine, checkpoint.args, parallel.model_parallel_size, element, parallel.device)
+    return None if blocks is None else blocks * engine.block_size

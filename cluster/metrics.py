@@ -30,8 +30,8 @@ def _request_metrics() -> dict:
                           boundaries=_SECONDS, tag_keys=tags),
         "e2e": Histogram("llama_e2e_request_latency_seconds", "time from arrival to the last token",
                          boundaries=_SECONDS, tag_keys=tags),
-        "queue": Histogram("llama_request_queue_time_seconds", "time a request waited in the engine for a "
-                           "KV-cache slot", boundaries=_SECONDS, tag_keys=tags),
+        "queue": Histogram("llama_request_queue_time_seconds", "time a request waited in the engine before "
+                           "it started running", boundaries=_SECONDS, tag_keys=tags),
         "finished": Counter("llama_request_success_total", "requests ended, by finished_reason (stop, length, "
                             "abort, timeout, error)", tag_keys=(*tags, "finished_reason")),
     }
@@ -79,12 +79,22 @@ class RequestMetrics:
 def _rank_metrics() -> dict:
     tags = ("checkpoint", "rank")
     return {
-        "running": Gauge("llama_num_requests_running", "requests holding a KV-cache slot", tag_keys=tags),
-        "waiting": Gauge("llama_num_requests_waiting", "requests queued for a slot", tag_keys=tags),
-        "slots_used": Gauge("llama_kv_cache_slots_in_use", "KV-cache slots in use", tag_keys=tags),
-        "usage": Gauge("llama_kv_cache_usage_perc", "share of KV-cache slots in use (0..1)", tag_keys=tags),
-        "prompt": Counter("llama_prompt_tokens_total", "prompt tokens prefilled (or copied from a shared "
-                          "prefix)", tag_keys=tags),
+        "running": Gauge("llama_num_requests_running", "requests running (holding KV blocks)", tag_keys=tags),
+        "waiting": Gauge("llama_num_requests_waiting", "requests queued to run, preempted ones included",
+                         tag_keys=tags),
+        "usage": Gauge("llama_kv_cache_usage_perc", "share of KV-cache blocks used by running requests (0..1)",
+                       tag_keys=tags),
+        "blocks_used": Gauge("llama_kv_cache_blocks_used", "KV-cache blocks used by running requests", tag_keys=tags),
+        "blocks_cached": Gauge("llama_kv_cache_blocks_cached", "KV-cache blocks holding a cached prefix no "
+                               "request uses (reusable, evicted when memory is needed)", tag_keys=tags),
+        "prefix_queries": Counter("llama_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+                                  tag_keys=tags),
+        "prefix_hits": Counter("llama_prefix_cache_hits", "prompt tokens found in the prefix cache (not prefilled)",
+                               tag_keys=tags),
+        "preemptions": Counter("llama_num_preemptions", "running requests preempted for want of KV blocks "
+                               "(recomputed later)", tag_keys=tags),
+        "prompt": Counter("llama_prompt_tokens_total", "prompt tokens served (prefilled, or found in the prefix "
+                          "cache)", tag_keys=tags),
         "generated": Counter("llama_generation_tokens_total", "tokens generated", tag_keys=tags),
         "steps": Counter("llama_rank_steps_total", "engine steps this rank ran a forward for", tag_keys=tags),
         "step_s": Counter("llama_rank_step_seconds_total", "seconds this rank spent running steps", tag_keys=tags),
@@ -119,13 +129,16 @@ class RankSampler:
 
     def sample(self) -> None:
         m, now = _rank_metrics(), self.read()
-        if "slots" in now:  # the driver's engine
-            used = now["slots"] - now["free_slots"]
+        if "kv_blocks" in now:  # the driver's engine
             m["running"].set(now["running"], tags=self.tags)
             m["waiting"].set(now["waiting"], tags=self.tags)
-            m["slots_used"].set(used, tags=self.tags)
-            m["usage"].set(used / now["slots"], tags=self.tags)
-            self._add(m["prompt"], "prompt", now["prefill_tokens"] + now["shared_prefill_tokens"])
+            m["usage"].set(now["kv_blocks_used"] / now["kv_blocks"], tags=self.tags)
+            m["blocks_used"].set(now["kv_blocks_used"], tags=self.tags)
+            m["blocks_cached"].set(now["kv_blocks_cached"], tags=self.tags)
+            self._add(m["prefix_queries"], "prefix_queries", now["prefix_cache_query_tokens"])
+            self._add(m["prefix_hits"], "prefix_hits", now["prefix_cache_hit_tokens"])
+            self._add(m["preemptions"], "preemptions", now["preemptions"])
+            self._add(m["prompt"], "prompt", now["prefill_tokens"] + now["prefix_cache_hit_tokens"])
             self._add(m["generated"], "generated", now["generated_tokens"])
             self._add(m["plan_s"], "plan_s", now.get("publish_s", 0.0))
         self._add(m["steps"], "steps", now["steps"])

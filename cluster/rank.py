@@ -29,7 +29,7 @@ from cluster.weights import slices_from
 from llama.checkpoints.load import copy_into, load_into, missing_files, rank_nbytes
 from llama.checkpoints.load_progress import LoadProgress
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
-from llama.engine.core import Engine
+from llama.engine.core import Engine, engine_blocks
 from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
@@ -151,7 +151,7 @@ class RankActor:
         )
         init_model_parallel(self.world_size)
         if self.world_size > 1:
-            capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk)
+            capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
         log.info("joined the %s group of %d at %s:%d over %s", backend, self.world_size, master_addr, master_port,
                  bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface")
@@ -203,11 +203,19 @@ class RankActor:
         else:
             load_into(model, ckpt, self.rank, self.world_size, self.progress)
         self.progress.finish()
+        num_blocks = engine_blocks(model, eng)
+        if self.device.type == "cuda" and eng.kv_cache_memory_gb is None:
+            # Sized by each GPU's free memory: all take the smallest, so every table fits every
+            # pool (at the point where the decode's graph captures line the ranks up anyway).
+            blocks = torch.tensor([num_blocks], dtype=torch.long, device=self.device)
+            dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
+            num_blocks = int(blocks.item())
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
-            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish)
+            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish, num_blocks=num_blocks)
         else:
-            self.runner = ModelRunner(model, model.new_cache(eng.max_batch_size, eng.max_seq_len), share_sampled=True)
+            cache = model.new_cache(eng.max_batch_size, eng.max_seq_len, num_blocks, eng.block_size)
+            self.runner = ModelRunner(model, cache, share_sampled=True)
             self.runner.warm_up()  # as the driver's Engine does, at the same point: captures line up
         self.model = model
         log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())

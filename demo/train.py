@@ -19,8 +19,7 @@ import torch.nn.functional as F
 
 from llama.checkpoints.make_tiny import save_sharded, train_tokenizer
 from llama.distributed import init_model_parallel, init_single_process_group
-from llama.engine.runner import pack
-from llama.engine.step_plan import StepPlan
+from llama.engine.runner import forward_rows
 from llama.model.args import ModelArgs
 from llama.model.transformer import Transformer
 from llama.tokenizers.chat_format import B_INST, E_INST
@@ -164,7 +163,7 @@ def train(out_dir: Path, cfg: TrainConfig) -> float:
             group["lr"] = lr_at(step, cfg)
         # The serving forward, each row a whole prompt in a scratch cache: (bsz * width, vocab) float32
         bsz, width = inputs.shape
-        logits = model(pack(StepPlan.prefill(inputs.tolist()), model.device), model.new_cache(bsz, width))
+        logits = forward_rows(model, inputs.tolist())
         loss = F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()

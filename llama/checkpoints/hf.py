@@ -95,6 +95,7 @@ def read_hf_config(config_path: Path) -> HFConfig:
         vocab_size=required("vocab_size"),
         norm_eps=config.get("rms_norm_eps", 1e-6),  # transformers' default, not Meta's 1e-5
         ffn_hidden_size=required("intermediate_size"),
+        max_position_embeddings=config.get("max_position_embeddings"),
         **_rope_args(config, config_path),
     )
     dtype_name = config.get("dtype") or config.get("torch_dtype")

@@ -30,19 +30,32 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from llama.engine.block_pool import BlockPool
 from llama.engine.config import EngineConfig, check_request
 from llama.engine.device_io import Readback, to_device
+from llama.engine.kv_memory import free_device_bytes, pool_blocks
 from llama.engine.request import EndToken, FinishReason, GenerationRequest
 from llama.engine.runner import ModelRunner
 from llama.engine.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
 from llama.engine.scheduler import Scheduler
 from llama.engine.sequence import Sequence, Sink
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan, sampled_token
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun, sampled_token
 from llama.model.transformer import Transformer
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.detokenizer import TextStream
 
 log = logging.getLogger(__name__)
+
+
+def engine_blocks(model: Transformer, config: EngineConfig) -> int:
+    """The KV pool this rank's shard can hold (llama/engine/kv_memory.py), in blocks."""
+    element = torch.empty((), dtype=model.dtype).element_size()
+    mp = model.args.n_kv_heads // model.layers[0].attention.n_local_kv_heads
+    blocks = pool_blocks(config, model.args, mp, element, model.device.type, free_device_bytes(model.device))
+    if not blocks:
+        raise ValueError(f"the KV cache has room for no block of {config.block_size} positions on {model.device}: "
+                         f"set engine.kv_cache_memory_gb, or free memory for it.")
+    return blocks
 
 
 class EngineFailedError(RuntimeError):
@@ -53,8 +66,7 @@ class EngineFailedError(RuntimeError):
 class EngineStats:
     steps: int = 0
     decode_tokens: int = 0  # decode inputs run (one per decoding sequence per step)
-    prefill_tokens: int = 0
-    shared_prefill_tokens: int = 0  # prompt tokens copied from another slot instead of run
+    prefill_tokens: int = 0  # prompt tokens run (those found in the prefix cache are not)
     generated_tokens: int = 0
     finished: int = 0
     aborted: int = 0  # of which: cancelled by their callers
@@ -85,16 +97,23 @@ class Engine:
         tokenizer: Tokenizer,
         config: EngineConfig,
         publish: Callable[[StepPlan], None] | None = None,
+        num_blocks: int | None = None,
     ):
+        """num_blocks: the KV pool's size, agreed by a gang's ranks (cluster/rank.py); None:
+        this rank's own (llama/engine/kv_memory.py), as a single-process engine has."""
+        if num_blocks is None:
+            num_blocks = engine_blocks(model, config)
+        config = config.for_model(model.args, num_blocks * config.block_size)
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
         self.publish = publish
-        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len),
-                                  share_sampled=publish is not None)
+        self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len, num_blocks,
+                                                         config.block_size), share_sampled=publish is not None)
         self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
         self.overlap = model.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
-        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len)
+        self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len, self.pool)
         self.stats = EngineStats()
         self.failure: BaseException | None = None
         self._rng = random.Random(config.seed)
@@ -103,14 +122,14 @@ class Engine:
         self._aborts: set[str] = set()
         self._wake = threading.Event()
         self._by_id: dict[str, Sequence] = {}  # engine thread only
-        self._freed: list[int] = []  # slots given back since the last plan
         self._in_flight: Launched | None = None  # a step launched but not yet read back (overlap)
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
         """Queue a request; its deltas go to `sink` from the engine thread. Raises ValueError
         for a request the model cannot serve (nothing is queued then)."""
-        check_request(request, self.config.max_seq_len, self.model.args.vocab_size)
+        check_request(request, self.config.max_seq_len, self.model.args.vocab_size, self.config.block_size,
+                      self.pool.num_blocks)
         if request.timeout_s is None and self.config.request_timeout_s is not None:
             request = replace(request, timeout_s=self.config.request_timeout_s)
         p = request.params
@@ -132,9 +151,14 @@ class Engine:
         self._wake.set()
 
     def load(self) -> dict:
-        """Slots and queue, for health pages and tests (read without the engine's lock: approximate)."""
-        return {"slots": self.config.max_batch_size, "free_slots": self.scheduler.free_slots,
-                "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
+        """Rows, blocks and queue, for health pages, metrics and tests (read without the
+        engine's lock: approximate)."""
+        sched, pool = self.scheduler, self.pool
+        return {"slots": self.config.max_batch_size, "free_slots": sched.free_slots,
+                "running": len(sched.running), "waiting": len(sched.waiting),
+                "kv_blocks": pool.num_blocks, "kv_blocks_used": pool.used, "kv_blocks_cached": pool.cached,
+                "block_size": pool.block_size, "prefix_cache_hit_tokens": sched.hit_tokens,
+                "prefix_cache_query_tokens": sched.query_tokens, "preemptions": sched.preemptions,
                 **asdict(self.stats)}
 
     # ------------------------------------------------------------------ engine thread
@@ -145,7 +169,7 @@ class Engine:
                 if self.step():
                     continue
                 if not self._wake.wait(self.config.heartbeat_s) and self.publish is not None:
-                    self._send(StepPlan((), (), tuple(self._take_freed())))
+                    self._send(StepPlan((), (), tuple(self.scheduler.take_freed())))
                 self._wake.clear()
         except BaseException as e:  # noqa: BLE001 - any failure ends the engine; the streams are told
             self._fail(e)
@@ -160,14 +184,15 @@ class Engine:
         self._intake()
         if self._in_flight is not None and self._needs_history():
             self._complete(self._take_in_flight())  # a penalty counts the token in flight: read it first
-        work, copies = self.scheduler.schedule()
-        if not work:
+        scheduled = self.scheduler.schedule()
+        work = scheduled.work
+        if not work and not scheduled.table:
             if self._in_flight is None:
                 return False
             self._complete(self._take_in_flight())
             return True
         t0 = time.perf_counter()
-        plan = self._plan(work, copies)
+        plan = self._plan(work, scheduled.table, scheduled.freed)
         self._send(plan)
         t1 = time.perf_counter()
         launched = self._launch(work, plan)
@@ -180,22 +205,20 @@ class Engine:
         t3 = time.perf_counter()
         s = self.stats
         s.steps += 1
-        s.shared_prefill_tokens += sum(c.length for c in copies)
         s.step_s += t3 - t0
         s.publish_s += t1 - t0
         s.forward_s += t2 - t1
         s.sample_s += t3 - t2
         return True
 
-    def _plan(self, work: list[tuple[Sequence, int]], copies: list[SlotCopy]) -> StepPlan:
+    def _plan(self, work: list[tuple[Sequence, int]], table: list[TableRun], freed: list[int]) -> StepPlan:
         """The step's plan; each sequence's tokens are counted as cached from here on. A decode
         whose input was sampled by the step still in flight takes it on the device."""
         segments, tokens = [], []
         for seq, n in work:
             if seq.prefilling:
-                done = seq.computed + n == seq.prompt_len
-                want_all = seq.prompt_logprobs is not None
-                mode = LOGITS_ALL if want_all else (LOGITS_LAST if done else LOGITS_NONE)
+                done = seq.computed + n == seq.target
+                mode = LOGITS_ALL if seq.wants_prompt_logits else (LOGITS_LAST if done else LOGITS_NONE)
                 self.stats.prefill_tokens += n
             else:
                 mode = LOGITS_LAST
@@ -206,7 +229,7 @@ class Engine:
             else:
                 tokens.extend(seq.next_input(n))
             seq.computed += n
-        return StepPlan(tuple(segments), tuple(tokens), tuple(self._take_freed()), copies=tuple(copies))
+        return StepPlan(tuple(segments), tuple(tokens), tuple(freed), table=tuple(table))
 
     def _needs_history(self) -> bool:
         """Whether a running sequence with a token in flight counts its generated tokens in its
@@ -221,10 +244,6 @@ class Engine:
     def _send(self, plan: StepPlan) -> None:
         if self.publish is not None:
             self.publish(plan)
-
-    def _take_freed(self) -> list[int]:
-        freed, self._freed = self._freed, []
-        return freed
 
     def _intake(self) -> None:
         with self._lock:
@@ -250,9 +269,7 @@ class Engine:
         seq.emit(token_ids or [], text + seq.text.flush(), reason, logprobs, top, end_token)
         seq.finished = True
         del self._by_id[seq.request_id]
-        slot = self.scheduler.remove(seq)
-        if slot is not None:
-            self._freed.append(slot)
+        self.scheduler.remove(seq)
         self.stats.finished += 1
         self.stats.aborted += reason == "abort"
         self.stats.timed_out += reason == "timeout"
@@ -348,12 +365,14 @@ class Engine:
 
     def _prompt_logprobs(self, seq: Sequence, rows: torch.Tensor, start: int) -> None:
         """rows (n, vocab): logits at positions start..start+n-1; each predicts the next prompt
-        token (the last row of the prompt predicts the first generated one: sampled instead)."""
-        targets = seq.tokens[start + 1 : min(start + 1 + rows.shape[0], seq.prompt_len)]
+        token (the last row of the prompt predicts the first generated one: sampled instead).
+        Positions already known (run again after a preemption) are skipped."""
+        first = len(seq.prompt_logprobs) - 1 - start  # the row predicting the first unknown token
+        targets = seq.tokens[start + 1 + first : min(start + 1 + rows.shape[0], seq.prompt_len)]
         if not targets:
             return
         k = seq.params.logprobs or 0
-        lp, top = logprobs_of(rows[: len(targets)], to_device(targets, rows.device), k)
+        lp, top = logprobs_of(rows[first : first + len(targets)], to_device(targets, rows.device), k)
         seq.prompt_logprobs.extend(lp)
         seq.prompt_top.extend(top)
 

@@ -1,20 +1,21 @@
 """DecodeStep: a step's one-token segments as one static-shaped decode (Transformer.decode),
 captured as a CUDA graph per shape bucket on CUDA, run eagerly on the CPU (the same code).
 
-Rows are slots. A step whose one-token segments sit in slots up to s runs the bucket of B >
-s rows (slots 0..B-1), each at its own position, against the first S positions of its own
-slot, S the bucket above the furthest position. Slots with no token this step run too, on
-inputs that write into the cache's scratch row, and their logits are dropped; the scheduler
-gives the lowest free slot first, which keeps B near the number of running sequences. A
-row's input may be a reference to a token the previous step sampled, resolved on the device
-inside the graph, so the step never waits for the host to learn it.
+Rows are block-table rows. A step whose one-token segments sit in rows up to r runs the bucket
+of B > r rows (rows 0..B-1), each at its own position, against the first n blocks of its own
+table, n the bucket above the furthest position's block (the table is padded with the null
+block). Rows with no token this step run too, on inputs that write into the null block, and
+their logits are dropped; the scheduler gives the lowest free row first, which keeps B near the
+number of running sequences. A row's input may be a reference to a token the previous step
+sampled, resolved on the device inside the graph, so the step never waits for the host to
+learn it.
 
-Buckets: B in 1, 2, 4, ... up to max_batch_size; S in 64, 128, ... up to max_seq_len. On CUDA
-every (B, S) is captured at start-up (`capture_all`; one a step needs that is not yet captured
-is captured then), all of them into one memory pool; a run
-copies its inputs into the bucket's device buffer and replays the graph: one launch for the
-whole forward, nothing allocated, nothing read back. The positions index the cache on the
-device, so a block table can later replace the slot rows.
+Buckets: B in 1, 2, 4, ... up to max_batch_size; n in blocks of 64 positions, doubling, up to
+the table's width. On CUDA every (B, n) is captured at start-up (`capture_all`; one a step
+needs that is not yet captured is captured then), all of them into one memory pool; a run
+copies its inputs (tokens, positions, pool offsets to write) into the bucket's device buffer
+and replays the graph: one launch for the whole forward, nothing allocated, nothing read back.
+The graph reads the block table in place, so table changes need no new capture.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from llama.engine.device_io import to_device
 from llama.model.kv_cache import KVCache
 from llama.model.transformer import Transformer
 
-MIN_KV_BUCKET = 64
+MIN_KV_BUCKET = 64  # positions
 
 
 def buckets(limit: int, first: int = 1) -> list[int]:
@@ -44,66 +45,69 @@ def bucket_of(n: int, sizes: list[int]) -> int:
 
 class DecodeStep:
     def __init__(self, model: Transformer, cache: KVCache, sampled: torch.Tensor, graphs: bool | None = None):
-        """sampled: the runner's (max_batch_size,) device buffer of the previous step's tokens."""
+        """sampled: the runner's (max_rows,) device buffer of the previous step's tokens."""
         self.model, self.cache, self.sampled = model, cache, sampled
         self.graphs = model.device.type == "cuda" if graphs is None else graphs  # CUDA graphs need CUDA
-        self.batch_buckets = buckets(cache.max_batch_size)
-        self.kv_buckets = buckets(cache.max_seq_len, min(MIN_KV_BUCKET, cache.max_seq_len))
-        self._inputs: dict[int, torch.Tensor] = {}  # B -> (3, B) on the device: tokens, positions, write slots
+        self.batch_buckets = buckets(cache.max_rows)
+        width = cache.max_blocks_per_row
+        self.kv_buckets = buckets(width, min(max(MIN_KV_BUCKET // cache.block_size, 1), width))  # in blocks
+        self._inputs: dict[int, torch.Tensor] = {}  # B -> (3, B) on the device: tokens, positions, write offsets
         self._captured: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.capture_s = 0.0  # time spent capturing, for start-up figures
 
     def run(self, slots: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        """Float32 logits (len(slots), vocab): row i for tokens[i] at positions[i] in slots[i]
-        (distinct slots, each holding its sequence's positions below positions[i]). A token < 0
-        is -1-j: row j of `sampled`, the tokens the previous step sampled (on the device)."""
+        """Float32 logits (len(slots), vocab): row i for tokens[i] at positions[i] in table row
+        slots[i] (distinct rows, each holding its sequence's positions below positions[i] and a
+        block for positions[i]). A token < 0 is -1-j: row j of `sampled`, the tokens the
+        previous step sampled (on the device)."""
+        bs = self.cache.block_size
         B = bucket_of(max(slots) + 1, self.batch_buckets)
-        S = bucket_of(max(positions) + 1, self.kv_buckets)
-        host = torch.zeros(3, B, dtype=torch.long)
-        host[2] = self.cache.scratch
+        n = bucket_of(max(positions) // bs + 1, self.kv_buckets)
+        host = torch.zeros(3, B, dtype=torch.long)  # rows without a token: token 0 at 0, into the null block
         rows = torch.tensor(slots, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
         host[0, rows] = torch.tensor(tokens, dtype=torch.long)
-        host[1, rows] = torch.tensor(positions, dtype=torch.long)
-        host[2, rows] = rows
+        host[1, rows] = pos
+        host[2, rows] = self.cache.host_table[rows, pos // bs] * bs + pos % bs
         if self.graphs:
-            graph, out = self._graph(B, S)
+            graph, out = self._graph(B, n)
             self._inputs[B].copy_(host.pin_memory(), non_blocking=True)  # one upload, queued after the last replay
             graph.replay()
         else:
-            out = self._forward(to_device(host, self.model.device), S)
+            out = self._forward(to_device(host, self.model.device), n)
         return out[to_device(rows, out.device)]  # a copy: the graph's output is overwritten by its next replay
 
-    def _forward(self, inputs: torch.Tensor, S: int) -> torch.Tensor:
-        """inputs (3, B): tokens (or sampled-token references), positions, write slots."""
+    def _forward(self, inputs: torch.Tensor, n: int) -> torch.Tensor:
+        """inputs (3, B): tokens (or sampled-token references), positions, pool offsets to write;
+        each row reads its table's first n blocks."""
         tokens = torch.where(inputs[0] >= 0, inputs[0], self.sampled[(-1 - inputs[0]).clamp(min=0)])
-        return self.model.decode(tokens, inputs[1], inputs[2], S, self.cache)
+        return self.model.decode(tokens, inputs[1], inputs[2], self.cache.table[: inputs.shape[1], :n], self.cache)
 
     def capture_all(self) -> float:
         """Capture every bucket now (what a server's start-up can pay once); returns the seconds."""
         for B in self.batch_buckets:
-            for S in self.kv_buckets:
-                self._graph(B, S)
+            for n in self.kv_buckets:
+                self._graph(B, n)
         return self.capture_s
 
-    def _graph(self, B: int, S: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        if (B, S) not in self._captured:
+    def _graph(self, B: int, n: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if (B, n) not in self._captured:
             t0 = time.perf_counter()
             if B not in self._inputs:
                 self._inputs[B] = torch.empty(3, B, dtype=torch.long, device=self.model.device)
             inputs = self._inputs[B]
-            inputs[:2].zero_()  # every row a scratch row while warming up and capturing
-            inputs[2].fill_(self.cache.scratch)
+            inputs.zero_()  # every row writes into the null block while warming up and capturing
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up off the capture: lazy inits, kernel selection
                 for _ in range(2):
-                    self._forward(inputs, S)
+                    self._forward(inputs, n)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
-                out = self._forward(inputs, S)
+                out = self._forward(inputs, n)
             self._pool = graph.pool()
-            self._captured[(B, S)] = (graph, out)
+            self._captured[(B, n)] = (graph, out)
             self.capture_s += time.perf_counter() - t0
-        return self._captured[(B, S)]
+        return self._captured[(B, n)]

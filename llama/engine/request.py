@@ -118,7 +118,8 @@ class StreamDelta:
     # prompt token has 0.0 and no alternatives: nothing predicts it).
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[TopLogprobs] | None = None
-    queue_s: float | None = None  # on the first delta: seconds the request waited for a KV-cache slot
+    queue_s: float | None = None  # on the first delta: seconds the request waited to start running
+    cached_tokens: int | None = None  # on the first delta: prompt tokens found in the prefix cache
     end_token: EndToken | None = None  # on the last delta, when an end token finished the sequence
 
 

@@ -1,10 +1,12 @@
-"""ModelRunner: runs one StepPlan through this rank's shard of the model, on its slot KV cache.
+"""ModelRunner: runs one StepPlan through this rank's shard of the model, on its paged KV cache.
 
-Every rank runs the same plan, in two parts. The one-token segments (decodes, mostly) run as
+Every rank first applies the plan's block-table changes (rows freed, blocks gained), then runs
+the plan in two parts. The one-token segments (decodes, mostly) run as
 one static-shaped decode (llama/engine/decode_step.py: a CUDA graph on CUDA). The longer ones (prefill
 chunks) are packed into one sequence of tokens, so the linear layers (and their collectives) run
 once for all of them, and attention runs per group of alike segments, each segment against its
-own slot's cached positions (`pack`). The logits come back in the plan's segment order.
+own cached positions, gathered through its block table (`pack`). The logits come back in the
+plan's segment order.
 """
 from __future__ import annotations
 
@@ -17,19 +19,17 @@ import torch.distributed as dist
 
 from llama.engine.decode_step import DecodeStep
 from llama.engine.device_io import to_device
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
 from llama.model.kv_cache import KVCache
 from llama.model.packed import AttentionGroup, PackedBatch
 from llama.model.transformer import Transformer
 
 
-def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> AttentionGroup:
-    """segments: (packed offset, slot, start, length)."""
-    segments = sorted(segments, key=lambda s: s[1])  # by slot: often a run of consecutive slots
-    slots = [s[1] for s in segments]
-    consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
+def _group(segments: list[tuple[int, int, int, int]], cache: KVCache, device: torch.device) -> AttentionGroup:
+    """segments: (packed offset, row, start, length)."""
     L = max(s[3] for s in segments)
-    K = max(s[2] + s[3] for s in segments)
+    n_blocks = -(-max(s[2] + s[3] for s in segments) // cache.block_size)
+    K = n_blocks * cache.block_size
     G = len(segments)
     offs = torch.tensor([s[0] for s in segments], dtype=torch.long)
     starts = torch.tensor([s[2] for s in segments], dtype=torch.long)
@@ -40,42 +40,59 @@ def _group(segments: list[tuple[int, int, int, int]], device: torch.device) -> A
     qpos = starts[:, None] + j[None, :]  # (G, L)
     visible = torch.arange(K)[None, None, :] <= qpos[:, :, None]  # (G, L, K)
     mask = torch.zeros((G, L, K)).masked_fill_(~visible, float("-inf"))
+    rows = torch.tensor([s[1] for s in segments], dtype=torch.long)
     return AttentionGroup(
         query_index=to_device(query_index, device),
         valid=to_device(valid, device),
         # Integer indices, not the boolean mask: indexing by a mask on CUDA waits for the device.
         valid_rows=to_device(valid.flatten().nonzero()[:, 0], device),
         valid_targets=to_device(query_index[valid], device),
-        slots=to_device(slots, device),
-        slot_range=(slots[0], slots[0] + len(slots)) if consecutive else None,
+        tables=to_device(cache.host_table[rows, :n_blocks], device),
         kv_len=K,
         mask=to_device(mask.unsqueeze(1), device),
     )
 
 
-def pack(plan: StepPlan, device: torch.device) -> PackedBatch:
+def pack(plan: StepPlan, cache: KVCache, device: torch.device) -> PackedBatch:
+    """The plan's segments as one packed batch, their rows' block tables as the cache holds
+    them (the plan's table changes applied)."""
     positions: list[int] = []
-    token_slots: list[int] = []
+    write_index: list[torch.Tensor] = []
     logit_index: list[int] = []
     decodes, prefills = [], []
     off = 0
     for s in plan.segments:
         positions.extend(range(s.start, s.start + s.length))
-        token_slots.extend([s.slot] * s.length)
+        write_index.append(cache.write_index(s.slot, s.start, s.length))
         if s.logits == LOGITS_ALL:
             logit_index.extend(range(off, off + s.length))
         elif s.logits == LOGITS_LAST:
             logit_index.append(off + s.length - 1)
         (decodes if s.length == 1 else prefills).append((off, s.slot, s.start, s.length))
         off += s.length
-    groups = [_group(g, device) for g in (decodes, prefills) if g]
+    groups = [_group(g, cache, device) for g in (decodes, prefills) if g]
     return PackedBatch(
         tokens=to_device(plan.tokens, device),
         positions=to_device(positions, device),
-        token_slots=to_device(token_slots, device),
+        write_index=to_device(torch.cat(write_index), device),
         groups=groups,
         logit_index=to_device(logit_index, device),
     )
+
+
+def fixed_tables(cache: KVCache) -> tuple[TableRun, ...]:
+    """Table changes that give each row its own run of blocks for positions 0..max_seq_len-1,
+    as a slot cache has: a plan of them lets a bench or test drive a runner by rows alone."""
+    w = cache.max_blocks_per_row
+    assert cache.num_blocks >= cache.max_rows * w, "the pool is too small for a run of blocks per row"
+    return tuple(TableRun(r, 0, tuple(range(1 + r * w, 1 + (r + 1) * w))) for r in range(cache.max_rows))
+
+
+def forward_rows(model: Transformer, rows: list[list[int]], block_size: int = 16) -> torch.Tensor:
+    """Logits (sum of lengths, vocab) at every position of each row, each a whole sequence from
+    position 0, in one forward outside the engine (training, scoring, tests)."""
+    cache = model.new_cache(len(rows), max(len(r) for r in rows), block_size=block_size)
+    return ModelRunner(model, cache, graphs=False).execute(StepPlan.prefill(rows, block_size))
 
 
 class ModelRunner:
@@ -87,10 +104,10 @@ class ModelRunner:
         self.cache = cache
         # The tokens the last step sampled, row j for the plan's sampled_token(j). The driver's
         # engine writes them (record_sampled); the other ranks receive them.
-        self.sampled = torch.zeros(cache.max_batch_size, dtype=torch.long, device=model.device)
+        self.sampled = torch.zeros(cache.max_rows, dtype=torch.long, device=model.device)
         self.share_sampled = share_sampled
         self.decode = DecodeStep(model, cache, self.sampled, graphs)
-        self.active: set[int] = set()  # slots holding a sequence, as the plans have said
+        self.active: set[int] = set()  # table rows holding a sequence's blocks, as the plans have said
         self.busy_since: float | None = None  # time.monotonic() when the step now running began
         self.steps = 0  # plans run (idle ones not counted), and the seconds they took: for metrics
         self.step_s = 0.0
@@ -129,16 +146,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _execute(self, plan: StepPlan) -> torch.Tensor:
-        self.active.difference_update(plan.freed)
-        for c in plan.copies:
-            assert c.src in self.active, f"plan copies slot {c.src}, which holds no sequence"
-            self.cache.copy_slot(c.src, c.dst, c.length)
-            self.active.add(c.dst)
+        for row in plan.freed:
+            self.cache.clear(row)
+            self.active.discard(row)
+        for run in plan.table:
+            self.cache.assign(run.slot, run.index, list(run.blocks))
+            self.active.add(run.slot)
+        bs = self.cache.block_size
         for s in plan.segments:
-            # A plan that continues a slot nobody started would read another request's keys.
-            assert s.start == 0 or s.slot in self.active, f"plan continues slot {s.slot}, which holds no sequence"
+            # A plan that runs a row nobody gave blocks would write into another request's.
+            assert s.slot in self.active, f"plan runs table row {s.slot}, which holds no sequence"
             assert s.start + s.length <= self.cache.max_seq_len, "plan runs past max_seq_len"
-            self.active.add(s.slot)
+            assert self.cache.host_table[s.slot, (s.start + s.length - 1) // bs] != 0, \
+                f"plan runs row {s.slot} to position {s.start + s.length - 1}, past the blocks it was given"
         if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
         if plan.takes_sampled and self.share_sampled:
@@ -162,7 +182,7 @@ class ModelRunner:
                if singles else None)
         if not longer and all(s.logits != LOGITS_NONE for s, _ in singles):
             return one  # a step of decodes alone: their rows, in segment order already
-        many = (self.model(pack(StepPlan(tuple(longer), tuple(longer_tokens)), self.model.device), self.cache)
+        many = (self.model(pack(StepPlan(tuple(longer), tuple(longer_tokens)), self.cache, self.model.device), self.cache)
                 if longer else None)
         parts, i, row = [], 0, 0  # back in segment order
         for s in plan.segments:

@@ -1,7 +1,8 @@
 """Sequence: one request's state inside the engine, from submission until its last delta.
 
-It holds the prompt and generated tokens, how many of them are in its KV-cache slot, its own
-RNG, its incremental detokeniser, and the callback that carries its deltas out.
+It holds the prompt and generated tokens, its table row and KV blocks (and how many of its
+tokens they hold), the chained keys of its full blocks, its own RNG, its incremental
+detokeniser, and the callback that carries its deltas out.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from llama.engine.block_hash import ROOT, block_hashes
 from llama.engine.request import EndToken, FinishReason, GenerationRequest, StreamDelta, TopLogprobs
 from llama.tokenizers.detokenizer import TextStream
 
@@ -36,27 +38,47 @@ class Sequence:
         self.generator = generator
         self.tokens: list[int] = list(request.prompt_tokens)  # prompt, then generated
         self.prompt_len = len(self.tokens)
-        self.prompt_key = hash(request.prompt_tokens)  # finds running sequences with the same prompt
-        self.computed = 0  # leading tokens whose keys/values are in the slot (or will be, once the steps queued have run)
+        # Leading tokens whose keys/values are in its blocks (or will be, once the steps queued have run).
+        self.computed = 0
+        # Run tokens up to here before sampling: the prompt, or after a preemption all its tokens.
+        self.target = self.prompt_len
         self.in_flight = 0  # tokens sampled on the device and not yet read back (llama/engine/core.py's overlap)
         self.last_row = 0  # the newest of them: its row among the tokens its step sampled
         self.finished = False  # its last delta is out; a row still in flight for it is dropped
-        self.slot: int | None = None
+        self.slot: int | None = None  # its block-table row while it runs
+        self.blocks: list[int] = []  # its KV blocks, position p in blocks[p // block_size]
+        self.synced = 0  # of which the ranks' tables have been sent (the plans carry changes)
+        self.keys: list[bytes] = []  # chained keys of its full blocks, as far as computed (block_hash.py)
+        self.registered = 0  # leading blocks offered to the prefix cache
+        self.cached_tokens: int | None = None  # prompt tokens its first admission found cached
+        self.preemptions = 0
         self.arrived = time.monotonic()
         self.deadline = None if request.timeout_s is None else self.arrived + request.timeout_s
-        self.queue_s: float | None = None  # how long it waited for a slot (set when it gets one)
+        self.queue_s: float | None = None  # how long it waited to start running (set when it does)
         self.abort_requested = False
         self.started_streaming = False
         want = self.params.logprobs is not None and self.params.echo
         # Nothing predicts the first prompt token: 0.0 and no alternatives, as the reference does.
         self.prompt_logprobs: list[float] | None = [0.0] if want else None
         self.prompt_top: list[TopLogprobs] | None = [[]] if want else None
-        # A copied prompt has no logits of its own for the prompt's positions.
-        self.can_share_prompt = not want and self.prompt_len > 1
 
     @property
     def prefilling(self) -> bool:
-        return self.computed < self.prompt_len
+        return self.computed < self.target
+
+    @property
+    def wants_prompt_logits(self) -> bool:
+        """Its prompt's logprobs (echo) are not all known: its prompt runs with every position's
+        logits, none of it taken from the prefix cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    def keys_to(self, n_tokens: int, block_size: int) -> list[bytes]:
+        """The keys of its full blocks within its first n_tokens tokens (extended as needed)."""
+        full = min(n_tokens, len(self.tokens)) // block_size
+        if full > len(self.keys):
+            self.keys += block_hashes(self.tokens[: full * block_size], block_size, len(self.keys),
+                                      self.keys[-1] if self.keys else ROOT)
+        return self.keys[:full]
 
     @property
     def generated(self) -> int:
@@ -92,6 +114,7 @@ class Sequence:
             prompt_logprobs=self.prompt_logprobs if first else None,
             prompt_top_logprobs=self.prompt_top if first else None,
             queue_s=self.queue_s if first else None,
+            cached_tokens=self.cached_tokens if first else None,
             end_token=end_token,
         ))
 

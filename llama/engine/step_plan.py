@@ -1,8 +1,11 @@
 """StepPlan: everything a rank needs to run one engine step, and its wire form.
 
-The driver decides each step (which slots run, their input tokens and positions, which slots
-were freed) and sends the plan to every other rank; all ranks then run the same forward. The
-plan travels as one fixed-size int64 tensor, so a step costs one small broadcast, no pickling.
+The driver decides each step (which table rows run, their input tokens and positions, which
+rows were freed, the blocks each row gained) and sends the plan to every other rank; all ranks
+then apply the same block-table changes and run the same forward. The plan travels as one
+fixed-size int64 tensor, so a step costs one small broadcast, no pickling. It carries block
+tables as changes, never whole: at most `table_budget` block ids per plan (the scheduler keeps
+to it), so its size does not grow with the context.
 """
 from __future__ import annotations
 
@@ -25,40 +28,45 @@ def sampled_token(j: int) -> int:
     return -1 - j
 
 
-_HEADER = 5  # kind, n_segments, n_tokens, n_freed, n_copies
+def table_budget(max_batch_size: int, prefill_chunk: int, block_size: int) -> int:
+    """Block ids one plan may carry: a new block per decoding row, those of a prefill budget
+    spread over every row, and 256 more (a cached prefix of 4,096 tokens at block size 16)."""
+    return 2 * max_batch_size + -(-prefill_chunk // block_size) + 256
+
+
+_HEADER = 6  # kind, n_segments, n_tokens, n_freed, n_runs, n_run_blocks
 _KIND_STEP, _KIND_STOP = 1, 2
 
 
 @dataclass(frozen=True)
 class Segment:
-    slot: int  # the KV-cache slot (row) this sequence owns
+    slot: int  # the block-table row this sequence owns
     start: int  # position of the segment's first token; positions < start are already cached
     length: int  # tokens in this segment: 1 for a decode, up to the chunk budget for a prefill
     logits: int  # LOGITS_NONE | LOGITS_LAST | LOGITS_ALL
 
 
 @dataclass(frozen=True)
-class SlotCopy:
-    """Before the forward: copy the keys/values of positions 0..length-1 from slot src to slot
-    dst. A request whose prompt another running request has already prefilled starts from a
-    copy (the n choices of one prompt prefill it once)."""
+class TableRun:
+    """Before the forward: entries index..index+len(blocks)-1 of row slot's block table become
+    `blocks` (new blocks for the positions it runs next, or cached ones its prompt begins with)."""
 
-    src: int
-    dst: int
-    length: int
+    slot: int
+    index: int
+    blocks: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class StepPlan:
     segments: tuple[Segment, ...]
     tokens: tuple[int, ...]  # the segments' input tokens, packed in segment order (< 0: sampled_token)
-    freed: tuple[int, ...] = ()  # slots given back since the previous plan (finished, cancelled, failed)
-    copies: tuple[SlotCopy, ...] = ()  # done before the forward
+    freed: tuple[int, ...] = ()  # rows given back since the previous plan (finished, cancelled, preempted)
+    table: tuple[TableRun, ...] = ()  # applied after `freed`, before the forward
     stop: bool = False  # the driver is shutting down: leave the loop
 
     @property
     def idle(self) -> bool:
-        return not self.segments and not self.copies
+        return not self.segments
 
     @property
     def takes_sampled(self) -> bool:
@@ -66,27 +74,36 @@ class StepPlan:
         return any(t < 0 for t in self.tokens)
 
     @classmethod
-    def prefill(cls, rows: list[list[int]]) -> "StepPlan":
-        """Row i as a whole prompt in slot i from position 0, with logits at every position: one
-        forward over a batch of sequences, outside the engine (training, scoring, tests)."""
+    def prefill(cls, rows: list[list[int]], block_size: int) -> "StepPlan":
+        """Row i as a whole prompt in table row i from position 0, in blocks of its own taken in
+        order from block 1, with logits at every position: one forward over a batch of
+        sequences, outside the engine (training, scoring, tests)."""
         segments = tuple(Segment(i, 0, len(r), LOGITS_ALL) for i, r in enumerate(rows))
-        return cls(segments, tuple(t for r in rows for t in r))
+        runs, first = [], 1
+        for i, r in enumerate(rows):
+            n = -(-len(r) // block_size)
+            runs.append(TableRun(i, 0, tuple(range(first, first + n))))
+            first += n
+        return cls(segments, tuple(t for r in rows for t in r), table=tuple(runs))
 
     @staticmethod
-    def capacity(max_batch_size: int, prefill_chunk: int) -> int:
-        """int64s in the wire tensor: header, 4 per segment (one per slot at most), the tokens
-        (one per decoding slot plus the prefill budget), the freed slots, 3 per copy (one per
-        slot at most)."""
-        return _HEADER + 4 * max_batch_size + (max_batch_size + prefill_chunk) + max_batch_size + 3 * max_batch_size
+    def capacity(max_batch_size: int, prefill_chunk: int, block_size: int) -> int:
+        """int64s in the wire tensor: header, 4 per segment (one per row at most), the tokens
+        (one per decoding row plus the prefill budget), the freed rows, 3 per table run (one per
+        row at most) and the runs' block ids (table_budget at most): whatever the context."""
+        return (_HEADER + 4 * max_batch_size + (max_batch_size + prefill_chunk) + max_batch_size
+                + 3 * max_batch_size + table_budget(max_batch_size, prefill_chunk, block_size))
 
     def to_tensor(self, capacity: int) -> torch.Tensor:
         kind = _KIND_STOP if self.stop else _KIND_STEP
-        body = [kind, len(self.segments), len(self.tokens), len(self.freed), len(self.copies)]
+        ids = [b for r in self.table for b in r.blocks]
+        body = [kind, len(self.segments), len(self.tokens), len(self.freed), len(self.table), len(ids)]
         for s in self.segments:
             body += [s.slot, s.start, s.length, s.logits]
         body += list(self.tokens) + list(self.freed)
-        for c in self.copies:
-            body += [c.src, c.dst, c.length]
+        for r in self.table:
+            body += [r.slot, r.index, len(r.blocks)]
+        body += ids
         if len(body) > capacity:
             raise AssertionError(f"step plan of {len(body)} ints exceeds its capacity {capacity}")
         out = torch.zeros(capacity, dtype=torch.int64)
@@ -95,17 +112,22 @@ class StepPlan:
 
     @classmethod
     def from_tensor(cls, t: torch.Tensor) -> "StepPlan":
-        kind, n_seg, n_tok, n_freed, n_copies = t[:_HEADER].tolist()
+        kind, n_seg, n_tok, n_freed, n_runs, n_ids = t[:_HEADER].tolist()
         if kind == _KIND_STOP:
             return cls((), (), stop=True)
         if kind != _KIND_STEP:
             raise RuntimeError(f"received a malformed step plan (kind {kind}): the driver and this rank disagree")
-        end = _HEADER + 4 * n_seg + n_tok + n_freed + 3 * n_copies
+        end = _HEADER + 4 * n_seg + n_tok + n_freed + 3 * n_runs + n_ids
         vals = t[_HEADER:end].tolist()
         segs = tuple(Segment(*vals[4 * i : 4 * i + 4]) for i in range(n_seg))
         at = 4 * n_seg
         toks = tuple(vals[at : at + n_tok])
         freed = tuple(vals[at + n_tok : at + n_tok + n_freed])
         at += n_tok + n_freed
-        copies = tuple(SlotCopy(*vals[at + 3 * i : at + 3 * i + 3]) for i in range(n_copies))
-        return cls(segs, toks, freed, copies=copies)
+        heads = [vals[at + 3 * i : at + 3 * i + 3] for i in range(n_runs)]
+        at += 3 * n_runs
+        runs = []
+        for slot, index, n in heads:
+            runs.append(TableRun(slot, index, tuple(vals[at : at + n])))
+            at += n
+        return cls(segs, toks, freed, table=tuple(runs))

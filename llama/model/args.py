@@ -33,6 +33,9 @@ class ModelArgs:
     # The FFN's hidden size when a checkpoint states it (Hugging Face's intermediate_size);
     # None: Meta's rule from multiple_of and ffn_dim_multiplier.
     ffn_hidden_size: int | None = None
+    # The context the model serves, where the checkpoint states it (Hugging Face's
+    # max_position_embeddings); None: Meta's published figure for its version (context_length).
+    max_position_embeddings: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_kv_heads is None:
@@ -41,6 +44,17 @@ class ModelArgs:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    @property
+    def context_length(self) -> int:
+        """Positions the model was made for: as the checkpoint states, else Meta's figures (its
+        params.json states none): Llama 3.1 and later, whose rotary is scaled, 131,072; Llama 3
+        (rope_theta 500,000 unscaled) 8,192; Llama 2 4,096."""
+        if self.max_position_embeddings:
+            return self.max_position_embeddings
+        if self.use_scaled_rope:
+            return 131072
+        return 8192 if self.rope_theta >= 500000 else 4096
 
     @property
     def ffn_hidden_dim(self) -> int:

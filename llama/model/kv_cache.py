@@ -1,55 +1,93 @@
-"""KVCache: every layer's keys and values for a fixed number of slots, on the model's device.
+"""KVCache: every layer's keys and values as a pool of fixed-size blocks, and the block tables
+that say which blocks hold each running sequence's positions, on the model's device.
 
-A slot is one running sequence's row of positions 0..max_seq_len-1. Allocated once (static
-shapes: a step never allocates); the runner writes each packed token at its (slot, position)
-and reads a slot's first positions back, so a block table can later replace the slot rows
-without touching the model. One more row past the slots, `scratch`, takes the writes of rows a
-static-shaped decode step runs without a sequence in them (llama/engine/decode_step.py).
+Block b holds block_size consecutive positions of one sequence (or of a prefix several share).
+Row r of the block table belongs to the sequence in table row ("slot") r: position p of it is
+at offset p % block_size of block table[r, p // block_size]. Block 0 is the null block: it
+pads every table and takes the writes of rows a static-shaped decode runs without a sequence
+(llama/engine/decode_step.py); it is never given to a sequence and never read unmasked. Which
+block goes where is the driver's decision (llama/engine/block_pool.py); every rank applies the
+same changes from the step plan, so the pools of all ranks hold the same positions in the same
+blocks. Allocated once, zeroed (a masked key is still multiplied by zero, and 0 * NaN is NaN):
+a step never allocates.
 """
 from __future__ import annotations
 
 import torch
+
+NULL_BLOCK = 0
 
 
 class KVCache:
     def __init__(
         self,
         n_layers: int,
-        max_batch_size: int,
-        max_seq_len: int,
+        num_blocks: int,
+        block_size: int,
+        max_rows: int,
+        max_blocks_per_row: int,
         n_kv_heads: int,
         head_dim: int,
         device: torch.device,
         dtype: torch.dtype,
     ):
-        shape = (max_batch_size + 1, max_seq_len, n_kv_heads, head_dim)
-        self.max_batch_size = max_batch_size  # slots
-        self.scratch = max_batch_size  # the row past them: written, never read as a sequence's
-        self.max_seq_len = max_seq_len
+        """num_blocks usable blocks (ids 1..num_blocks; 0 is the null block); max_rows table rows
+        (sequences running at once) of max_blocks_per_row entries."""
+        shape = (num_blocks + 1, block_size, n_kv_heads, head_dim)
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_rows = max_rows
+        self.max_blocks_per_row = max_blocks_per_row
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        # The host's copy decides write offsets and prefill gathers without asking the device;
+        # the device's is what a captured decode reads (the same tensor on the CPU).
+        self.host_table = torch.zeros((max_rows, max_blocks_per_row), dtype=torch.long)
+        self.table = self.host_table if device.type == "cpu" else self.host_table.to(device)
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
-        """Packed keys/values xk, xv (T, kv_heads, hd) of tokens at (slots[i], positions[i])."""
-        self.k[layer][slots, positions] = xk
-        self.v[layer][slots, positions] = xv
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_blocks_per_row * self.block_size
 
-    def gather(
-        self, layer: int, slots: torch.Tensor, length: int, slot_range: tuple[int, int] | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values (len(slots), length, kv_heads, hd) of positions 0..length-1 of the slots:
-        a view when they are the consecutive slot_range, else a copy."""
-        if slot_range is not None:
-            a, b = slot_range
-            return self.k[layer][a:b, :length], self.v[layer][a:b, :length]
-        return self.k[layer][slots, :length], self.v[layer][slots, :length]
+    @staticmethod
+    def block_nbytes(n_layers: int, block_size: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes one block takes on one rank (keys and values of every layer)."""
+        return 2 * n_layers * block_size * n_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
-    def rows(self, layer: int, n: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys/values (n, length, kv_heads, hd) of slots 0..n-1, positions 0..length-1: a view."""
-        return self.k[layer][:n, :length], self.v[layer][:n, :length]
+    # ------------------------------------------------------------------ tables
+    def assign(self, row: int, index: int, blocks: list[int]) -> None:
+        """Entries index.. of the row's table become `blocks` (a sequence's new blocks)."""
+        end = index + len(blocks)
+        if not (0 <= row < self.max_rows and 0 <= index and end <= self.max_blocks_per_row):
+            raise AssertionError(f"table entries {index}..{end} of row {row} are outside the table "
+                                 f"({self.max_rows} rows of {self.max_blocks_per_row})")
+        if min(blocks) < 1 or max(blocks) > self.num_blocks:
+            raise AssertionError(f"block ids {blocks} are outside the pool (1..{self.num_blocks})")
+        values = torch.tensor(blocks, dtype=torch.long)
+        self.host_table[row, index:end] = values
+        if self.table is not self.host_table:
+            self.table[row, index:end].copy_(values.pin_memory(), non_blocking=True)
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Positions 0..length-1 of slot src into slot dst, every layer."""
-        for k, v in zip(self.k, self.v):
-            k[dst, :length] = k[src, :length]
-            v[dst, :length] = v[src, :length]
+    def clear(self, row: int) -> None:
+        """The row's sequence left: every entry back to the null block."""
+        self.host_table[row].zero_()
+        if self.table is not self.host_table:
+            self.table[row].zero_()
+
+    def write_index(self, row: int, start: int, length: int) -> torch.Tensor:
+        """Flat pool offsets (length,) of the row's positions start..start+length-1 (host)."""
+        pos = torch.arange(start, start + length)
+        return self.host_table[row, pos // self.block_size] * self.block_size + pos % self.block_size
+
+    # ------------------------------------------------------------------ keys and values
+    def write(self, layer: int, index: torch.Tensor, xk: torch.Tensor, xv: torch.Tensor) -> None:
+        """Keys/values xk, xv (T, kv_heads, hd) at flat pool offsets index (T,)."""
+        self.k[layer].view(-1, *xk.shape[1:])[index] = xk
+        self.v[layer].view(-1, *xv.shape[1:])[index] = xv
+
+    def gather(self, layer: int, tables: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values (G, n*block_size, kv_heads, hd) of the blocks tables (G, n) name, in order:
+        each row's positions 0..n*block_size-1 (a copy)."""
+        G, n = tables.shape
+        k, v = self.k[layer][tables], self.v[layer][tables]  # (G, n, bs, kv, hd)
+        return k.view(G, n * self.block_size, *k.shape[3:]), v.view(G, n * self.block_size, *v.shape[3:])

@@ -2,9 +2,11 @@
 
 Numbers follow Meta's reference: RMSNorm and softmax in float32, rotary embedding on
 interleaved pairs, grouped-query attention (SDPA maps each head to its KV head; nothing is
-repeated). Two forwards: `forward`, any mix of prefill chunks and decodes packed into one
-sequence (eager); and `decode`, one token for each of the cache's first slots, with static
-shapes and no host synchronisation, so that it can be captured as a CUDA graph
+repeated). Keys and values live in a paged cache (llama/model/kv_cache.py): each token is
+written at its flat offset in the block pool, and attention reads a sequence's positions
+through its block table. Two forwards: `forward`, any mix of prefill chunks and decodes packed
+into one sequence (eager); and `decode`, one token for each of the block table's first rows,
+with static shapes and no host synchronisation, so that it can be captured as a CUDA graph
 (llama/engine/decode_step.py).
 Built on the device and dtype it is given, never touching global defaults; it needs fairscale's
 model-parallel state initialised (llama/distributed.py).
@@ -118,10 +120,10 @@ class Attention(nn.Module):
         xv = self.wv(x).view(T, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         xq = xq[0]  # (T, heads, hd)
-        cache.write(self.layer_id, batch.token_slots, batch.positions, xk[0], xv)
+        cache.write(self.layer_id, batch.write_index, xk[0], xv)
         out = torch.empty_like(xq)  # (T, heads, hd)
         for g in batch.groups:
-            keys, values = cache.gather(self.layer_id, g.slots, g.kv_len, g.slot_range)  # (G, K, kv, hd)
+            keys, values = cache.gather(self.layer_id, g.tables)  # (G, K, kv, hd)
             q = xq[g.query_index].transpose(1, 2)  # (G, heads, L, hd)
             # The reference's repeat_kv + matmul + float32 softmax as one fused call: SDPA maps
             # head h to KV head h // n_rep (enable_gqa) without copying the keys n_rep times.
@@ -130,18 +132,18 @@ class Attention(nn.Module):
             out[g.valid_targets] = o.transpose(1, 2).flatten(0, 1)[g.valid_rows]
         return self.wo(out.view(T, -1))
 
-    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, write_index: torch.Tensor, tables: torch.Tensor,
                mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """x (B, dim): one token for each of slots 0..B-1, at positions (B,); its key and value
-        go to (write_slots[b], positions[b]); each row attends to its own slot's first S
-        positions (a view of the cache) where mask (B, 1, 1, S) allows."""
-        B, S = x.shape[0], mask.shape[-1]
+        """x (B, dim): one token for each of table rows 0..B-1; its key and value go to the flat
+        pool offset write_index[b]; each row attends to the S positions of its blocks tables[b]
+        where mask (B, 1, 1, S) allows."""
+        B = x.shape[0]
         xq = self.wq(x).view(1, B, self.n_local_heads, self.head_dim)
         xk = self.wk(x).view(1, B, self.n_local_kv_heads, self.head_dim)
         xv = self.wv(x).view(B, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # the packed layout: row b at its own position
-        cache.write(self.layer_id, write_slots, positions, xk[0], xv)
-        keys, values = cache.rows(self.layer_id, B, S)  # (B, S, kv, hd)
+        cache.write(self.layer_id, write_index, xk[0], xv)
+        keys, values = cache.gather(self.layer_id, tables)  # (B, S, kv, hd)
         # Query head h reads KV head h // n_rep: the n_rep heads of one KV head go in as that head's
         # n_rep query rows. Plain attention then, with no GQA flag (which, with a mask, can send
         # SDPA to its slow math kernel on CUDA), no copy of the keys, and each KV head read once.
@@ -175,9 +177,9 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), freqs_cis, batch, cache)  # (T, dim)
         return h + self.feed_forward(self.ffn_norm(h))
 
-    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor,
+    def decode(self, x: torch.Tensor, freqs_cis: torch.Tensor, write_index: torch.Tensor, tables: torch.Tensor,
                mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, positions, write_slots, mask, cache)
+        h = x + self.attention.decode(self.attention_norm(x), freqs_cis, write_index, tables, mask, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -205,12 +207,13 @@ class Transformer(nn.Module):
             self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep).to_empty(device=meta)
         self.to(dtype)
         self.to_empty(device=self.device)
-        # Twice max_seq_len, as the reference does; complex64 (positions, head_dim/2).
-        self.freqs_cis = precompute_freqs_cis(args, max_seq_len * 2, self.device)
+        # complex64 (positions, head_dim/2). The reference makes twice max_seq_len; no position
+        # past max_seq_len ever runs, and at a 128K context the other half is 128 MiB.
+        self.freqs_cis = precompute_freqs_cis(args, max_seq_len, self.device)
 
     def forward(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
         """The one forward, for prefill and decode alike: the packed tokens (T,) of a step's
-        segments (llama/engine/runner.py), each at its own position and cache slot -> float32 logits
+        segments (llama/engine/runner.py), each at its own position and pool offset -> float32 logits
         (R, vocab) for the packed indices batch.logit_index only."""
         h = self.tok_embeddings(batch.tokens)  # (T, dim)
         freqs_cis = self.freqs_cis[batch.positions]  # (T, hd/2): each token at its own position
@@ -221,31 +224,36 @@ class Transformer(nn.Module):
         h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
         return self.output(h).float()
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_slots: torch.Tensor, kv_len: int,
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, write_index: torch.Tensor, tables: torch.Tensor,
                cache: KVCache) -> torch.Tensor:
-        """One token (B,) for each of the cache's slots 0..B-1, each at its own position (B,),
-        attending to the first kv_len positions of its own slot -> float32 logits (B, vocab).
-        Static shapes for a given (B, kv_len), and nothing read back to the host: a CUDA graph
-        can capture it. A row with no sequence writes into the cache's scratch row (its
-        write_slots entry) and its logits are not to be read."""
+        """One token (B,) for each of table rows 0..B-1, each at its own position (B,), written
+        at its flat pool offset write_index (B,), attending to its own positions through its
+        blocks tables (B, n) -> float32 logits (B, vocab). Static shapes for a given (B, n), and
+        nothing read back to the host: a CUDA graph can capture it. A row with no sequence
+        writes into the null block and its logits are not to be read."""
         h = self.tok_embeddings(tokens)  # (B, dim)
         freqs_cis = self.freqs_cis[positions]  # (B, hd/2)
-        # Row b sees its slot's positions 0..positions[b]: True where attention is allowed.
+        kv_len = tables.shape[1] * cache.block_size
+        # Row b sees its positions 0..positions[b]: True where attention is allowed.
         mask = (torch.arange(kv_len, device=tokens.device)[None, :] <= positions[:, None])[:, None, None, :]
         for layer in self.layers:
-            h = layer.decode(h, freqs_cis, positions, write_slots, mask, cache)
+            h = layer.decode(h, freqs_cis, write_index, tables, mask, cache)
         return self.output(self.norm(h)).float()
 
-    def new_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
-        """A KV cache of max_batch_size slots of max_seq_len positions, on this shard's device."""
+    def new_cache(self, max_rows: int, max_seq_len: int, num_blocks: int | None = None, block_size: int = 16) -> KVCache:
+        """A paged KV cache on this shard's device: num_blocks blocks of block_size positions
+        (None: enough for max_rows sequences of max_seq_len), tables of max_rows rows."""
         if max_seq_len > self.max_seq_len:
             raise ValueError(f"a cache of {max_seq_len} positions is longer than this model was built for "
                              f"({self.max_seq_len}); build the Transformer with a larger max_seq_len.")
+        per_row = -(-max_seq_len // block_size)
         first = self.layers[0].attention
         return KVCache(
             n_layers=self.args.n_layers,
-            max_batch_size=max_batch_size,
-            max_seq_len=max_seq_len,
+            num_blocks=max_rows * per_row if num_blocks is None else num_blocks,
+            block_size=block_size,
+            max_rows=max_rows,
+            max_blocks_per_row=per_row,
             n_kv_heads=first.n_local_kv_heads,
             head_dim=first.head_dim,
             device=self.device,

@@ -95,7 +95,8 @@ def test_the_configs_are_frozen():
 def test_gang_config_inspects_the_checkpoint_for_its_model_parallel_size(tiny_ckpts):
     parallel = ParallelConfig(model_parallel_size=2, device="cpu")
     gang = GangConfig.inspect(tiny_ckpts["gqa1"], None, parallel, EngineConfig(max_batch_size=2))
-    assert gang.parallel is parallel and gang.engine == EngineConfig(max_batch_size=2)
+    # max_seq_len settled once, here: the model's context (Llama 2's 4096), which the CPU's pool holds
+    assert gang.parallel is parallel and gang.engine == EngineConfig(max_batch_size=2, max_seq_len=4096)
     assert gang.checkpoint.args.n_heads == 4
     assert gang.checkpoint.tokenizer_path == tiny_ckpts["gqa1"] / "tokenizer.model"
 

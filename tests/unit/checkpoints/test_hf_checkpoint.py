@@ -23,8 +23,7 @@ from llama.checkpoints.hf import (
 )
 from llama.checkpoints.layout import full_shapes, rank_dim
 from llama.checkpoints.load import copy_into
-from llama.engine.runner import pack
-from llama.engine.step_plan import StepPlan
+from llama.engine.runner import forward_rows
 from llama.model.args import ModelArgs
 from llama.model.transformer import Transformer
 from tests.hf_tiny import make_tiny_hf
@@ -61,7 +60,7 @@ def _ours(ckpt: Path, args: ModelArgs | None = None) -> torch.Tensor:
     model = Transformer(args or hf_model_args(ckpt / "config.json"), 64, device="cpu", dtype=torch.float32)
     copy_into(model, _rank_state(ckpt).items())
     with torch.no_grad():
-        return model(pack(StepPlan.prefill([PROMPT]), model.device), model.new_cache(1, len(PROMPT)))
+        return forward_rows(model, [PROMPT])
 
 
 def _theirs(ckpt: Path) -> torch.Tensor:
@@ -145,6 +144,7 @@ def test_transformers_4_and_5_configs_map_alike(v4, v5, scaled, tmp_path):
     assert read_hf_config(_write(tmp_path, resaved)) == read_hf_config(_write(tmp_path, v5)) == from_v4
     want = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, norm_eps=1e-5,
                      rope_theta=500000.0, ffn_hidden_size=96, use_scaled_rope=scaled,
+                     max_position_embeddings=v4["max_position_embeddings"],
                      **({"rope_original_context": 32} if scaled else {}))
     assert (from_v4.args, from_v4.tie_word_embeddings, from_v4.dtype) == (want, True, torch.bfloat16)
 

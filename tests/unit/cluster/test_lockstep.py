@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from llama.distributed import free_port
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
 
 MAX_BATCH_SIZE, PREFILL_CHUNK = 4, 8
 JOIN_S = 25  # both ranks together; a healthy run takes a few seconds (mostly imports)
@@ -16,8 +16,8 @@ JOIN_S = 25  # both ranks together; a healthy run takes a few seconds (mostly im
 PLANS = [
     StepPlan((Segment(0, 0, 5, LOGITS_NONE), Segment(1, 0, 3, LOGITS_ALL)), (1, 5, 9, 30, 44, 1, 7, 7)),
     StepPlan((Segment(1, 3, 1, LOGITS_LAST), Segment(0, 5, 2, LOGITS_LAST)), (8, 2, 3), freed=(2,),
-             copies=(SlotCopy(1, 3, 2),)),
-    StepPlan((), (), freed=(0, 3)),  # an idle driver's heartbeat, handing back slots
+             table=(TableRun(1, 0, (6, 2)), TableRun(3, 4, (9,)))),
+    StepPlan((), (), freed=(0, 3)),  # an idle driver's heartbeat, handing back rows
     StepPlan((Segment(1, 4, 1, LOGITS_LAST),), (11,)),
     StepPlan((), (), stop=True),
 ]
@@ -42,7 +42,7 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank,
                             timeout=timedelta(seconds=30))
     try:
-        channel = PlanChannel(StepPlan.capacity(MAX_BATCH_SIZE, PREFILL_CHUNK), timeout_s=30)
+        channel = PlanChannel(StepPlan.capacity(MAX_BATCH_SIZE, PREFILL_CHUNK, 16), timeout_s=30)
         if rank == 0:
             for plan in PLANS:
                 channel.publish(plan)
@@ -111,7 +111,7 @@ def _gang_rank(rank: int, port: int, out_dir: str) -> None:
         model = Transformer(info.args, ref["max_seq_len"])
         load_into(model, info, rank, 2)
         config = dict(max_batch_size=4, max_seq_len=ref["max_seq_len"], prefill_chunk=PREFILL_CHUNK)
-        channel = PlanChannel(StepPlan.capacity(4, PREFILL_CHUNK), timeout_s=60)
+        channel = PlanChannel(StepPlan.capacity(4, PREFILL_CHUNK, 16), timeout_s=60)
         result = {}
         for overlap in (False, True):
             if rank == 0:

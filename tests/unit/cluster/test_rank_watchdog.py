@@ -43,7 +43,7 @@ def test_the_runner_marks_its_step_busy_while_it_runs(tiny_ckpts, mp1):
     seen = []
     original = model.forward
     model.forward = lambda *a: (seen.append(runner.busy_since), original(*a))[1]
-    runner.execute(StepPlan.prefill([[1, 5, 9]]))
+    runner.execute(StepPlan.prefill([[1, 5, 9]], runner.cache.block_size))
     assert seen and seen[0] is not None and runner.busy_since is None
 
 

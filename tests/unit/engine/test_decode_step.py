@@ -1,7 +1,8 @@
 """DecodeStep (llama/engine/decode_step.py), eager on the CPU: the static-shaped decode gives the logits
-the packed forward gives for the same tokens (GQA and MHA, across shape buckets), writes only
-the slots it decodes (the rest into the scratch row), and the runner puts its rows back in
-segment order beside a prefill chunk's. The engine's token-exact tests (golden, MP=1 and MP=2
+the packed forward gives for the same tokens (GQA and MHA, across shape buckets, each row's
+blocks scattered over the pool), writes only the positions it decodes (rows without a token
+into the null block), and the runner puts its rows back in segment order beside a prefill
+chunk's. The engine's token-exact tests (golden, MP=1 and MP=2
 under torchrun and Ray) all run through it as well."""
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import torch
 from llama.checkpoints.load import inspect_checkpoint, load_into
 from llama.engine.decode_step import DecodeStep, bucket_of, buckets
 from llama.engine.runner import ModelRunner, pack
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
 from llama.model.transformer import Transformer
 
-MAX_SEQ_LEN = 160  # S buckets 64, 128, 160
+MAX_SEQ_LEN = 160  # 10 blocks of 16: buckets of 4, 8 and 10 blocks
 
 
 def test_buckets_double_up_to_the_limit() -> None:
     assert buckets(8) == [1, 2, 4, 8] and buckets(6) == [1, 2, 4, 6] and buckets(1) == [1]
-    assert buckets(160, 64) == [64, 128, 160] and buckets(32, 32) == [32]
+    assert buckets(160, 64) == [64, 128, 160] and buckets(32, 32) == [32] and buckets(10, 4) == [4, 8, 10]
     assert [bucket_of(n, [1, 2, 4, 6]) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
 
 
@@ -32,9 +33,14 @@ def model(request, tiny_ckpts, mp1) -> Transformer:
 
 
 def prefilled(model: Transformer, lengths: dict[int, int]) -> ModelRunner:
-    """A runner (4 slots) whose slots hold prompts of the given lengths."""
+    """A runner (4 rows) whose rows hold prompts of the given lengths, each row's table a
+    random choice of the pool's blocks, for every position up to MAX_SEQ_LEN."""
     runner = ModelRunner(model, model.new_cache(4, MAX_SEQ_LEN))
     g = torch.Generator().manual_seed(0)
+    blocks = (torch.randperm(runner.cache.num_blocks, generator=g) + 1).tolist()
+    w = runner.cache.max_blocks_per_row
+    for row in range(4):
+        runner.execute(StepPlan((), (), table=(TableRun(row, 0, tuple(blocks[row * w : (row + 1) * w])),)))
     for slot, n in lengths.items():
         tokens = torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist()
         runner.execute(StepPlan((Segment(slot, 0, n, LOGITS_NONE),), tuple(tokens)))
@@ -48,7 +54,7 @@ def test_the_static_decode_gives_the_packed_forwards_logits(model, lengths) -> N
     positions = [lengths[s] for s in slots]
     tokens = [11 + s for s in slots]
     packed = model(pack(StepPlan(tuple(Segment(s, p, 1, LOGITS_LAST) for s, p in zip(slots, positions)),
-                                 tuple(tokens)), model.device), runner.cache)
+                                 tuple(tokens)), runner.cache, model.device), runner.cache)
     # Each layer writes its keys and values at these positions before it reads them: the decode
     # overwrites what the packed forward wrote there with its own.
     static = DecodeStep(model, runner.cache, runner.sampled).run(slots, positions, tokens)
@@ -57,14 +63,19 @@ def test_the_static_decode_gives_the_packed_forwards_logits(model, lengths) -> N
     assert torch.equal(static.argmax(-1), packed.argmax(-1))
 
 
-def test_slots_that_do_not_decode_are_left_as_they_were(model) -> None:
+def test_rows_that_do_not_decode_are_left_as_they_were(model) -> None:
     runner = prefilled(model, {0: 6, 1: 6, 2: 6})
-    before = [(k[:3].clone(), v[:3].clone()) for k, v in zip(runner.cache.k, runner.cache.v)]
-    DecodeStep(model, runner.cache, runner.sampled).run([0, 2], [6, 6], [5, 9])  # bucket B=4: slots 1 and 3 run on scratch inputs
-    for (k0, v0), k, v in zip(before, runner.cache.k, runner.cache.v):
-        assert torch.equal(k[1], k0[1]) and torch.equal(v[1], v0[1])  # untouched
-        assert torch.equal(k[0, :6], k0[0, :6]) and not torch.equal(k[0, 6], k0[0, 6])  # written at 6 only
-        assert torch.equal(k[2, :6], k0[2, :6]) and not torch.equal(k[2, 6], k0[2, 6])
+    cache = runner.cache
+    first = [int(cache.host_table[r, 0]) for r in range(4)]  # each row's block of positions 0..15
+    before = [(k.clone(), v.clone()) for k, v in zip(cache.k, cache.v)]
+    DecodeStep(model, cache, runner.sampled).run([0, 2], [6, 6], [5, 9])  # bucket B=4: rows 1 and 3 write the null block
+    for (k0, v0), k, v in zip(before, cache.k, cache.v):
+        changed = {b for b in range(cache.num_blocks + 1) if not torch.equal(k[b], k0[b])}
+        assert changed <= {0, first[0], first[2]} and {first[0], first[2]} <= changed
+        for row in (0, 2):  # written at position 6 only
+            b = first[row]
+            assert torch.equal(k[b, :6], k0[b, :6]) and not torch.equal(k[b, 6], k0[b, 6])
+            assert torch.equal(k[b, 7:], k0[b, 7:]) and torch.equal(v[b, :6], v0[b, :6])
 
 
 def test_the_runner_returns_decode_and_prefill_rows_in_segment_order(model) -> None:
@@ -76,6 +87,6 @@ def test_the_runner_returns_decode_and_prefill_rows_in_segment_order(model) -> N
     for layer in range(len(snapshot[0])):
         runner.cache.k[layer].copy_(snapshot[0][layer])
         runner.cache.v[layer].copy_(snapshot[1][layer])
-    want = model(pack(plan, model.device), runner.cache)  # all of it packed, the reference's way
+    want = model(pack(plan, runner.cache, model.device), runner.cache)  # all of it packed, the reference's way
     assert got.shape == (5, model.args.vocab_size)  # 1 + 3 + 1 + 0 rows
     assert torch.allclose(got, want, atol=1e-5, rtol=0)

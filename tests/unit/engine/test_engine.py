@@ -116,8 +116,7 @@ def test_concurrent_requests_give_the_tokens_each_gives_alone(golden_model):
 def test_matches_a_greedy_loop_that_recomputes_every_position(golden_model):
     """No cache reuse, no chunks, no slots shared: each token from a fresh forward over the
     whole sequence so far (the slow, obviously right way)."""
-    from llama.engine.runner import pack
-    from llama.engine.step_plan import StepPlan
+    from llama.engine.runner import forward_rows
 
     model, tok = golden_model
     reqs = [greedy(p, 20) for p in random_prompts(6, tok.n_words, seed=8)]
@@ -126,7 +125,7 @@ def test_matches_a_greedy_loop_that_recomputes_every_position(golden_model):
         seq = list(r.prompt_tokens)
         with torch.inference_mode():
             while len(seq) < len(r.prompt_tokens) + 20:
-                logits = model(pack(StepPlan.prefill([seq]), model.device), model.new_cache(1, len(seq)))
+                logits = forward_rows(model, [seq])
                 nxt = int(torch.argmax(logits[-1]))
                 if nxt == tok.eos_id:
                     break
@@ -340,10 +339,11 @@ def test_choices_of_one_prompt_prefill_it_once_and_each_gives_its_tokens_alone(g
     d = Driver(model, tok)
     out = d.run(seeded + [greedy(prompt, 10), greedy(prompt[:-1], 10, logprobs=1, echo=True)])
     stats = d.engine.stats
-    # The first choice prefills 41 tokens; the next four copy 40 positions and run the last one;
-    # the echo request (another prompt, and it needs its prompt's logits) prefills its own 40.
-    assert stats.shared_prefill_tokens == 4 * 40
-    assert stats.prefill_tokens == 41 + 4 * 1 + 40
+    # The first choice prefills 41 tokens; the next four wait for it, then take its two full
+    # blocks (32 positions) and run the other 9; the echo request (another prompt, and it needs
+    # its prompt's logits) prefills its own 40.
+    assert d.engine.load()["prefix_cache_hit_tokens"] == 4 * 32
+    assert stats.prefill_tokens == 41 + 4 * 9 + 40
     for r, o in zip(seeded + [greedy(prompt, 10)], out):
         assert o.token_ids == Driver(model, tok, max_batch_size=1).run([r])[0].token_ids
     assert len({tuple(o.token_ids) for o in out[:4]}) > 1

@@ -17,13 +17,12 @@ def reference(model, tok, prompt: list[int], n: int, presence: float = 0.0, freq
               bias: dict[int, float] | None = None) -> tuple[list[int], list[float]]:
     """Greedy with OpenAI's formula written out, a fresh forward over the whole sequence per token:
     the tokens, and each one's logprob under the model's own (unpenalised) distribution."""
-    from llama.engine.runner import pack
-    from llama.engine.step_plan import StepPlan
+    from llama.engine.runner import forward_rows
 
     seq, out, lps = list(prompt), [], []
     with torch.inference_mode():
         while len(out) < n:
-            logits = model(pack(StepPlan.prefill([seq]), model.device), model.new_cache(1, len(seq)))[-1].float()
+            logits = forward_rows(model, [seq])[-1].float()
             steered = logits.clone()
             for t, count in Counter(out).items():  # generated tokens only: the prompt is not counted
                 steered[t] -= frequency * count + presence

@@ -1,48 +1,52 @@
-"""StepPlan: its wire tensor (round trip, stated capacity, stop plan, malformed input), prefill() and idle."""
+"""StepPlan: its wire tensor (round trip, stated capacity whatever the context, stop plan,
+malformed input), prefill() and idle."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, SlotCopy, StepPlan
+from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun, table_budget
 
 
 def test_step_plan_round_trips_through_its_tensor():
     plan = StepPlan((Segment(3, 10, 1, LOGITS_LAST), Segment(0, 0, 5, LOGITS_ALL)), (7, 1, 2, 3, 4, 5), freed=(2,),
-                    copies=(SlotCopy(3, 1, 9),))
-    cap = StepPlan.capacity(4, 8)
+                    table=(TableRun(3, 1, (9,)), TableRun(0, 0, (4, 2, 7))))
+    cap = StepPlan.capacity(4, 8, 16)
     assert StepPlan.from_tensor(plan.to_tensor(cap)) == plan
     assert StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap)).stop
     with pytest.raises(AssertionError):
-        StepPlan((Segment(0, 0, 60, 1),), tuple(range(60))).to_tensor(cap)
+        StepPlan((Segment(0, 0, 400, 1),), tuple(range(400))).to_tensor(cap)
 
 
-def _worst_case(max_batch_size: int, prefill_chunk: int) -> StepPlan:
-    """The largest plan the scheduler can make: every slot a segment, a decode token per slot
-    plus the whole prefill budget, every slot freed since the last plan, a copy into every slot."""
+def _worst_case(max_batch_size: int, prefill_chunk: int, block_size: int) -> StepPlan:
+    """The largest plan the scheduler can make: every row a segment, a decode token per row
+    plus the whole prefill budget, every row freed since the last plan, a table run for every
+    row and the most block ids a plan carries."""
     m, chunk = max_batch_size, prefill_chunk
     segments = [Segment(i, 30 + i, 1, LOGITS_LAST) for i in range(m - 1)]
     segments.append(Segment(m - 1, 0, 1 + chunk, LOGITS_NONE))  # 1 + chunk: keeps the token count at m + chunk
     tokens = tuple(range(100, 100 + m + chunk))
-    copies = tuple(SlotCopy((i + 1) % m, i, 20 + i) for i in range(m))
-    return StepPlan(tuple(segments), tokens, freed=tuple(range(m)), copies=copies)
+    ids = table_budget(m, chunk, block_size)
+    table = tuple(TableRun(i, 0, (i + 1,)) for i in range(m - 1)) + (TableRun(m - 1, 3, tuple(range(1, ids - m + 2))),)
+    return StepPlan(tuple(segments), tokens, freed=tuple(range(m)), table=table)
 
 
-@pytest.mark.parametrize("max_batch_size,prefill_chunk", [(1, 1), (4, 8), (8, 64)])
-def test_the_worst_case_plan_fits_its_capacity_exactly_and_one_int_more_does_not(max_batch_size, prefill_chunk):
-    cap = StepPlan.capacity(max_batch_size, prefill_chunk)
-    plan = _worst_case(max_batch_size, prefill_chunk)
+@pytest.mark.parametrize("max_batch_size,prefill_chunk,block_size", [(1, 1, 1), (4, 8, 16), (8, 64, 16), (64, 512, 32)])
+def test_the_worst_case_plan_fits_its_capacity_exactly_and_one_int_more_does_not(max_batch_size, prefill_chunk,
+                                                                                 block_size):
+    cap = StepPlan.capacity(max_batch_size, prefill_chunk, block_size)
+    plan = _worst_case(max_batch_size, prefill_chunk, block_size)
     t = plan.to_tensor(cap)
     assert t.shape == (cap,) and t.dtype == torch.int64
     assert t[-1].item() != 0  # the last int is used: no slack in the stated capacity
     assert StepPlan.from_tensor(t) == plan
-    one_more = StepPlan(plan.segments, plan.tokens + (5,), plan.freed, plan.copies)
+    one_more = StepPlan(plan.segments, plan.tokens + (5,), plan.freed, plan.table)
     with pytest.raises(AssertionError, match="exceeds its capacity"):
         one_more.to_tensor(cap)
 
 
 def test_the_stop_plan_crosses_as_stop_and_nothing_else():
-    cap = StepPlan.capacity(2, 4)
+    cap = StepPlan.capacity(2, 4, 16)
     got = StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap))
     assert got == StepPlan((), (), stop=True)
     assert got.idle
@@ -50,28 +54,29 @@ def test_the_stop_plan_crosses_as_stop_and_nothing_else():
 
 
 def test_a_heartbeat_with_freed_slots_round_trips():
-    cap = StepPlan.capacity(4, 4)
+    cap = StepPlan.capacity(4, 4, 16)
     beat = StepPlan((), (), freed=(3, 0))
     assert StepPlan.from_tensor(beat.to_tensor(cap)) == beat
 
 
 @pytest.mark.parametrize("kind", [0, 3, -1])
 def test_a_malformed_kind_is_a_runtime_error(kind):
-    t = StepPlan((), ()).to_tensor(StepPlan.capacity(2, 4))
+    t = StepPlan((), ()).to_tensor(StepPlan.capacity(2, 4, 16))
     t[0] = kind
     with pytest.raises(RuntimeError, match=f"malformed step plan \\(kind {kind}\\)"):
         StepPlan.from_tensor(t)
 
 
-def test_prefill_puts_row_i_in_slot_i_from_position_0_with_every_logit():
-    plan = StepPlan.prefill([[1, 5, 9], [1, 7]])
+def test_prefill_puts_row_i_in_table_row_i_from_position_0_with_every_logit():
+    plan = StepPlan.prefill([[1, 5, 9], [1, 7]], 2)
     assert plan.segments == (Segment(0, 0, 3, LOGITS_ALL), Segment(1, 0, 2, LOGITS_ALL))
     assert plan.tokens == (1, 5, 9, 1, 7)
-    assert plan.freed == () and plan.copies == () and not plan.stop
+    assert plan.table == (TableRun(0, 0, (1, 2)), TableRun(1, 0, (3,)))
+    assert plan.freed == () and not plan.stop
 
 
-def test_idle_means_no_segments_and_no_copies():
+def test_idle_means_no_forward_to_run():
     assert StepPlan((), ()).idle
-    assert StepPlan((), (), freed=(1,)).idle  # a heartbeat that hands back slots runs no forward
+    assert StepPlan((), (), freed=(1,)).idle  # a heartbeat that hands back rows runs no forward
+    assert StepPlan((), (), table=(TableRun(0, 0, (1,)),)).idle  # nor one that only sends a table
     assert not StepPlan((Segment(0, 0, 1, LOGITS_LAST),), (5,)).idle
-    assert not StepPlan((), (), copies=(SlotCopy(0, 1, 3),)).idle

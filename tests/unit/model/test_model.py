@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama.checkpoints.load import inspect_checkpoint, load_into
-from llama.engine.runner import pack
+from llama.engine.runner import forward_rows, pack
 from llama.engine.step_plan import LOGITS_LAST, Segment, StepPlan
 from llama.model.transformer import Transformer
 
@@ -22,7 +22,7 @@ def _load(path, mp1) -> Transformer:
 
 def _whole(model: Transformer, rows: list[list[int]]) -> torch.Tensor:
     """Logits (rows, len, vocab) of equal-length rows, each a whole prompt in a fresh cache."""
-    logits = model(pack(StepPlan.prefill(rows), model.device), model.new_cache(len(rows), len(rows[0])))
+    logits = forward_rows(model, rows)
     return logits.view(len(rows), len(rows[0]), -1)
 
 
@@ -57,12 +57,13 @@ def test_chunked_prefill_and_cached_decode_match_one_whole_forward(tiny_ckpts, m
     model = _load(tiny_ckpts["gqa1"], mp1)
     tokens = [1, 5, 9, 30, 44, 2, 100, 17]
     full = _whole(model, [tokens])[0]  # (8, vocab)
-    cache = model.new_cache(3, MAX_SEQ_LEN)  # the sequence lives in slot 2, not row 0
+    cache = model.new_cache(3, MAX_SEQ_LEN, num_blocks=6, block_size=2)  # in table row 2, not row 0
+    cache.assign(2, 0, [5, 1, 6, 3])  # blocks anywhere in the pool, in any order
     steps = [(0, 3), (3, 2), (5, 1), (6, 1), (7, 1)]  # two prefill chunks, then three decodes
     got = []
     for start, n in steps:
         plan = StepPlan((Segment(2, start, n, LOGITS_LAST),), tuple(tokens[start : start + n]))
-        got.append(model(pack(plan, model.device), cache)[0])
+        got.append(model(pack(plan, cache, model.device), cache)[0])
     want = full[[s + n - 1 for s, n in steps]]
     assert torch.allclose(torch.stack(got), want, atol=1e-5, rtol=0)
 
@@ -78,5 +79,6 @@ def test_kv_cache_lives_on_the_model_device_and_dtype(tiny_ckpts, mp1):
     model = Transformer(info.args, 32, device="cpu", dtype=torch.bfloat16)
     cache = model.new_cache(2, 32)
     assert cache.k[0].dtype == torch.bfloat16 and cache.k[0].device == model.device
-    assert cache.k[0].shape == (3, 32, 2, 16)  # slots and the scratch row, positions, local KV heads, head_dim
+    # 2 rows of 32 positions in blocks of 16, and the null block; positions, local KV heads, head_dim
+    assert cache.k[0].shape == (5, 16, 2, 16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -1,0 +1,48 @@
+"""How many KV blocks a rank's pool holds: EngineConfig.kv_cache_memory_gb, or its default.
+
+Set: that many GiB per rank. Null on CUDA: 90% of the memory free once the weights are loaded,
+less 2 GiB kept for activations and the decode's CUDA graphs (which are captured after the
+pool is made). Null on the CPU: 4 GiB (vLLM's CPU default), or less when max_batch_size
+sequences of max_seq_len need less, as a test's tiny model does. The ranks of a gang each
+compute it and take the smallest (cluster/rank.py), so they all hold the same pool.
+"""
+from __future__ import annotations
+
+import torch
+
+from llama.engine.config import EngineConfig
+from llama.model.args import ModelArgs
+
+GIB = 2**30
+CPU_DEFAULT_GB = 4.0
+CUDA_FREE_FRACTION = 0.9
+CUDA_MARGIN_GB = 2.0
+
+
+def token_nbytes(args: ModelArgs, model_parallel_size: int, element_size: int) -> int:
+    """Bytes of keys and values one position takes on one rank, over every layer."""
+    return 2 * args.n_layers * (args.n_kv_heads // model_parallel_size) * args.head_dim * element_size
+
+
+def pool_blocks(config: EngineConfig, args: ModelArgs, model_parallel_size: int, element_size: int,
+                device_type: str, free_bytes: int | None = None) -> int | None:
+    """Blocks in each rank's pool; None on CUDA with the default when free_bytes is not known
+    (before the weights are loaded)."""
+    per_block = config.block_size * token_nbytes(args, model_parallel_size, element_size)
+    if config.kv_cache_memory_gb is not None:
+        nbytes = config.kv_cache_memory_gb * GIB
+    elif device_type == "cuda":
+        if free_bytes is None:
+            return None
+        nbytes = CUDA_FREE_FRACTION * free_bytes - CUDA_MARGIN_GB * GIB
+    else:
+        longest = config.max_seq_len or args.context_length
+        nbytes = min(CPU_DEFAULT_GB * GIB, config.max_batch_size * -(-longest // config.block_size) * per_block)
+    return max(int(nbytes // per_block), 0)
+
+
+def free_device_bytes(device: torch.device) -> int | None:
+    """What the device has free now (CUDA), else None."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.mem_get_info(device)[0]
