@@ -1,7 +1,9 @@
-"""DecodeStep: a step's one-token segments as one static-shaped decode (Transformer.decode),
-captured as a CUDA graph per shape bucket on CUDA, run eagerly on the CPU (the same code).
+"""DecodeStep: a step's one-token segments as one decode (Transformer.decode): static-shaped
+and captured as a CUDA graph per shape bucket on CUDA; on the CPU (eager), the same forward on
+exactly the rows that decode and the blocks they reach, since there padding buys nothing and
+every padded key would be gathered for nothing.
 
-Rows are block-table rows. A step whose one-token segments sit in rows up to r runs the bucket
+With graphs: rows are block-table rows. A step whose one-token segments sit in rows up to r runs the bucket
 of B > r rows (rows 0..B-1), each at its own position, against the first n blocks of its own
 table, n the bucket above the furthest position's block (the table is padded with the null
 block). Rows with no token this step run too, on inputs that write into the null block, and
@@ -62,20 +64,26 @@ class DecodeStep:
         block for positions[i]). A token < 0 is -1-j: row j of `sampled`, the tokens the
         previous step sampled (on the device)."""
         bs = self.cache.block_size
+        rows = torch.tensor(slots, dtype=torch.long)
+        pos = torch.tensor(positions, dtype=torch.long)
+        write = self.cache.host_table[rows, pos // bs] * bs + pos % bs
+        if not self.graphs:
+            # Eager (the CPU): exactly the rows that decode and the blocks they need. Padding
+            # only serves a graph's static shapes, and here every padded key is copied for nothing.
+            n = max(positions) // bs + 1
+            inputs = to_device(torch.stack([torch.tensor(tokens, dtype=torch.long), pos, write]), self.model.device)
+            tables = to_device(self.cache.host_table[rows, :n], self.model.device)
+            tokens_in = torch.where(inputs[0] >= 0, inputs[0], self.sampled[(-1 - inputs[0]).clamp(min=0)])
+            return self.model.decode(tokens_in, inputs[1], inputs[2], tables, self.cache)
         B = bucket_of(max(slots) + 1, self.batch_buckets)
         n = bucket_of(max(positions) // bs + 1, self.kv_buckets)
         host = torch.zeros(3, B, dtype=torch.long)  # rows without a token: token 0 at 0, into the null block
-        rows = torch.tensor(slots, dtype=torch.long)
-        pos = torch.tensor(positions, dtype=torch.long)
         host[0, rows] = torch.tensor(tokens, dtype=torch.long)
         host[1, rows] = pos
-        host[2, rows] = self.cache.host_table[rows, pos // bs] * bs + pos % bs
-        if self.graphs:
-            graph, out = self._graph(B, n)
-            self._inputs[B].copy_(host.pin_memory(), non_blocking=True)  # one upload, queued after the last replay
-            graph.replay()
-        else:
-            out = self._forward(to_device(host, self.model.device), n)
+        host[2, rows] = write
+        graph, out = self._graph(B, n)
+        self._inputs[B].copy_(host.pin_memory(), non_blocking=True)  # one upload, queued after the last replay
+        graph.replay()
         return out[to_device(rows, out.device)]  # a copy: the graph's output is overwritten by its next replay
 
     def _forward(self, inputs: torch.Tensor, n: int) -> torch.Tensor:

@@ -90,9 +90,13 @@ def fixed_tables(cache: KVCache) -> tuple[TableRun, ...]:
 
 def forward_rows(model: Transformer, rows: list[list[int]], block_size: int = 16) -> torch.Tensor:
     """Logits (sum of lengths, vocab) at every position of each row, each a whole sequence from
-    position 0, in one forward outside the engine (training, scoring, tests)."""
+    position 0, in one forward outside the engine (training, scoring, tests); under the
+    caller's grad mode, so training can backpropagate through it."""
     cache = model.new_cache(len(rows), max(len(r) for r in rows), block_size=block_size)
-    return ModelRunner(model, cache, graphs=False).execute(StepPlan.prefill(rows, block_size))
+    plan = StepPlan.prefill(rows, block_size)
+    for run in plan.table:
+        cache.assign(run.slot, run.index, list(run.blocks))
+    return model(pack(plan, cache, model.device), cache)
 
 
 class ModelRunner:

@@ -44,6 +44,12 @@ class KVCache:
         # the device's is what a captured decode reads (the same tensor on the CPU).
         self.host_table = torch.zeros((max_rows, max_blocks_per_row), dtype=torch.long)
         self.table = self.host_table if device.type == "cpu" else self.host_table.to(device)
+        # On the CPU a gather fills one buffer per tensor, reused by every layer and step (each
+        # layer's attention is done with its keys before the next gathers): a fresh one each
+        # time costs more in page faults than the copy itself. CUDA's caching allocator (and a
+        # captured graph's static memory) make that unnecessary there.
+        self._reuse = device.type == "cpu"
+        self._bufs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -89,5 +95,14 @@ class KVCache:
         """Keys/values (G, n*block_size, kv_heads, hd) of the blocks tables (G, n) name, in order:
         each row's positions 0..n*block_size-1 (a copy)."""
         G, n = tables.shape
-        k, v = self.k[layer][tables], self.v[layer][tables]  # (G, n, bs, kv, hd)
-        return k.view(G, n * self.block_size, *k.shape[3:]), v.view(G, n * self.block_size, *v.shape[3:])
+        flat = tables.reshape(-1)
+        if self._reuse and not torch.is_grad_enabled():  # (training backpropagates through the gather)
+            if self._bufs is None or self._bufs[0].shape[0] < flat.numel():
+                shape = (flat.numel(), *self.k[layer].shape[1:])
+                self._bufs = (torch.empty(shape, dtype=self.k[layer].dtype), torch.empty(shape, dtype=self.v[layer].dtype))
+            kb, vb = self._bufs
+            k = torch.index_select(self.k[layer], 0, flat, out=kb[: flat.numel()])
+            v = torch.index_select(self.v[layer], 0, flat, out=vb[: flat.numel()])
+        else:
+            k, v = self.k[layer][flat], self.v[layer][flat]  # (G*n, bs, kv, hd)
+        return k.view(G, n * self.block_size, *k.shape[2:]), v.view(G, n * self.block_size, *v.shape[2:])
