@@ -94,7 +94,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             for params in _choice_params(body, body.max_tokens, body.logprobs, body.echo)
         ]
         spec = ChoiceSpec(chat=False, logprobs=body.logprobs is not None, return_token_ids=body.return_token_ids)
-        shapers = [ChoiceShaper(tokenizer, spec, Echo(*prompts[k // body.n]) if body.echo else None)
+        shapers = [ChoiceShaper(tokenizer, spec, Echo(*prompts[k // body.n]) if body.echo else None, prompt=k // body.n)
                    for k in range(len(requests))]
         cmpl_id, n_prompt_tokens = f"cmpl-{uuid.uuid4().hex}", sum(len(t) for t, _ in prompts)
         streams = await ChoiceStreams.open(engine, requests)

@@ -48,7 +48,7 @@ class Piece:
 class ChoiceShaper:
     """One choice's deltas, fed in order, as the pieces of its response."""
 
-    def __init__(self, tokenizer: Tokenizer, spec: ChoiceSpec, echo: Echo | None = None) -> None:
+    def __init__(self, tokenizer: Tokenizer, spec: ChoiceSpec, echo: Echo | None = None, prompt: int = 0) -> None:
         assert echo is None or not spec.chat, "chat completions have no echo"
         self._tok = tokenizer
         self._spec = spec
@@ -59,6 +59,8 @@ class ChoiceShaper:
         self._offset = len(echo.text) if echo is not None else 0
         self._space: bool | None = None  # see _echo_text; None until the first generated token
         self.completion_tokens = 0  # generated so far, for usage
+        self.prompt = prompt  # which of the request's prompts this choice continues
+        self.cached_tokens: int | None = None  # of its prompt, found in the prefix cache (its first delta says)
 
     def whole(self, deltas: list[StreamDelta]) -> Piece:
         """The whole choice as one piece, from all its deltas."""
@@ -73,6 +75,8 @@ class ChoiceShaper:
         assert d.finish_reason not in ("timeout", "abort"), "ChoiceStreams raises for an unfinished choice"
         first, self._first = self._first, False
         self.completion_tokens += len(d.token_ids)
+        if d.cached_tokens is not None:
+            self.cached_tokens = d.cached_tokens
         logprobs: CompletionLogprobs | ChatLogprobs | None = None
         if self._spec.logprobs:
             assert d.logprobs is not None, "the engine sent no logprobs"
@@ -128,4 +132,10 @@ class ChoiceShaper:
 
 
 def total_usage(prompt_tokens: int, shapers: list[ChoiceShaper]) -> Usage:
-    return Usage.of(prompt_tokens, sum(s.completion_tokens for s in shapers))
+    """The request's usage. A prompt's cached tokens are what its first choice found (the n
+    choices of one prompt share its blocks, prefilled once); summed over the prompts."""
+    cached: dict[int, int] = {}
+    for s in shapers:
+        if s.cached_tokens is not None:
+            cached[s.prompt] = min(cached.get(s.prompt, s.cached_tokens), s.cached_tokens)
+    return Usage.of(prompt_tokens, sum(s.completion_tokens for s in shapers), sum(cached.values()))

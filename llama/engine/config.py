@@ -60,13 +60,10 @@ class EngineConfig:
 
     def for_model(self, args: ModelArgs, pool_tokens: int | None = None) -> "EngineConfig":
         """These settings with max_seq_len settled for the model: as set, else the model's
-        context, cut to what a pool of pool_tokens positions holds (None: not known yet)."""
+        context, cut to what a pool of pool_tokens positions holds (None: not known yet). A
+        max_seq_len set above the pool stands: a request that could never fit is refused when
+        it is submitted, saying how many blocks it needs and how many exist (check_request)."""
         if self.max_seq_len is not None:
-            if pool_tokens is not None and self.max_seq_len > pool_tokens:
-                raise ValueError(f"engine settings: max_seq_len {self.max_seq_len} needs "
-                                 f"{-(-self.max_seq_len // self.block_size)} KV blocks of {self.block_size} "
-                                 f"positions, and kv_cache_memory_gb gives room for "
-                                 f"{pool_tokens // self.block_size}. Raise kv_cache_memory_gb or lower max_seq_len.")
             return self
         length = args.context_length
         if pool_tokens is not None:

@@ -157,6 +157,7 @@ class Engine:
         return {"slots": self.config.max_batch_size, "free_slots": sched.free_slots,
                 "running": len(sched.running), "waiting": len(sched.waiting),
                 "kv_blocks": pool.num_blocks, "kv_blocks_used": pool.used, "kv_blocks_cached": pool.cached,
+                "kv_blocks_free": pool.available - pool.cached,
                 "block_size": pool.block_size, "prefix_cache_hit_tokens": sched.hit_tokens,
                 "prefix_cache_query_tokens": sched.query_tokens, "preemptions": sched.preemptions,
                 **asdict(self.stats)}

@@ -133,6 +133,7 @@ class GenerationOutput:
     prompt_logprobs: list[float] | None = None  # one per prompt token (the first is 0.0), when echo
     top_logprobs: list[TopLogprobs] | None = None  # one per token_ids entry, when logprobs is set
     prompt_top_logprobs: list[TopLogprobs] | None = None  # one per prompt token, when echo
+    cached_tokens: int | None = None  # prompt tokens found in the prefix cache
 
 
 def join(deltas: list[StreamDelta]) -> StreamDelta:
@@ -148,6 +149,8 @@ def join(deltas: list[StreamDelta]) -> StreamDelta:
         finish_reason=deltas[-1].finish_reason,
         prompt_logprobs=deltas[0].prompt_logprobs,  # only the first delta has them
         prompt_top_logprobs=deltas[0].prompt_top_logprobs,
+        queue_s=deltas[0].queue_s,
+        cached_tokens=deltas[0].cached_tokens,
         end_token=deltas[-1].end_token,
     )
 
@@ -164,4 +167,5 @@ def collect(prompt_tokens: list[int], deltas: list[StreamDelta]) -> GenerationOu
         prompt_logprobs=d.prompt_logprobs,
         top_logprobs=d.top_logprobs,
         prompt_top_logprobs=d.prompt_top_logprobs,
+        cached_tokens=d.cached_tokens,
     )

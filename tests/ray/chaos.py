@@ -265,7 +265,9 @@ def engine_idle(svc: Service, timeout_s: float = 30) -> dict:
     """The driver's engine once every slot is free and nothing waits (freed at its next step)."""
 
     def idle(e: dict) -> bool:
-        return e.get("free_slots") == e.get("slots") == MAX_BATCH and e.get("running") == e.get("waiting") == 0
+        return (e.get("free_slots") == e.get("slots") == MAX_BATCH and e.get("running") == e.get("waiting") == 0
+                and e.get("kv_blocks_used") == 0  # every block free or cached, and the counts add up
+                and e.get("kv_blocks_cached", 0) + e.get("kv_blocks_free", 0) == e.get("kv_blocks"))
 
     e = wait_for(lambda: engine(svc), idle, timeout_s)
     assert idle(e), f"slots left behind: {e}"

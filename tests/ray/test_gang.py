@@ -106,12 +106,12 @@ def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(gold
     assert ping_s < 5 and load["running"] == 1
     for _ in range(100):
         load = ray.get(golden_mp2.actors[0].load.remote())
-        if load["free_slots"] == load["slots"]:
+        if load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"]:
             break
         import time
 
         time.sleep(0.05)
-    assert load["free_slots"] == load["slots"] and load["running"] == 0
+    assert load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == 0
     assert load["aborted"] == aborted + 1  # freed by the abort, not by running to its end
 
 
@@ -299,10 +299,10 @@ def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
 
     for _ in range(100):
         load = ray.get(golden_mp2.actors[0].load.remote())
-        if load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0:
+        if load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == load["waiting"] == 0:
             break
         time.sleep(0.05)
-    assert load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0
+    assert load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == load["waiting"] == 0
     assert load["aborted"] > aborted  # some callers left before their request ended
     asyncio.run(golden_mp2.check_health())
 

@@ -46,6 +46,7 @@ class FakeEngine:
         # stream call number -> (deltas sent first, then: raise this, or end with this finish_reason)
         self.faults: dict[int, tuple[int, Exception | str]] = {}
         self.places = Places(running=8, waiting=64)  # held: every request's must be back when it ends
+        self.cached: dict[int, int] = {}  # stream call number -> prompt tokens its first delta says were cached
 
     async def admit(self, n: int) -> Admission:
         if "admit" in self.fail:
@@ -74,6 +75,8 @@ class FakeEngine:
                 if k == after:
                     delta = StreamDelta([], "", [] if delta.logprobs is not None else None, finish_reason=fault)
                 ended = delta.finish_reason is not None
+                if k == 0 and number in self.cached:
+                    delta = dataclasses.replace(delta, cached_tokens=self.cached[number])
                 yield delta
                 if ended:
                     return

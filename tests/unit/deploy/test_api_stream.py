@@ -81,12 +81,23 @@ def test_completion_stream_openai_client(client: openai.OpenAI) -> None:
     assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].object == "text_completion"
 
 
+def test_usage_reports_the_prompt_tokens_found_in_the_prefix_cache(client: openai.OpenAI, engine) -> None:
+    # Each prompt counts what its first choice found (its other choices then share its blocks).
+    engine.cached = {0: 0, 1: 4, 2: 2, 3: 2}  # prompt 0's two choices, then prompt 1's
+    whole = client.completions.create(model=MODEL, prompt=["hello", "world"], n=2, max_tokens=3)
+    assert whole.usage.prompt_tokens_details.cached_tokens == 0 + 2
+    engine.cached = {4: 5}
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 5
+
+
 def test_completion_stream_usage(client: openai.OpenAI, http: TestClient) -> None:
     body = {"prompt": ["hello", "world"], "n": 2, "max_tokens": 3, "stream_options": {"include_usage": True}}
     evs = chunks_of(post(http, "/v1/completions", **body))
     assert all("usage" in c and c["usage"] is None for c in evs[:-1])
     assert evs[-1]["choices"] == [] and evs[-1]["usage"] == {"prompt_tokens": 13, "completion_tokens": 12,
-                                                              "total_tokens": 25}
+                                                              "total_tokens": 25,
+                                                              "prompt_tokens_details": {"cached_tokens": 0}}
     whole = client.completions.create(model=MODEL, prompt=["hello", "world"], n=2, max_tokens=3)
     assert evs[-1]["usage"] == whole.usage.model_dump(exclude_none=True)
     last = list(client.completions.create(model=MODEL, prompt="hello", stream=True,

@@ -20,12 +20,13 @@ class Driver:
 
     overlap = False
 
-    def __init__(self, model, tokenizer, **config):
+    def __init__(self, model, tokenizer, num_blocks: int | None = None, **config):
         from llama.engine.config import EngineConfig
         from llama.engine.core import Engine
 
         self.engine = Engine(model, tokenizer, EngineConfig(**{"max_batch_size": 4, "max_seq_len": 96, "prefill_chunk": 16,
-                                                               "async_scheduling": Driver.overlap, **config}))
+                                                               "async_scheduling": Driver.overlap, **config}),
+                             num_blocks=num_blocks)
         self.deltas: dict[str, list] = {}
         self.requests: dict[str, GenerationRequest] = {}
 
