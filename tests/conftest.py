@@ -25,6 +25,13 @@ def gang_config(ckpt: Path | str, mp: int, **settings):
     return GangConfig.inspect(ckpt, None, parallel, engine)
 
 
+def engine_idle(load: dict) -> bool:
+    """An engine's load() (GET /cluster's engine section) with nothing running or waiting, every
+    table row free, and every KV block free or cached, the pool's counts adding up: no leak."""
+    return (load["free_slots"] == load["slots"] and load["running"] == load["waiting"] == 0
+            and load["kv_blocks_used"] == 0 and load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"])
+
+
 def rank_slice(whole: dict, key: str, rank: int, world_size: int):
     """What rank `rank` of `world_size` holds of the whole model's tensor `key` (llama/checkpoints/layout.py)."""
     from llama.checkpoints.layout import rank_dim, shard_range

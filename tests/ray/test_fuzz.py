@@ -26,6 +26,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests.conftest import engine_idle
 from tests.ray.serving import golden_args, serving
 
 MODEL = "llama-golden"
@@ -321,10 +322,10 @@ def test_the_gang_is_whole_afterwards(base_url, ranks_at_start, golden):
     for _ in range(100):  # a request's slot is given back when its stream closes, a moment after its answer
         info = httpx.get(base_url + "/cluster").json()
         engine = info["engine"]
-        if engine["free_slots"] == engine["slots"] and engine["kv_blocks_used"] == 0 and engine["kv_blocks_used"] + engine["kv_blocks_cached"] + engine["kv_blocks_free"] == engine["kv_blocks"] and engine["running"] == engine["waiting"] == 0:
+        if engine_idle(engine):
             break
         time.sleep(0.1)
-    assert engine["free_slots"] == engine["slots"] and engine["kv_blocks_used"] == 0 and engine["kv_blocks_used"] + engine["kv_blocks_cached"] + engine["kv_blocks_free"] == engine["kv_blocks"] and engine["running"] == engine["waiting"] == 0, engine
+    assert engine_idle(engine), engine
     assert engine["aborted"] == engine["timed_out"] == 0, engine  # every answer was read whole, in time
     assert info["healthy"] and info["ready"] and info["world_size"] == 2
     assert [(r["rank"], r["pid"]) for r in info["ranks"]] == [(r["rank"], r["pid"]) for r in ranks_at_start]

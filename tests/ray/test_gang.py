@@ -18,7 +18,7 @@ from cluster.errors import (
 )
 from cluster.start import STAGES
 from llama.engine.request import GenerationRequest, SamplingParams, collect
-from tests.conftest import GOLDEN_CKPT, gang_config
+from tests.conftest import GOLDEN_CKPT, engine_idle, gang_config
 
 
 def _start(ray_local, ckpt, mp: int, **kw):
@@ -106,12 +106,12 @@ def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(gold
     assert ping_s < 5 and load["running"] == 1
     for _ in range(100):
         load = ray.get(golden_mp2.actors[0].load.remote())
-        if load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"]:
+        if engine_idle(load):
             break
         import time
 
         time.sleep(0.05)
-    assert load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == 0
+    assert engine_idle(load)
     assert load["aborted"] == aborted + 1  # freed by the abort, not by running to its end
 
 
@@ -299,10 +299,10 @@ def test_no_slot_leaks_after_200_mixed_requests_at_mp2(golden_mp2, golden):
 
     for _ in range(100):
         load = ray.get(golden_mp2.actors[0].load.remote())
-        if load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == load["waiting"] == 0:
+        if engine_idle(load):
             break
         time.sleep(0.05)
-    assert load["free_slots"] == load["slots"] and load["kv_blocks_used"] == 0 and load["kv_blocks_used"] + load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"] and load["running"] == load["waiting"] == 0
+    assert engine_idle(load)
     assert load["aborted"] > aborted  # some callers left before their request ended
     asyncio.run(golden_mp2.check_health())
 
@@ -312,8 +312,10 @@ def test_choices_of_one_prompt_share_its_prefill_on_every_rank(golden_mp2, golde
 
     prompt = golden["completions"]["prompt_token_ids"][2]  # 33 tokens
     reqs = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=8, temperature=1.0, seed=60 + i)) for i in range(4)]
-    shared = ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"]
+    hits = ray.get(golden_mp2.actors[0].load.remote())["prefix_cache_hit_tokens"]
     together = golden_mp2.generate(reqs)
-    assert ray.get(golden_mp2.actors[0].load.remote())["shared_prefill_tokens"] == shared + 3 * 32
+    # the first choice's blocks (2 full ones of 16) serve the other three, on both ranks
+    assert [o.cached_tokens for o in together[1:]] == [32] * 3
+    assert ray.get(golden_mp2.actors[0].load.remote())["prefix_cache_hit_tokens"] == hits + sum(o.cached_tokens for o in together)
     alone = [golden_mp2.generate([r])[0] for r in reqs]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
