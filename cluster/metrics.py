@@ -87,11 +87,11 @@ def _rank_metrics() -> dict:
         "blocks_used": Gauge("llama_kv_cache_blocks_used", "KV-cache blocks used by running requests", tag_keys=tags),
         "blocks_cached": Gauge("llama_kv_cache_blocks_cached", "KV-cache blocks holding a cached prefix no "
                                "request uses (reusable, evicted when memory is needed)", tag_keys=tags),
-        "prefix_queries": Counter("llama_prefix_cache_queries", "prompt tokens looked up in the prefix cache",
+        "prefix_queries": Counter("llama_prefix_cache_queries_total", "prompt tokens looked up in the prefix cache",
                                   tag_keys=tags),
-        "prefix_hits": Counter("llama_prefix_cache_hits", "prompt tokens found in the prefix cache (not prefilled)",
+        "prefix_hits": Counter("llama_prefix_cache_hits_total", "prompt tokens found in the prefix cache (not prefilled)",
                                tag_keys=tags),
-        "preemptions": Counter("llama_num_preemptions", "running requests preempted for want of KV blocks "
+        "preemptions": Counter("llama_num_preemptions_total", "running requests preempted for want of KV blocks "
                                "(recomputed later)", tag_keys=tags),
         "prompt": Counter("llama_prompt_tokens_total", "prompt tokens served (prefilled, or found in the prefix "
                           "cache)", tag_keys=tags),

@@ -218,7 +218,11 @@ def test_beyond_running_and_waiting_a_request_is_refused_at_once_and_later_ones_
 
     async def scenario():
         long = [asyncio.ensure_future(_collect(g, _greedy([[1, 2, 3]], 60)[0])) for _ in range(2)]
-        await asyncio.sleep(0.5)  # both admitted: one running, one waiting
+        while True:  # both admitted: one running, one waiting (each runs 60 steps, one after the other)
+            engine = (await g.cluster_info())["engine"]
+            if engine["running"] == 1 and engine["waiting"] == 1:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(OverloadedError, match="max_batch_size 1 running \\+ max_waiting 1 waiting"):
             await _collect(g, _greedy([[1, 2]], 2)[0])
         done = await asyncio.gather(*long)

@@ -49,7 +49,8 @@ def test_counts_match_what_clients_saw_and_the_engine_counted(metrics_url, tiny_
     group = RankGroup.start(gang_config(tiny_ckpts["gqa1"], 2, max_batch_size=4, cpus_per_rank=1.0))
     try:
         def greedy(n: int, **kw) -> GenerationRequest:
-            return GenerationRequest((1, 5, 9, 30), SamplingParams(max_tokens=n, temperature=0, **kw))
+            # 20 tokens: a full block of 16, which each request after the first finds cached
+            return GenerationRequest((1, 5, 9, 30, *range(40, 56)), SamplingParams(max_tokens=n, temperature=0, **kw))
 
         first = group.generate([greedy(20)])[0]
         stop = first.text[4:7]
@@ -78,9 +79,14 @@ def test_counts_match_what_clients_saw_and_the_engine_counted(metrics_url, tiny_
         group.shutdown()
     assert got == want
     assert total(s, "ray_llama_generation_tokens_total") == info["generated_tokens"]  # the warm-up's token too
-    assert total(s, "ray_llama_prompt_tokens_total") == info["prefill_tokens"] + info["shared_prefill_tokens"]
+    assert total(s, "ray_llama_prompt_tokens_total") == info["prefill_tokens"] + info["prefix_cache_hit_tokens"]
     assert steps[0] == steps[1] == info["steps"] > 0  # every rank ran every step
     assert total(s, "ray_llama_time_to_first_token_seconds_count") == 5  # each request that got tokens
     assert total(s, "ray_llama_request_queue_time_seconds_count") == 5  # each got a slot
     assert total(s, "ray_llama_num_requests_running") == total(s, "ray_llama_num_requests_waiting") == 0
+    assert total(s, "ray_llama_prefix_cache_hits_total") == info["prefix_cache_hit_tokens"] == 16 * 4  # all but the first
+    assert total(s, "ray_llama_prefix_cache_queries_total") == info["prefix_cache_query_tokens"] > 0
+    assert total(s, "ray_llama_kv_cache_blocks_used") == 0 and total(s, "ray_llama_kv_cache_usage_perc") == 0
+    assert total(s, "ray_llama_kv_cache_blocks_cached") == info["kv_blocks_cached"] > 0
+    assert total(s, "ray_llama_num_preemptions_total") == info["preemptions"] == 0
     assert total(s, "ray_llama_plan_broadcast_seconds_total") > 0 and total(s, "ray_llama_rank_step_seconds_total") > 0
