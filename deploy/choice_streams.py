@@ -59,19 +59,20 @@ class ChoiceStreams:
         assert all(d.finish_reason is not None for d in deltas)
         return cls([_nothing() for _ in deltas], deltas)
 
-    async def deltas(self) -> AsyncGenerator[tuple[int, StreamDelta], None]:
+    async def deltas(self, raw: bool = False) -> AsyncGenerator[tuple[int, StreamDelta], None]:
         """(choice index, delta): the first deltas in choice order, then the others as they
         arrive. Each stream's next delta is pulled while the previous one is being sent. A delta
         that ends its choice unfinished ("timeout", "abort") raises the request's APIError: one
-        unfinished choice fails the whole request."""
+        unfinished choice fails the whole request. raw: pass such deltas on as they are (a gang's
+        replica serving an ingress, whose own ChoiceStreams decides)."""
         for i, d in enumerate(self._firsts):
-            yield i, self._received(i, d)
+            yield i, self._received(i, d, raw)
         while self._pending:
             done, _ = await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
             for task in sorted(done, key=self._pending.__getitem__):
                 i = self._pending.pop(task)
                 d = task.result()  # the engine's error, if it failed mid-stream
-                yield i, self._received(i, d)
+                yield i, self._received(i, d, raw)
 
     async def collect(self) -> list[list[StreamDelta]]:
         """Every choice's deltas, in order, once all have finished (for a whole response). The
@@ -97,9 +98,9 @@ class ChoiceStreams:
             if self._admission is not None:
                 self._admission.release()
 
-    def _received(self, i: int, delta: StreamDelta) -> StreamDelta:
+    def _received(self, i: int, delta: StreamDelta, raw: bool = False) -> StreamDelta:
         """Check a choice's delta and, unless it was its last, start pulling the next one."""
-        if delta.finish_reason in ("timeout", "abort"):
+        if delta.finish_reason in ("timeout", "abort") and not raw:
             raise unfinished_error(delta.finish_reason)
         if delta.finish_reason is None:
             self._pending[asyncio.ensure_future(_next(self._streams[i]))] = i

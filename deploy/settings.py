@@ -25,6 +25,8 @@ class AppArgs(BaseModel):
     ckpt_dir: str | None = Field(None, description="a checkpoint folder (Meta's or Hugging Face's layout); None serves the embedded demo model")
     tokenizer_path: str | None = Field(None, description="the tokenizer file; None: ckpt_dir's tokenizer.json, else its tokenizer.model")
     replica_cpus: float = Field(1.0, gt=0, description="CPUs for the replica's own bundle (bundle 0)")
+    prefix_routing: bool = Field(False, description="HTTP through LlamaIngress, which sends each request to the "
+                                                    "replica holding its prompt's prefix (deploy/ingress.py)")
     parallel: ParallelConfig = ParallelConfig()
     engine: EngineConfig = EngineConfig()
     api_keys: list[SecretStr] = Field([], description="keys a request may carry (Authorization: Bearer KEY); none and no api_keys_env: no authentication")

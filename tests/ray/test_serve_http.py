@@ -1,6 +1,8 @@
 """HTTP through Ray Serve with the official openai client: a replica owning a gang of two
 gloo ranks serves the golden checkpoint; answers match Meta's reference token for token, and
-callers' mistakes are OpenAI-shaped 4xx errors that leave every rank running."""
+callers' mistakes are OpenAI-shaped 4xx errors that leave every rank running. Each test runs
+twice: HTTP straight to the gang's replica (the default app), and through LlamaIngress, whose
+handle routes by prefix (`prefix_routing: true`, deploy/ingress.py)."""
 from __future__ import annotations
 
 import time
@@ -15,9 +17,9 @@ from tests.ray.serving import golden_args, serving
 MODEL = "llama-golden"
 
 
-@pytest.fixture(scope="module")
-def base_url(ray_local):
-    with serving(golden_args(MODEL)) as url:
+@pytest.fixture(scope="module", params=["direct", "prefix_routing"])
+def base_url(ray_local, request):
+    with serving({**golden_args(MODEL), "prefix_routing": request.param == "prefix_routing"}) as url:
         yield url
 
 
