@@ -22,8 +22,8 @@ from llama.distributed import (
     resolve_device,
     resolve_dtype,
 )
-from llama.engine.runner import ModelRunner
-from llama.engine.step_plan import LOGITS_LAST, Segment, StepPlan
+from llama.engine.runner import ModelRunner, fixed_tables
+from llama.engine.step_plan import LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
 from llama.model.args import ModelArgs
 from llama.model.transformer import Transformer
 
@@ -59,7 +59,9 @@ def main() -> None:
     for bsz in (1, 8):
         runner = ModelRunner(model, model.new_cache(bsz, MAX_SEQ_LEN))
         g = torch.Generator().manual_seed(0)
-        runner.execute(StepPlan.prefill([torch.randint(0, a.vocab_size, (16,), generator=g).tolist() for _ in range(bsz)]))
+        prompts = [torch.randint(0, a.vocab_size, (16,), generator=g).tolist() for _ in range(bsz)]
+        runner.execute(StepPlan(tuple(Segment(i, 0, 16, LOGITS_NONE) for i in range(bsz)),
+                                tuple(t for p in prompts for t in p), table=fixed_tables(runner.cache)))
         tokens = tuple(torch.randint(0, a.vocab_size, (bsz,), generator=g).tolist())
 
         def decode(pos: int) -> None:  # one decode token per slot, as the engine's steady state

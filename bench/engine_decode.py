@@ -116,8 +116,11 @@ class EngineRun(NamedTuple):
 def new_engine(model: Transformer, max_batch_size: int, max_seq_len: int, prefill_chunk: int) -> tuple[Engine, float]:
     """An engine as a server builds one (its CUDA graphs captured), and the seconds that took."""
     t0 = time.perf_counter()
+    # A pool of max_batch_size whole sequences, as the slot cache held: the same memory at every batch.
+    blocks = max_batch_size * -(-max_seq_len // 16)
     engine = Engine(model, NumberTokenizer(model.args.vocab_size),
-                    EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk))
+                    EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, prefill_chunk=prefill_chunk),
+                    num_blocks=blocks)
     sync(model.device)
     return engine, time.perf_counter() - t0
 

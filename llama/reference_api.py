@@ -96,8 +96,11 @@ class Llama:
         self.config = config
         # Stepped on the caller's thread. Under torchrun every rank runs its own engine on the
         # same inputs: the scheduler is deterministic and the seeds come from an RNG seeded alike
-        # on every rank, so all ranks make the same steps (the reference's lockstep).
-        self.engine = Engine(model, tokenizer, config)
+        # on every rank, so all ranks make the same steps (the reference's lockstep). Each holds
+        # the pool the reference allocates, max_batch_size sequences of max_seq_len: the same on
+        # every rank (sized by a GPU's free memory, ranks could preempt apart).
+        blocks = config.max_batch_size * -(-config.max_seq_len // config.block_size)
+        self.engine = Engine(model, tokenizer, config, num_blocks=blocks)
         self._calls = 0
 
     def generate(

@@ -42,7 +42,8 @@ def pool_blocks(config: EngineConfig, args: ModelArgs, model_parallel_size: int,
 
 
 def free_device_bytes(device: torch.device) -> int | None:
-    """What the device has free now (CUDA), else None."""
+    """What the device has free now (CUDA), else None: the driver's free memory and what torch's
+    caching allocator holds without using it."""
     if device.type != "cuda":
         return None
-    return torch.cuda.mem_get_info(device)[0]
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)

@@ -68,7 +68,7 @@ def test_bf16_runs_and_mostly_agrees(mp1_cuda, golden):
     tok = load_tokenizer(info.tokenizer_path)
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=0)) for p in c["prompt_token_ids"]]
-    out = run(Engine(model, tok, EngineConfig(max_batch_size=6, max_seq_len=96)), reqs)
+    out = run(Engine(model, tok, EngineConfig(max_batch_size=6, max_seq_len=96, kv_cache_memory_gb=1)), reqs)
     first = [o.token_ids[0] for o in out]
     want = [g[0] for g in c["generated_token_ids"]]
     assert sum(a == b for a, b in zip(first, want)) >= 4  # bf16 rounding may flip a near-tie
@@ -84,7 +84,7 @@ def test_seeded_sampling_on_cuda(cuda_llama, golden):
 
 def test_continuous_engine_on_cuda_matches_reference_and_seeds_hold(cuda_llama, golden):
     c = golden["completions"]
-    engine = Engine(cuda_llama.model, cuda_llama.tokenizer, EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16))
+    engine = Engine(cuda_llama.model, cuda_llama.tokenizer, EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16, kv_cache_memory_gb=1))
     greedy = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0)) for p in c["prompt_token_ids"]]
     assert [o.token_ids for o in run(engine, greedy)] == c["generated_token_ids"]
     seeded = [GenerationRequest(tuple(p), SamplingParams(max_tokens=8, temperature=1.0, seed=9 + i))

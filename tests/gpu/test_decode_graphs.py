@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llama.checkpoints.load import inspect_checkpoint, load_into
-from llama.engine.runner import ModelRunner
+from llama.engine.runner import ModelRunner, fixed_tables
 from llama.engine.step_plan import LOGITS_LAST, LOGITS_NONE, Segment, StepPlan
 from llama.model.transformer import Transformer
 from tests.conftest import GOLDEN_CKPT
@@ -21,9 +21,10 @@ def test_captured_decode_gives_the_eager_decodes_logits(mp1_cuda, dtype, atol):
     load_into(model, info, 0, 1)
     runners = [ModelRunner(model, model.new_cache(6, 160), graphs=g) for g in (False, True)]
     g = torch.Generator().manual_seed(0)
-    lengths = {0: 5, 2: 60, 3: 17, 5: 40}  # slots 1 and 4 stay empty: scratch rows in the bucket
+    lengths = {0: 5, 2: 60, 3: 17, 5: 40}  # rows 1 and 4 stay empty: they write the null block in the bucket
     tokens = {s: torch.randint(3, model.args.vocab_size, (n,), generator=g).tolist() for s, n in lengths.items()}
     for r in runners:
+        r.execute(StepPlan((), (), table=fixed_tables(r.cache)))  # each row its own blocks
         for s, t in tokens.items():
             r.execute(StepPlan((Segment(s, 0, len(t), LOGITS_NONE),), tuple(t)))
     last = {s: t[-1] for s, t in tokens.items()}
@@ -31,7 +32,7 @@ def test_captured_decode_gives_the_eager_decodes_logits(mp1_cuda, dtype, atol):
     for step in range(40):
         if step == 25:  # two sequences end: the B bucket falls from 6 to 4
             del last[3], last[5], at[3], at[5]
-        slots = sorted(last)  # slot 2 crosses the 64-position kv bucket at step 4
+        slots = sorted(last)  # row 2 crosses the 4-block (64-position) kv bucket at step 4
         plan = StepPlan(tuple(Segment(s, at[s], 1, LOGITS_LAST) for s in slots), tuple(last[s] for s in slots))
         eager, graph = (r.execute(plan) for r in runners)
         assert torch.allclose(graph, eager, atol=atol, rtol=0), (step, (graph - eager).abs().max().item())
@@ -52,8 +53,9 @@ def test_an_overlapped_engine_queues_its_steps_without_waiting_for_the_gpu(mp1_c
     model = Transformer(info.args, 96, device="cuda", dtype=torch.float32)
     load_into(model, info, 0, 1)
     engine = Engine(model, load_tokenizer(info.tokenizer_path),
-                    EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16, async_scheduling=True))
-    assert engine.capture_s > 0 and len(engine.runner.decode._captured) == 3 * 2  # B 1, 2, 4 x S 64, 96
+                    EngineConfig(max_batch_size=4, max_seq_len=96, prefill_chunk=16, async_scheduling=True,
+                                 kv_cache_memory_gb=1))
+    assert engine.capture_s > 0 and len(engine.runner.decode._captured) == 3 * 2  # B 1, 2, 4 x 4, 6 blocks (64, 96)
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=c["max_gen_len"], temperature=0, logprobs=2))
             for p in c["prompt_token_ids"][:4]]
