@@ -49,6 +49,33 @@ def test_golden_at_mp2_matches_meta_reference(golden_mp2, golden):
         assert max(abs(a - b) for a, b in zip(o.logprobs, want["logprobs"])) < 1e-4
 
 
+def test_golden_at_mp2_under_forced_preemption(ray_local, golden):
+    """Both ranks apply the same table changes when the driver preempts (a freed row taken again
+    in the same plan, blocks evicted from the prefix cache and given out anew): Meta's tokens,
+    twice over (the second pass on whatever the first left cached). The choices-of-one-prompt
+    test below takes a prompt from the prefix cache at MP=2."""
+    from llama.engine.kv_memory import GIB, token_nbytes
+    from llama.model.args import ModelArgs
+
+    c = golden["completions"]
+    args = ModelArgs.from_json(GOLDEN_CKPT / "params.json")
+    blocks = 20  # of 4 positions: the longest request (65 positions) fits alone, the six together do not
+    g = _start(ray_local, GOLDEN_CKPT, 2, block_size=4, prefill_chunk=8,
+               kv_cache_memory_gb=blocks * 4 * token_nbytes(args, 2, 4) / GIB)
+    try:
+        first = g.generate(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))
+        again = g.generate(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))
+        engine = asyncio.run(g.cluster_info())["engine"]
+    finally:
+        g.shutdown()
+    for out in (first, again):
+        assert [o.token_ids for o in out] == c["generated_token_ids"]
+        for o, want in zip(out, c["results"]):
+            assert max(abs(a - b) for a, b in zip(o.logprobs, want["logprobs"])) < 1e-4
+    assert engine["kv_blocks"] == blocks and engine["preemptions"] > 0
+    assert engine_idle(engine)
+
+
 def test_seeded_sampling_same_on_every_rank_and_alone(golden_mp2, golden):
     c = golden["completions"]
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, seed=40 + i))
