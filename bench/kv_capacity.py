@@ -160,11 +160,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads in each engine's process")
     p.add_argument("--slot-tree", default="/tmp/slot-tree", help=f"a worktree of commit {SLOT_COMMIT} (made if absent)")
+    p.add_argument("--profile", action="store_true", help="also print where the paged engine's time went (cProfile)")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "SPEC"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         kind, spec_path = a.worker
-        print(json.dumps(serve(kind, json.loads(Path(spec_path).read_text()))))
+        spec = json.loads(Path(spec_path).read_text())
+        if spec.get("profile") and kind == "paged":
+            import cProfile
+            import io
+            import pstats
+
+            prof = cProfile.Profile()
+            result = prof.runcall(serve, kind, spec)
+            out = io.StringIO()
+            pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(12)
+            print(out.getvalue(), file=sys.stderr)
+        else:
+            result = serve(kind, spec)
+        print(json.dumps(result))
         return
 
     from llama.checkpoints.make_tiny import make_tiny
@@ -176,7 +190,7 @@ def main() -> None:
     vocab = load_tokenizer(ckpt / "tokenizer.model").n_words
     reqs = workload(a.requests, a.rate, vocab, a.seed)
     spec = {"ckpt": str(ckpt), "requests": reqs, "slots": a.slots, "slot_len": a.slot_len, "block_size": a.block_size,
-            "max_batch": a.max_batch, "prefill_chunk": a.prefill_chunk, "threads": a.threads}
+            "max_batch": a.max_batch, "prefill_chunk": a.prefill_chunk, "threads": a.threads, "profile": a.profile}
     (tmp / "spec.json").write_text(json.dumps(spec))
     arrival = "all at once" if a.rate <= 0 else f"at {a.rate}/s (Poisson)"
     print(f"model dim {a.dim}, {a.n_layers} layers, vocab {vocab}, random weights; {a.requests} requests {arrival}, "
@@ -186,7 +200,7 @@ def main() -> None:
     here = str(Path(__file__).resolve().parent.parent)
     paged = run_worker("paged", here, str(tmp / "spec.json"))
     # The paged engine held to the slot engine's rows: what paging costs a step at equal batch.
-    (tmp / "rows.json").write_text(json.dumps({**spec, "max_batch": a.slots}))
+    (tmp / "rows.json").write_text(json.dumps({**spec, "max_batch": a.slots, "profile": False}))
     rows = run_worker("paged", here, str(tmp / "rows.json"))
 
     def tok_s(r: dict) -> float:
