@@ -27,6 +27,11 @@ class ParallelConfig:
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     cpus_per_rank: float = 1.0  # logical CPUs in each rank's placement bundle
+    # Threads each rank's step computes with (torch's and oneDNN's). None: the cores this rank's
+    # machine lets its process use, shared evenly among the gang's ranks on that machine (as
+    # vLLM's CPU backend binds its ranks), at least 1. Ray's own default would be the bundle's
+    # CPUs rounded down (1 for the demo's 0.5), which leaves cores idle.
+    threads_per_rank: int | None = None
     placement_strategy: str = "PACK"  # STRICT_SPREAD puts each rank on its own node
     # False: a gang the cluster's nodes could never hold fails at once, saying why. True (a
     # cluster that adds nodes on demand): it waits placement_timeout_s for them instead.
@@ -50,6 +55,9 @@ class ParallelConfig:
                if getattr(self, k) not in v]
         if type(self.model_parallel_size) is not int or not 1 <= self.model_parallel_size <= 64:  # bool is no count
             bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
+        if self.threads_per_rank is not None and (type(self.threads_per_rank) is not int or self.threads_per_rank < 1):
+            bad.append(f"threads_per_rank must be an integer >= 1 (or null: the machine's cores shared by its ranks), "
+                       f"got {self.threads_per_rank!r}")
         if not isinstance(self.autoscaling, bool):
             bad.append(f"autoscaling must be true or false, got {self.autoscaling!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
@@ -59,6 +67,10 @@ class ParallelConfig:
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
         if bad:
             raise ValueError("parallel settings: " + "; ".join(bad) + ".")
+
+    def threads(self, ranks_here: int, cores: int) -> int:
+        """A rank's threads, with ranks_here of its gang on a machine of `cores` usable cores."""
+        return self.threads_per_rank if self.threads_per_rank is not None else max(1, cores // max(1, ranks_here))
 
 
 @dataclass(frozen=True)

@@ -275,7 +275,8 @@ class RankGroup:
             "placement_group_id": self.placement.id.hex(),
             "start": self.progress.as_dict(),
             "ranks": [
-                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load": st.load, "weights_from": st.weights_from}
+                {**asdict(i), "gpu_ids": list(i.gpu_ids), "load": st.load, "weights_from": st.weights_from,
+                 "threads": st.threads}
                 for i, st in zip(self.infos, self.states)
             ],
         }

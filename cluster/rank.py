@@ -57,6 +57,7 @@ class RankState:
     dtype: str
     load: dict  # llama.checkpoints.load_progress.LoadProgress.as_dict(): bytes, rate, seconds
     weights_from: str  # "local files", or the object store from a machine that has them
+    threads: int = 1  # the threads its step computes with (parallel.threads_per_rank)
 
 
 class RankActor:
@@ -72,6 +73,7 @@ class RankActor:
         self.progress: LoadProgress | None = None  # set when loading begins
         self.sampler: RankSampler | None = None  # exports metrics once the loop runs
         self.channel: PlanChannel | None = None
+        self.threads = 1  # the step's threads (parallel.threads_per_rank), settled when joining
         self._stop = threading.Event()
         self._loop: threading.Thread | None = None
         self._loop_error: BaseException | None = None
@@ -150,6 +152,10 @@ class RankActor:
             timeout=timedelta(seconds=max(par.rendezvous_timeout_s, par.call_timeout_s)),
         )
         init_model_parallel(self.world_size)
+        ips: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(ips, ray.util.get_node_ip_address())
+        self.threads = par.threads(ips.count(ray.util.get_node_ip_address()), len(os.sched_getaffinity(0)))
+        torch.set_num_threads(self.threads)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
@@ -191,6 +197,7 @@ class RankActor:
 
     def _load_weights(self, holder: str | None) -> RankState:
         par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
+        torch.set_num_threads(self.threads)  # each thread that computes sets its own (OpenMP's are per thread)
         dtype = resolve_dtype(par.dtype, self.device)
         model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype)
         self.progress = LoadProgress(rank_nbytes(ckpt, self.rank, self.world_size))
@@ -220,7 +227,8 @@ class RankActor:
         self.model = model
         log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())
         return RankState(backend=dist.get_backend(), device=str(self.device), dtype=str(dtype).removeprefix("torch."),
-                         load=self.progress.as_dict(), weights_from=self.weights_from)
+                         load=self.progress.as_dict(), weights_from=self.weights_from,
+                         threads=self.threads)
 
     async def start_loop(self) -> None:
         """Stage ready: the driver's engine loop, or a follower's, on a thread of its own; and
@@ -245,6 +253,7 @@ class RankActor:
             pass
 
     def _run_loop(self) -> None:
+        torch.set_num_threads(self.threads)
         try:
             if self.engine is not None:
                 self.engine.run(self._stop)

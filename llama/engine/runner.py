@@ -21,6 +21,7 @@ from llama.engine.decode_step import DecodeStep
 from llama.engine.device_io import to_device
 from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
 from llama.model.kv_cache import KVCache
+from llama.model.linear import pack_for_cpu
 from llama.model.packed import AttentionGroup, PackedBatch
 from llama.model.transformer import Transformer
 
@@ -106,6 +107,7 @@ class ModelRunner:
         reach the others over the model-parallel group, on the device, when a plan uses them."""
         self.model = model
         self.cache = cache
+        pack_for_cpu(model)  # oneDNN's layout for the linear layers' weights, on the CPU (llama/model/linear.py)
         # The tokens the last step sampled, row j for the plan's sampled_token(j). The driver's
         # engine writes them (record_sampled); the other ranks receive them.
         self.sampled = torch.zeros(cache.max_rows, dtype=torch.long, device=model.device)

@@ -5,6 +5,7 @@ caller mistakes leave the gang healthy; rank failure does not."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -152,6 +153,8 @@ def test_cluster_info_shows_each_rank(golden_mp2):
     assert [s["stage"] for s in info["start"]["finished_stages"]] == list(STAGES) and info["start"]["stage"] == "ready"
     assert all(r["load"]["done_bytes"] == r["load"]["total_bytes"] > 0 for r in info["ranks"])
     assert all(r["weights_from"] == "local files" for r in info["ranks"])
+    # threads_per_rank null: this machine's cores shared by the gang's two ranks on it
+    assert [r["threads"] for r in info["ranks"]] == [max(1, len(os.sched_getaffinity(0)) // 2)] * 2
 
 
 def test_a_stage_past_its_deadline_stops_the_start_naming_the_stage_and_the_fix(ray_local, tiny_ckpts):

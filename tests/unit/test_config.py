@@ -41,6 +41,9 @@ def test_the_defaults_are_valid():
     ("load_timeout_s", 0),
     ("call_timeout_s", -5),
     ("call_timeout_s", float("nan")),
+    ("threads_per_rank", 0),
+    ("threads_per_rank", 1.5),
+    ("threads_per_rank", True),
 ])
 def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
     with pytest.raises(ValueError, match=f"parallel settings: {setting} must be"):
@@ -51,6 +54,14 @@ def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
                                            ("placement_strategy", "STRICT_SPREAD"), ("model_parallel_size", 64)])
 def test_parallel_config_accepts_the_documented_choices(setting, value):
     assert getattr(ParallelConfig(**{setting: value}), setting) == value
+
+
+def test_a_ranks_threads_share_its_machines_cores_unless_set():
+    assert ParallelConfig().threads(ranks_here=1, cores=2) == 2
+    assert ParallelConfig().threads(ranks_here=2, cores=2) == 1
+    assert ParallelConfig().threads(ranks_here=4, cores=2) == 1  # never 0
+    assert ParallelConfig().threads(ranks_here=2, cores=16) == 8
+    assert ParallelConfig(threads_per_rank=3).threads(ranks_here=2, cores=2) == 3
 
 
 def test_every_bad_parallel_setting_is_named_at_once():

@@ -1,0 +1,206 @@
+"""Where the engine's step time goes, on the peer benchmark's model and workload, in one process.
+
+    .venv/bin/python bench/step_profile.py [--concurrency 1 16] [--requests 32] [--threads 2]
+
+The model is bench/peer.py's Hugging Face folder (written on first use with this venv's
+transformers: dim 1024, 8 layers, 16 heads over 4 KV heads, FFN 2816, vocab 32,000, float32,
+random weights), served by the library's Engine in this process at MP=1, with peer.py's settings:
+16 sequences at most, a prefill budget of 256 tokens a step, model length 1024. A closed loop keeps
+--concurrency requests in flight (256-token random prompts, 128 greedy tokens, no end token) until
+--requests have been answered. Every part of a step is timed by wrapping it (exclusive wall time,
+nested parts subtracted; the CPU runs each op before returning, so wall time is the op's):
+the linear layers (attention's q/k/v/o, the MLP's w1/w2/w3, the output layer), SDPA, writing
+and gathering KV blocks, rotary, norms, the MLP's SiLU and product, the rest of the forward,
+packing the batch, sampling, planning, reading back and emitting (detokenising included).
+Prints output tokens/s and, per concurrency, each part's share of the time in steps and its ms
+per step. A second figure times the same loop unwrapped, so the wrappers' own cost shows.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+class Timers:
+    """Exclusive wall time per label over nested wrapped calls."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = defaultdict(float)
+        self.stack: list[list] = []  # [label, start, children's time]
+        self.undo: list = []
+
+    def wrap(self, owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+        timers = self
+
+        def timed(*args, **kwargs):
+            timers.stack.append([label, time.perf_counter(), 0.0])
+            try:
+                return original(*args, **kwargs)
+            finally:
+                lab, t0, child = timers.stack.pop()
+                took = time.perf_counter() - t0
+                timers.total[lab] += took - child
+                if timers.stack:
+                    timers.stack[-1][2] += took
+
+        setattr(owner, name, timed)
+        self.undo.append((owner, name, original))
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self.undo):
+            setattr(owner, name, original)
+        self.undo.clear()
+
+
+def instrument(engine, timers: Timers) -> None:
+    import llama.engine.core as core
+    import llama.engine.runner as runner
+    import llama.model.transformer as tr
+    import torch.nn.functional as F
+    from llama.engine.decode_step import DecodeStep
+    from llama.engine.scheduler import Scheduler
+    from llama.model.kv_cache import KVCache
+    from llama.tokenizers.detokenizer import TextStream
+
+    model = engine.model
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        for m in (a.wq, a.wk, a.wv, a.wo):
+            timers.wrap(m, "forward", "linear: attention q/k/v/o")
+        for m in (f.w1, f.w2, f.w3):
+            timers.wrap(m, "forward", "linear: MLP w1/w2/w3")
+        timers.wrap(layer.attention_norm, "forward", "RMSNorm")
+        timers.wrap(layer.ffn_norm, "forward", "RMSNorm")
+        timers.wrap(f, "forward", "MLP SiLU and product")
+        timers.wrap(a, "forward", "attention, the rest")
+        timers.wrap(a, "decode", "attention, the rest")
+        timers.wrap(layer, "forward", "layer, the rest (residuals)")
+        timers.wrap(layer, "decode", "layer, the rest (residuals)")
+    timers.wrap(model.norm, "forward", "RMSNorm")
+    timers.wrap(model.output, "forward", "linear: output (logits)")
+    timers.wrap(model.tok_embeddings, "forward", "embedding")
+    timers.wrap(model, "forward", "forward, the rest")
+    timers.wrap(model, "decode", "forward, the rest")
+    timers.wrap(F, "scaled_dot_product_attention", "SDPA")
+    timers.wrap(tr, "apply_rotary_emb", "rotary")
+    timers.wrap(KVCache, "write", "KV write")
+    timers.wrap(KVCache, "gather", "KV gather")
+    timers.wrap(runner, "pack", "pack (prefill batch)")
+    timers.wrap(DecodeStep, "run", "decode inputs")
+    timers.wrap(engine.runner, "execute", "runner, the rest")
+    timers.wrap(core, "sample", "sampling")
+    timers.wrap(Scheduler, "schedule", "planning (scheduler)")
+    timers.wrap(engine, "_plan", "planning (plan)")
+    timers.wrap(TextStream, "push", "detokenising")
+    timers.wrap(engine, "_complete", "read back and emit")
+    timers.wrap(engine, "_launch", "sampling")
+    timers.wrap(engine, "step", "step, the rest")
+
+
+def build(ckpt: Path, threads: int):
+    from llama.checkpoints.load import inspect_checkpoint, load_into
+    from llama.distributed import init_model_parallel, init_single_process_group
+    from llama.engine.config import EngineConfig
+    from llama.engine.core import Engine
+    from llama.model.transformer import Transformer
+    from llama.tokenizers.load import load_tokenizer
+
+    from peer import MAX_SEQS, MODEL_LEN, PREFILL
+
+    torch.set_num_threads(threads)
+    init_single_process_group("gloo")
+    init_model_parallel(1)
+    info = inspect_checkpoint(str(ckpt))
+    model = Transformer(info.args, MODEL_LEN)
+    load_into(model, info, 0, 1)
+    tok = load_tokenizer(info.tokenizer_path)
+    tok.stop_ids = frozenset()  # no end token: every request runs to max_tokens
+    cfg = EngineConfig(max_batch_size=MAX_SEQS, max_seq_len=MODEL_LEN, prefill_chunk=PREFILL)
+    return Engine(model, tok, cfg)
+
+
+def closed_loop(engine, concurrency: int, requests: int, vocab: int, seed: int) -> tuple[int, float, int]:
+    """Keep `concurrency` requests in flight until `requests` are answered: tokens, wall s, steps."""
+    from llama.engine.request import GenerationRequest, SamplingParams
+
+    from peer import MAX_TOKENS, PROMPT_LEN
+
+    rng = random.Random(seed)
+    done: list[int] = []
+    generated = [0]
+
+    def sink(d) -> None:
+        if isinstance(d, BaseException):
+            raise d
+        generated[0] += len(d.token_ids)
+        if d.finish_reason is not None:
+            done.append(1)
+
+    sent = 0
+
+    def send() -> None:
+        nonlocal sent
+        prompt = tuple([1] + [rng.randrange(3, vocab) for _ in range(PROMPT_LEN - 1)])
+        engine.submit(f"{seed}-{sent}", GenerationRequest(prompt, SamplingParams(max_tokens=MAX_TOKENS, temperature=0)),
+                      sink)
+        sent += 1
+
+    steps0 = engine.stats.steps
+    t0 = time.perf_counter()
+    for _ in range(min(concurrency, requests)):
+        send()
+    while len(done) < requests:
+        finished = len(done)
+        engine.step()
+        for _ in range(len(done) - finished):
+            if sent < requests:
+                send()
+    return generated[0], time.perf_counter() - t0, engine.stats.steps - steps0
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--requests", type=int, default=32, help="answered per concurrency (at least the concurrency)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
+    a = p.parse_args(argv)
+    import peer
+
+    ckpt = peer.ensure_checkpoint(Path(a.workdir) / "ckpt", Path(sys.executable))
+    engine = build(ckpt, a.threads)
+    vocab = engine.model.args.vocab_size
+    closed_loop(engine, 2, 2, vocab, seed=99)  # warm-up
+    print(f"{peer.MODEL} model {ckpt}, {a.threads} threads, torch {torch.__version__}; "
+          f"{peer.PROMPT_LEN}-token prompts, {peer.MAX_TOKENS} greedy tokens")
+    for c in a.concurrency:
+        n = max(a.requests, c)
+        tokens, wall, steps = closed_loop(engine, c, n, vocab, seed=c)
+        print(f"\nconcurrency {c}, {n} requests, unwrapped: {tokens / wall:.1f} output tok/s, "
+              f"{1000 * wall / steps:.1f} ms per step ({steps} steps)")
+        timers = Timers()
+        instrument(engine, timers)
+        try:
+            tokens, wall, steps = closed_loop(engine, c, n, vocab, seed=1000 + c)
+        finally:
+            timers.restore()
+        total = sum(timers.total.values())
+        print(f"wrapped: {tokens / wall:.1f} output tok/s, {1000 * wall / steps:.1f} ms per step; "
+              f"timed parts {total:.2f} s of {wall:.2f} s")
+        for label, s in sorted(timers.total.items(), key=lambda kv: -kv[1]):
+            print(f"  {label:34s} {100 * s / total:5.1f}%  {1000 * s / steps:7.2f} ms/step")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The model's linear layers: fairscale's column- and row-parallel layers, whose matmul runs on
+oneDNN with prepacked weights on the CPU.
+
+fairscale's layers call F.linear, which on the CPU is MKL's sgemm. On the project's CPU machine
+(AMD EPYC, AVX-512) oneDNN's matmul over a weight reordered once into its blocked layout is
+2.5-4x faster for the peer benchmark's shapes at 1, 16 and 256 rows, in float32 and bfloat16
+(bench/step_profile.py; the README's Measured table), and batch-invariant: a row's output does
+not depend on the rows beside it. vLLM's CPU backend runs its linear layers the same way.
+
+`pack_for_cpu(model)` reorders every such layer's weight once its checkpoint is loaded (the
+engine does it as it starts) and releases the dense copy, so the weights are held once; a
+packed layer then computes with the packed weight; under autograd (gradients to its input, never
+the weight) with a dense copy made for that call, as oneDNN's op has no backward. A weight shared with another module (tied embeddings) keeps its
+dense copy too. Nothing changes on CUDA, or where oneDNN cannot run the dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from fairscale.nn.model_parallel import layers as fs_layers
+from fairscale.nn.model_parallel.mappings import (
+    copy_to_model_parallel_region,
+    gather_from_model_parallel_region,
+    reduce_from_model_parallel_region,
+)
+from torch import nn
+
+
+def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    packed = layer.__dict__.get("packed")
+    if packed is None:
+        return F.linear(x, layer.weight)
+    if x.requires_grad and torch.is_grad_enabled():  # oneDNN's op has no backward: the dense weight, for once
+        return F.linear(x, packed.to_dense())
+    shape = x.shape
+    out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), packed, None, "none", [], "")
+    return out.view(*shape[:-1], out.shape[-1])
+
+
+class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
+    """fairscale's layer (weight cut along the output features), its matmul by `_matmul`."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = _matmul(self, copy_to_model_parallel_region(input_))
+        return gather_from_model_parallel_region(out) if self.gather_output else out
+
+
+class RowParallelLinear(fs_layers.RowParallelLinear):
+    """fairscale's layer (weight cut along the input features; its outputs all-reduced)."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        assert self.input_is_parallel and self.bias is None, "the model's row-parallel layers take parallel input"
+        return reduce_from_model_parallel_region(_matmul(self, input_))
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether oneDNN runs this dtype's matmul here."""
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def pack_for_cpu(model: nn.Module) -> int:
+    """Reorder every linear layer's weight into oneDNN's layout, once; returns how many layers it
+    packed (0 on CUDA, or for a dtype oneDNN cannot run here). The dense weights are released:
+    each layer's `weight` becomes a meta tensor of its shape, so the weights are held once."""
+    shared = {p.untyped_storage().data_ptr() for name, p in model.named_parameters()
+              if not isinstance(_owner(model, name), (ColumnParallelLinear, RowParallelLinear))}
+    n = 0
+    for module in model.modules():
+        if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or "packed" in module.__dict__:
+            continue
+        w = module.weight
+        if not can_pack(w.device, w.dtype):
+            continue
+        with torch.no_grad():
+            module.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+        if w.untyped_storage().data_ptr() not in shared:
+            module.weight = nn.Parameter(torch.empty_like(w, device="meta"), requires_grad=False)
+        n += 1
+    return n
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name.rpartition(".")[0]) if "." in name else model
