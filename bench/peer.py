@@ -13,8 +13,8 @@ with one request, and driven at each concurrency by the same client: a closed lo
 sending the same 256-token prompts (random ids, seeded) for 128 greedy tokens each, streamed,
 token ids returned. Equal settings: at most 16 sequences (`max_batch_size` / `--max-num-seqs`),
 a prefill budget of 256 tokens a step (`prefill_chunk` / `--max-num-batched-tokens`), model
-length 1024, float32, the same threads (OMP_NUM_THREADS for our ranks through `parallel.env`;
-vLLM's VLLM_CPU_OMP_THREADS_BIND). --mp 2 runs our model_parallel_size 2 against vLLM's
+length 1024, float32, the same threads (`parallel.threads_per_rank` for our ranks; vLLM's
+VLLM_CPU_OMP_THREADS_BIND). --mp 2 runs our model_parallel_size 2 against vLLM's
 --tensor-parallel-size 2.
 
 Prints one table: output tokens/s, TTFT and TPOT p50/p99 for each server and the ratio
@@ -194,7 +194,7 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int) -> Server:
+def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int, env: dict[str, str] | None = None) -> Server:
     """`serve run` of a config like deploy/config.yaml, with the peer's settings."""
     config = {
         "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
@@ -203,7 +203,7 @@ def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int) -> Server:
             "engine": {"max_batch_size": MAX_SEQS, "prefill_chunk": PREFILL, "max_seq_len": MODEL_LEN,
                        "max_waiting": 256},
             "parallel": {"model_parallel_size": mp, "device": "cpu", "dtype": "float32", "cpus_per_rank": 0.5,
-                         "env": {"OMP_NUM_THREADS": str(threads)}}}}]}
+                         "threads_per_rank": threads, "env": env or {}}}}]}
     path = work / f"ours-mp{mp}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return Server("ours", [str(REPO / ".venv" / "bin" / "serve"), "run", str(path)], f"http://127.0.0.1:{port}")
@@ -292,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mp", type=int, default=1, help="our model_parallel_size and vLLM's --tensor-parallel-size")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads of a rank (per rank at --mp 2: 1)")
     p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
+    p.add_argument("--only", choices=("ours", "vLLM"), help="serve and drive one of the two (no table)")
+    p.add_argument("--our-env", nargs="*", default=[], metavar="NAME=VALUE", help="more variables for our ranks")
     a = p.parse_args(argv)
     threads = max(1, a.threads // a.mp)
     work = Path(a.workdir)
@@ -300,13 +302,13 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = ensure_checkpoint(work / "ckpt", venv_python)
     rnd = random.Random(1)
     prompts = [[rnd.randrange(3, 32000) for _ in range(PROMPT_LEN)] for _ in range(64)]
-    servers = {"ours": ours(ckpt, a.mp, threads, work, 8000), "vLLM": vllm(work / "venv", ckpt, a.mp, threads, 8001)}
+    servers = {"ours": ours(ckpt, a.mp, threads, work, 8000, dict(e.split("=", 1) for e in a.our_env)), "vLLM": vllm(work / "venv", ckpt, a.mp, threads, 8001)}
     startup: dict[str, list[float]] = {n: [] for n in servers}
     rss: dict[str, list[float]] = {n: [] for n in servers}
     tps: dict[tuple[str, int], list[float]] = {}
     lat: dict[tuple[str, int], list[Result]] = {}
     for r in range(a.rounds):
-        for name in (["ours", "vLLM"] if r % 2 == 0 else ["vLLM", "ours"]):
+        for name in [n for n in (["ours", "vLLM"] if r % 2 == 0 else ["vLLM", "ours"]) if a.only in (None, n)]:
             server = servers[name]
             try:
                 startup[name].append(server.start(work / f"{name}-mp{a.mp}-round{r}.log"))
@@ -319,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
                 rss[name].append(server.rss_mb())
             finally:
                 server.stop()
-    report(a, threads, startup, rss, tps, lat)
+    if a.only is None:
+        report(a, threads, startup, rss, tps, lat)
 
 
 def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: dict, lat: dict) -> None:

@@ -27,10 +27,10 @@ class ParallelConfig:
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
     cpus_per_rank: float = 1.0  # logical CPUs in each rank's placement bundle
-    # Threads each rank's step computes with (torch's and oneDNN's). None: the cores this rank's
-    # machine lets its process use, shared evenly among the gang's ranks on that machine (as
-    # vLLM's CPU backend binds its ranks), at least 1. Ray's own default would be the bundle's
-    # CPUs rounded down (1 for the demo's 0.5), which leaves cores idle.
+    # Threads each rank's step computes with (its OMP_NUM_THREADS). None: its machine's CPUs (as
+    # Ray counts them) shared evenly among the gang's ranks placed there (as vLLM's CPU backend
+    # binds its ranks), at least 1. Ray's own default would be the bundle's CPUs rounded down
+    # (1 for the demo's 0.5), which leaves cores idle.
     threads_per_rank: int | None = None
     placement_strategy: str = "PACK"  # STRICT_SPREAD puts each rank on its own node
     # False: a gang the cluster's nodes could never hold fails at once, saying why. True (a
@@ -62,6 +62,9 @@ class ParallelConfig:
             bad.append(f"autoscaling must be true or false, got {self.autoscaling!r}")
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             bad.append(f"env must map names to string values, got {self.env!r}")
+        elif "OMP_NUM_THREADS" in self.env:
+            bad.append("env must not set OMP_NUM_THREADS: set threads_per_rank instead (null: the machine's CPUs "
+                       "shared by the gang's ranks on it)")
         positive = ("cpus_per_rank", "placement_timeout_s", "actors_timeout_s", "rendezvous_timeout_s",
                     "collective_timeout_s", "load_timeout_s", "call_timeout_s")
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
@@ -69,7 +72,7 @@ class ParallelConfig:
             raise ValueError("parallel settings: " + "; ".join(bad) + ".")
 
     def threads(self, ranks_here: int, cores: int) -> int:
-        """A rank's threads, with ranks_here of its gang on a machine of `cores` usable cores."""
+        """A rank's threads, with ranks_here of its gang on a machine of `cores` CPUs."""
         return self.threads_per_rank if self.threads_per_rank is not None else max(1, cores // max(1, ranks_here))
 
 

@@ -69,8 +69,9 @@ class RankGroup:
                 placement = acquire(plan_bundles(par), par.placement_strategy, deadline, par.autoscaling)
                 first_bundle = 0
             deadline = progress.enter("actors")
-            actors = [_RemoteRank.options(**rank_options(par, placement, first_bundle + r)).remote(config, r)
-                      for r in range(par.model_parallel_size)]
+            bundles = range(first_bundle, first_bundle + par.model_parallel_size)
+            actors = [_RemoteRank.options(**rank_options(par, placement, b, bundles)).remote(config, r)
+                      for r, b in enumerate(bundles)]
             _within(progress, [a.ping.remote() for a in actors])
             progress.enter("rendezvous")
             addr, port = _within(progress, [actors[0].rendezvous_address.remote()])[0]

@@ -6,6 +6,7 @@ the N rank actors. Outside Serve (tests, scripts) the group holds just the N ran
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import replace
 
@@ -33,15 +34,33 @@ def plan_bundles(parallel: ParallelConfig, replica_cpus: float | None = None) ->
     return head + [dict(rank) for _ in range(parallel.model_parallel_size)]
 
 
-def rank_options(parallel: ParallelConfig, placement: PlacementGroup, bundle: int) -> dict:
+def rank_options(parallel: ParallelConfig, placement: PlacementGroup, bundle: int,
+                 rank_bundles: range | None = None) -> dict:
     """Ray actor options for one rank's process (or the doctor's probe of it) on `bundle`: its
-    resources, the variables every rank gets (parallel.env), its place."""
+    resources, the variables every rank gets (parallel.env, and OMP_NUM_THREADS: its threads),
+    its place. rank_bundles: the gang's rank bundles (None: one per rank from bundle 0)."""
+    threads = rank_threads(parallel, placement, bundle, rank_bundles or range(parallel.model_parallel_size))
     return {
         "num_cpus": parallel.cpus_per_rank,
         "num_gpus": 1 if parallel.device == "cuda" else 0,
-        "runtime_env": {"env_vars": dict(parallel.env)} if parallel.env else None,
+        # Before the process starts: OpenMP reads it once, and a pool that first ran one thread
+        # and is then told two runs oneDNN's matmul several times slower than one started at two.
+        "runtime_env": {"env_vars": {**parallel.env, "OMP_NUM_THREADS": str(threads)}},
         "scheduling_strategy": PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=bundle),
     }
+
+
+def rank_threads(parallel: ParallelConfig, placement: PlacementGroup, bundle: int, rank_bundles: range) -> int:
+    """The threads of the rank on `bundle` (parallel.threads_per_rank): unless set, its node's CPUs
+    (as Ray counts them) shared by the gang's ranks placed on that node."""
+    if parallel.threads_per_rank is not None:
+        return parallel.threads_per_rank
+    nodes = ray.util.placement_group_table(placement)["bundles_to_node_id"]
+    node = nodes[bundle]
+    cpus = int(next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0))
+    if node == ray.get_runtime_context().get_node_id():
+        cpus = min(cpus, len(os.sched_getaffinity(0)))  # a Ray started with more CPUs than this machine has
+    return parallel.threads(sum(nodes[b] == node for b in rank_bundles), cpus)
 
 
 def settle_device(parallel: ParallelConfig) -> ParallelConfig:

@@ -9,6 +9,7 @@ control calls (ping, info, load, abort) answer while a step computes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import os
 import threading
@@ -21,6 +22,7 @@ import ray
 import torch
 import torch.distributed as dist
 
+from cluster.compute_thread import ComputeThread
 from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
 from cluster.metrics import RankSampler
@@ -73,9 +75,10 @@ class RankActor:
         self.progress: LoadProgress | None = None  # set when loading begins
         self.sampler: RankSampler | None = None  # exports metrics once the loop runs
         self.channel: PlanChannel | None = None
-        self.threads = 1  # the step's threads (parallel.threads_per_rank), settled when joining
+        self.threads = torch.get_num_threads()  # OMP_NUM_THREADS, from parallel.threads_per_rank (cluster/placement.py)
         self._stop = threading.Event()
-        self._loop: threading.Thread | None = None
+        self._compute = ComputeThread(f"rank{rank}-compute")  # every torch call of this rank runs here
+        self._loop: concurrent.futures.Future | None = None  # the loop, running on _compute
         self._loop_error: BaseException | None = None
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
 
@@ -92,7 +95,7 @@ class RankActor:
         """Raises when this rank's loop has ended (a failed step, a lost driver)."""
         if self._loop_error is not None:
             raise RuntimeError(f"rank {self.rank}'s loop failed: {self._loop_error!r}")
-        if self._loop is not None and not self._loop.is_alive() and not self._stop.is_set():
+        if self._loop is not None and self._loop.done() and not self._stop.is_set():
             raise RuntimeError(f"rank {self.rank}'s loop has ended")
         runner = self.engine.runner if self.engine is not None else self.runner
         since = runner.busy_since if runner is not None else None
@@ -131,7 +134,7 @@ class RankActor:
     async def join(self, master_addr: str, master_port: int) -> tuple[str, str]:
         """Stage rendezvous: join the gang's process group at rank 0's address, bound to this
         node's interface. Returns (backend, device)."""
-        return await asyncio.to_thread(self._join, master_addr, master_port)
+        return await self._compute.run(self._join, master_addr, master_port)
 
     def _join(self, master_addr: str, master_port: int) -> tuple[str, str]:
         par, eng = self.config.parallel, self.config.engine
@@ -152,10 +155,6 @@ class RankActor:
             timeout=timedelta(seconds=max(par.rendezvous_timeout_s, par.call_timeout_s)),
         )
         init_model_parallel(self.world_size)
-        ips: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(ips, ray.util.get_node_ip_address())
-        self.threads = par.threads(ips.count(ray.util.get_node_ip_address()), len(os.sched_getaffinity(0)))
-        torch.set_num_threads(self.threads)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
@@ -166,7 +165,7 @@ class RankActor:
     async def first_collective(self) -> float:
         """Stage collective: one all-reduce and one broadcast across the gang, checked; returns
         the seconds they took."""
-        return await asyncio.to_thread(self._first_collective)
+        return await self._compute.run(self._first_collective)
 
     def _first_collective(self) -> float:
         t0 = time.perf_counter()
@@ -188,7 +187,7 @@ class RankActor:
         """Stage weights: build the model and copy this rank's slices into it, from local files
         or, on a machine without them, from `holder`, a node that has them (found once for the
         gang); log the progress as it goes."""
-        work = asyncio.ensure_future(asyncio.to_thread(self._load_weights, holder))
+        work = asyncio.ensure_future(self._compute.run(self._load_weights, holder))
         while not work.done():
             await asyncio.wait([work], timeout=5.0)
             if not work.done() and self.progress is not None:
@@ -197,7 +196,6 @@ class RankActor:
 
     def _load_weights(self, holder: str | None) -> RankState:
         par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
-        torch.set_num_threads(self.threads)  # each thread that computes sets its own (OpenMP's are per thread)
         dtype = resolve_dtype(par.dtype, self.device)
         model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype)
         self.progress = LoadProgress(rank_nbytes(ckpt, self.rank, self.world_size))
@@ -233,8 +231,7 @@ class RankActor:
     async def start_loop(self) -> None:
         """Stage ready: the driver's engine loop, or a follower's, on a thread of its own; and
         the sampler that exports this rank's metrics (cluster/metrics.py)."""
-        self._loop = threading.Thread(target=self._run_loop, name=f"rank{self.rank}-loop", daemon=True)
-        self._loop.start()
+        self._loop = self._compute.submit(self._run_loop)
         if self.engine is not None:
             read = self._read_driver
         else:
@@ -253,7 +250,6 @@ class RankActor:
             pass
 
     def _run_loop(self) -> None:
-        torch.set_num_threads(self.threads)
         try:
             if self.engine is not None:
                 self.engine.run(self._stop)
@@ -296,6 +292,6 @@ class RankActor:
         if self.sampler is not None:
             self.sampler.stop()
         if self._loop is not None:
-            await asyncio.to_thread(self._loop.join, 10)
+            await asyncio.to_thread(concurrent.futures.wait, [self._loop], 10)
         if dist.is_initialized():
             dist.destroy_process_group()

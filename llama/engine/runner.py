@@ -1,12 +1,13 @@
 """ModelRunner: runs one StepPlan through this rank's shard of the model, on its paged KV cache.
 
 Every rank first applies the plan's block-table changes (rows freed, blocks gained), then runs
-the plan in two parts. The one-token segments (decodes, mostly) run as
-one static-shaped decode (llama/engine/decode_step.py: a CUDA graph on CUDA). The longer ones (prefill
-chunks) are packed into one sequence of tokens, so the linear layers (and their collectives) run
-once for all of them, and attention runs per group of alike segments, each segment against its
-own cached positions, gathered through its block table (`pack`). The logits come back in the
-plan's segment order.
+the plan. The one-token segments (decodes, mostly) run as one static-shaped decode
+(llama/engine/decode_step.py: a CUDA graph on CUDA). The longer ones (prefill chunks) are packed
+into one sequence of tokens, so the linear layers (and their collectives) run once for all of
+them, and attention runs per group of alike segments, each segment against its own cached
+positions, gathered through its block table (`pack`). On the CPU, where nothing is captured, a
+step with prefill chunks packs its decodes with them: one forward, the weights read once. The
+logits come back in the plan's segment order.
 """
 from __future__ import annotations
 
@@ -172,6 +173,13 @@ class ModelRunner:
             # after that step's sampling, before this step's forward; the host never waits.
             src = fs_init.get_model_parallel_src_rank()
             dist.broadcast(self.sampled, src=src, group=fs_init.get_model_parallel_group())
+        if not self.decode.graphs and any(s.length > 1 for s in plan.segments):
+            # Eager (the CPU): decodes and prefill chunks in one packed forward, so the weights are
+            # read once a step and each linear layer runs once on all the step's rows.
+            batch = pack(plan, self.cache, self.model.device)
+            t = batch.tokens  # a decode's input may be -1-j: row j of the last step's tokens
+            batch.tokens = torch.where(t >= 0, t, self.sampled[(-1 - t).clamp(min=0)])
+            return self.model(batch, self.cache)
         singles: list[tuple[Segment, int]] = []  # one-token segments and their tokens
         longer: list[Segment] = []
         longer_tokens: list[int] = []

@@ -28,13 +28,26 @@ from torch import nn
 
 def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     packed = layer.__dict__.get("packed")
-    if packed is None:
-        return F.linear(x, layer.weight)
+    return F.linear(x, layer.weight) if packed is None else _packed_matmul(packed, x)
+
+
+def _packed_matmul(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if x.requires_grad and torch.is_grad_enabled():  # oneDNN's op has no backward: the dense weight, for once
         return F.linear(x, packed.to_dense())
     shape = x.shape
     out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).contiguous(), packed, None, "none", [], "")
     return out.view(*shape[:-1], out.shape[-1])
+
+
+def columns(owner: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """owner's column-parallel layers named in owner.COLUMNS (attention's q, k, v; the MLP's w1,
+    w3), each on x: one matmul over their weights packed side by side where pack_for_cpu fused
+    them, its output split (views)."""
+    fused = owner.__dict__.get("fused_columns")
+    if fused is None:
+        return [getattr(owner, name)(x) for name in owner.COLUMNS]
+    packed, sizes = fused
+    return list(_packed_matmul(packed, copy_to_model_parallel_region(x)).split(sizes, dim=-1))
 
 
 class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
@@ -66,11 +79,26 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 def pack_for_cpu(model: nn.Module) -> int:
     """Reorder every linear layer's weight into oneDNN's layout, once; returns how many layers it
-    packed (0 on CUDA, or for a dtype oneDNN cannot run here). The dense weights are released:
+    packed (0 on CUDA, or for a dtype oneDNN cannot run here). A module's COLUMNS (layers that take
+    the same input) are packed side by side into one weight. The dense weights are released:
     each layer's `weight` becomes a meta tensor of its shape, so the weights are held once."""
     shared = {p.untyped_storage().data_ptr() for name, p in model.named_parameters()
               if not isinstance(_owner(model, name), (ColumnParallelLinear, RowParallelLinear))}
     n = 0
+    for owner in model.modules():  # the fused groups first: their layers' weights go into one
+        group = [getattr(owner, name) for name in getattr(owner, "COLUMNS", ())]
+        if not group or "fused_columns" in owner.__dict__ or any("packed" in m.__dict__ for m in group):
+            continue
+        ws = [m.weight for m in group]
+        if not all(can_pack(w.device, w.dtype) for w in ws) or any(w.untyped_storage().data_ptr() in shared for w in ws):
+            continue
+        with torch.no_grad():
+            owner.fused_columns = (torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), None),
+                                   [w.shape[0] for w in ws])
+        for m in group:
+            m.weight = nn.Parameter(torch.empty_like(m.weight, device="meta"), requires_grad=False)
+            m.packed = None  # computed only through the owner's fused matmul (`columns`)
+        n += len(group)
     for module in model.modules():
         if not isinstance(module, (ColumnParallelLinear, RowParallelLinear)) or "packed" in module.__dict__:
             continue

@@ -26,7 +26,7 @@ from torch import nn
 
 from llama.model.args import ModelArgs
 from llama.model.kv_cache import KVCache
-from llama.model.linear import ColumnParallelLinear, RowParallelLinear
+from llama.model.linear import ColumnParallelLinear, RowParallelLinear, columns
 from llama.model.packed import PackedBatch
 
 
@@ -95,6 +95,8 @@ def apply_rotary_emb(
 
 
 class Attention(nn.Module):
+    COLUMNS = ("wq", "wk", "wv")  # one input: packed side by side on the CPU (llama/model/linear.py)
+
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         mp = fs_init.get_model_parallel_world_size()
@@ -112,9 +114,10 @@ class Attention(nn.Module):
         """x (T, dim): a step's segments packed into one sequence (llama/engine/runner.py);
         freqs_cis (T, hd/2): each token's rotation at its own position."""
         T = x.shape[0]
-        xq = self.wq(x).view(1, T, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(1, T, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(T, self.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = columns(self, x)
+        xq = xq.view(1, T, self.n_local_heads, self.head_dim)
+        xk = xk.view(1, T, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(T, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)
         xq = xq[0]  # (T, heads, hd)
         cache.write(self.layer_id, batch.write_index, xk[0], xv)
@@ -135,9 +138,10 @@ class Attention(nn.Module):
         pool offset write_index[b]; each row attends to the S positions of its blocks tables[b]
         where mask (B, 1, 1, S) allows."""
         B = x.shape[0]
-        xq = self.wq(x).view(1, B, self.n_local_heads, self.head_dim)
-        xk = self.wk(x).view(1, B, self.n_local_kv_heads, self.head_dim)
-        xv = self.wv(x).view(B, self.n_local_kv_heads, self.head_dim)
+        xq, xk, xv = columns(self, x)
+        xq = xq.view(1, B, self.n_local_heads, self.head_dim)
+        xk = xk.view(1, B, self.n_local_kv_heads, self.head_dim)
+        xv = xv.view(B, self.n_local_kv_heads, self.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs_cis)  # the packed layout: row b at its own position
         cache.write(self.layer_id, write_index, xk[0], xv)
         keys, values = cache.gather(self.layer_id, tables)  # (B, S, kv, hd)
@@ -151,6 +155,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    COLUMNS = ("w1", "w3")  # one input: packed side by side on the CPU (llama/model/linear.py)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden = args.ffn_hidden_dim
@@ -159,7 +165,8 @@ class FeedForward(nn.Module):
         self.w3 = ColumnParallelLinear(args.dim, hidden, bias=False, gather_output=False, init_method=_keep)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = columns(self, x)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):

@@ -1,6 +1,6 @@
-"""The linear layers' CPU matmul (llama/model/linear.py): oneDNN over weights packed once gives
-the dense layers' logits and greedy tokens, holds each weight once, is batch-invariant, and still
-passes gradients to its input."""
+"""The linear layers' CPU matmul (llama/model/linear.py): oneDNN over weights packed once (q, k,
+v side by side, and the MLP's w1, w3) gives the dense layers' logits and greedy tokens, holds
+each weight once, is batch-invariant, and still passes gradients to its input."""
 from __future__ import annotations
 
 import pytest
@@ -37,9 +37,31 @@ def test_packed_layers_give_the_dense_layers_logits_and_tokens(tiny_ckpts, mp1):
         packed = forward_rows(model, ROWS)
     assert torch.allclose(packed, dense, atol=1e-5, rtol=0)
     assert torch.equal(packed.argmax(-1), dense.argmax(-1))
-    # each weight held once: the dense copies are gone (meta tensors of the same shape)
-    assert all(m.weight.is_meta and m.packed.shape == m.weight.shape for m in _linears(model))
+    # each weight held once: the dense copies are gone (meta tensors of the same shape); q, k, v
+    # and the MLP's w1, w3 in one packed weight each, side by side
+    assert all(m.weight.is_meta for m in _linears(model))
+    layer = model.layers[0]
+    for owner in (layer.attention, layer.feed_forward):
+        packed, sizes = owner.fused_columns
+        assert sizes == [getattr(owner, n).weight.shape[0] for n in owner.COLUMNS]
+        assert packed.shape == (sum(sizes), model.args.dim)
+    assert model.output.packed.shape == model.output.weight.shape
     assert pack_for_cpu(model) == 0  # packing again is a no-op
+
+
+def test_fused_columns_give_each_layers_own_output(tiny_ckpts, mp1):
+    from llama.model.linear import columns
+
+    attention = _load(tiny_ckpts["gqa2"]).layers[0].attention
+    x = torch.randn(5, attention.wq.in_features, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        apart = columns(attention, x)
+        pack_for_cpu(attention)
+        together = columns(attention, x)
+    assert [t.shape for t in together] == [a.shape for a in apart]
+    assert all(torch.allclose(t, a, atol=1e-5, rtol=0) for t, a in zip(together, apart))
+    x.requires_grad_(True)  # under autograd too
+    assert all(torch.allclose(t, a, atol=1e-5, rtol=0) for t, a in zip(columns(attention, x), apart))
 
 
 def test_a_packed_row_does_not_depend_on_the_rows_beside_it(tiny_ckpts, mp1):
