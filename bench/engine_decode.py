@@ -43,6 +43,7 @@ from llama.engine.config import EngineConfig
 from llama.engine.core import Engine
 from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.model.args import ModelArgs
+from llama.model.linear import columns
 from llama.model.transformer import Transformer, apply_rotary_emb
 from llama.tokenizers.base import Tokenizer
 
@@ -175,9 +176,10 @@ class ReferenceLoop:
     def _attention(self, i: int, x: torch.Tensor, start: int, freqs: torch.Tensor, mask: torch.Tensor | None):
         a = self.model.layers[i].attention
         bsz, L, _ = x.shape
-        xq = a.wq(x).view(bsz, L, a.n_local_heads, a.head_dim)
-        xk = a.wk(x).view(bsz, L, a.n_local_kv_heads, a.head_dim)
-        xv = a.wv(x).view(bsz, L, a.n_local_kv_heads, a.head_dim)
+        xq, xk, xv = columns(a, x)  # the model's q, k, v projections (one matmul where packed together)
+        xq = xq.view(bsz, L, a.n_local_heads, a.head_dim)
+        xk = xk.view(bsz, L, a.n_local_kv_heads, a.head_dim)
+        xv = xv.view(bsz, L, a.n_local_kv_heads, a.head_dim)
         xq, xk = apply_rotary_emb(xq, xk, freqs)
         self.cache_k[i][:bsz, start : start + L] = xk
         self.cache_v[i][:bsz, start : start + L] = xv

@@ -13,7 +13,8 @@ with one request, and driven at each concurrency by the same client: a closed lo
 sending the same 256-token prompts (random ids, seeded) for 128 greedy tokens each, streamed,
 token ids returned. Equal settings: at most 16 sequences (`max_batch_size` / `--max-num-seqs`),
 a prefill budget of 256 tokens a step (`prefill_chunk` / `--max-num-batched-tokens`), model
-length 1024, float32, the same threads (`parallel.threads_per_rank` for our ranks; vLLM's
+length 1024, float32 (--dtype bfloat16: both in bfloat16), the same threads
+(`parallel.threads_per_rank` for our ranks; vLLM's
 VLLM_CPU_OMP_THREADS_BIND). --mp 2 runs our model_parallel_size 2 against vLLM's
 --tensor-parallel-size 2.
 
@@ -194,7 +195,8 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int, env: dict[str, str] | None = None) -> Server:
+def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int, env: dict[str, str] | None = None,
+         dtype: str = "float32") -> Server:
     """`serve run` of a config like deploy/config.yaml, with the peer's settings."""
     config = {
         "proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
@@ -202,14 +204,14 @@ def ours(ckpt: Path, mp: int, threads: int, work: Path, port: int, env: dict[str
             "model": MODEL, "ckpt_dir": str(ckpt), "replica_cpus": 0.5,
             "engine": {"max_batch_size": MAX_SEQS, "prefill_chunk": PREFILL, "max_seq_len": MODEL_LEN,
                        "max_waiting": 256},
-            "parallel": {"model_parallel_size": mp, "device": "cpu", "dtype": "float32", "cpus_per_rank": 0.5,
+            "parallel": {"model_parallel_size": mp, "device": "cpu", "dtype": dtype, "cpus_per_rank": 0.5,
                          "threads_per_rank": threads, "env": env or {}}}}]}
     path = work / f"ours-mp{mp}.yaml"
     path.write_text(json.dumps(config))  # JSON is YAML
     return Server("ours", [str(REPO / ".venv" / "bin" / "serve"), "run", str(path)], f"http://127.0.0.1:{port}")
 
 
-def vllm(venv: Path, ckpt: Path, mp: int, threads: int, port: int) -> Server:
+def vllm(venv: Path, ckpt: Path, mp: int, threads: int, port: int, dtype: str = "float32") -> Server:
     """`vllm serve` with the same settings; each rank's OpenMP threads bound to cores of its own
     ("0-1" for one rank of two threads, "0|1" for two ranks of one)."""
     bind = "|".join(str(r) for r in range(mp)) if mp > 1 else (f"0-{threads - 1}" if threads > 1 else "0")
@@ -217,7 +219,7 @@ def vllm(venv: Path, ckpt: Path, mp: int, threads: int, port: int) -> Server:
     # metadata of a distribution named "vllm" and exits (PackageNotFoundError).
     return Server("vLLM", [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model",
                            str(ckpt), "--served-model-name", MODEL,
-                           "--dtype", "float32", "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
+                           "--dtype", dtype, "--max-num-seqs", str(MAX_SEQS), "--max-num-batched-tokens",
                            str(PREFILL), "--max-model-len", str(MODEL_LEN), "--tensor-parallel-size", str(mp),
                            "--host", "127.0.0.1", "--port", str(port)],
                   f"http://127.0.0.1:{port}", {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": bind})
@@ -292,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mp", type=int, default=1, help="our model_parallel_size and vLLM's --tensor-parallel-size")
     p.add_argument("--threads", type=int, default=2, help="OpenMP threads of a rank (per rank at --mp 2: 1)")
     p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="both servers' dtype (the folder stays float32)")
     p.add_argument("--only", choices=("ours", "vLLM"), help="serve and drive one of the two (no table)")
     p.add_argument("--our-env", nargs="*", default=[], metavar="NAME=VALUE", help="more variables for our ranks")
     a = p.parse_args(argv)
@@ -302,7 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     ckpt = ensure_checkpoint(work / "ckpt", venv_python)
     rnd = random.Random(1)
     prompts = [[rnd.randrange(3, 32000) for _ in range(PROMPT_LEN)] for _ in range(64)]
-    servers = {"ours": ours(ckpt, a.mp, threads, work, 8000, dict(e.split("=", 1) for e in a.our_env)), "vLLM": vllm(work / "venv", ckpt, a.mp, threads, 8001)}
+    env = dict(e.split("=", 1) for e in a.our_env)
+    servers = {"ours": ours(ckpt, a.mp, threads, work, 8000, env, a.dtype),
+               "vLLM": vllm(work / "venv", ckpt, a.mp, threads, 8001, a.dtype)}
     startup: dict[str, list[float]] = {n: [] for n in servers}
     rss: dict[str, list[float]] = {n: [] for n in servers}
     tps: dict[tuple[str, int], list[float]] = {}
@@ -331,7 +337,7 @@ def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: d
 
     print(f"\nthis project / vLLM {VLLM.split('==')[1]} (CPU), model parallel size {a.mp}, {threads} thread(s) per rank, "
           f"{a.rounds} rounds alternating; {PROMPT_LEN}-token prompts, {MAX_TOKENS} greedy tokens, at most {MAX_SEQS} "
-          f"sequences, prefill budget {PREFILL}, model length {MODEL_LEN}, float32")
+          f"sequences, prefill budget {PREFILL}, model length {MODEL_LEN}, {a.dtype}")
     print("| concurrency | output tok/s ours / vLLM | ratio | TTFT p50 ms ours / vLLM | TTFT p99 | TPOT p50 ms "
           "ours / vLLM | TPOT p99 | same greedy tokens |")
     print("|---|---|---|---|---|---|---|---|")

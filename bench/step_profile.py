@@ -9,7 +9,8 @@ random weights), served by the library's Engine in this process at MP=1, with pe
 --concurrency requests in flight (256-token random prompts, 128 greedy tokens, no end token) until
 --requests have been answered. Every part of a step is timed by wrapping it (exclusive wall time,
 nested parts subtracted; the CPU runs each op before returning, so wall time is the op's):
-the linear layers (attention's q/k/v/o, the MLP's w1/w2/w3, the output layer), SDPA, writing
+the linear layers (q/k/v and the MLP's w1/w3, fused where packed; attention's o; the MLP's w2; the
+output layer), SDPA, writing
 and gathering KV blocks, rotary, norms, the MLP's SiLU and product, the rest of the forward,
 packing the batch, sampling, planning, reading back and emitting (detokenising included).
 Prints output tokens/s and, per concurrency, each part's share of the time in steps and its ms
@@ -76,10 +77,8 @@ def instrument(engine, timers: Timers) -> None:
     model = engine.model
     for layer in model.layers:
         a, f = layer.attention, layer.feed_forward
-        for m in (a.wq, a.wk, a.wv, a.wo):
-            timers.wrap(m, "forward", "linear: attention q/k/v/o")
-        for m in (f.w1, f.w2, f.w3):
-            timers.wrap(m, "forward", "linear: MLP w1/w2/w3")
+        timers.wrap(a.wo, "forward", "linear: attention o")
+        timers.wrap(f.w2, "forward", "linear: MLP w2")
         timers.wrap(layer.attention_norm, "forward", "RMSNorm")
         timers.wrap(layer.ffn_norm, "forward", "RMSNorm")
         timers.wrap(f, "forward", "MLP SiLU and product")
@@ -94,6 +93,7 @@ def instrument(engine, timers: Timers) -> None:
     timers.wrap(model, "decode", "forward, the rest")
     timers.wrap(F, "scaled_dot_product_attention", "SDPA")
     timers.wrap(tr, "apply_rotary_emb", "rotary")
+    timers.wrap(tr, "columns", "linear: q/k/v, MLP w1/w3 (fused)")
     timers.wrap(KVCache, "write", "KV write")
     timers.wrap(KVCache, "gather", "KV gather")
     timers.wrap(runner, "pack", "pack (prefill batch)")

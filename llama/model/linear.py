@@ -27,8 +27,12 @@ from torch import nn
 
 
 def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    packed = layer.__dict__.get("packed")
-    return F.linear(x, layer.weight) if packed is None else _packed_matmul(packed, x)
+    if "packed" not in layer.__dict__:
+        return F.linear(x, layer.weight)
+    if layer.packed is None:
+        raise RuntimeError("this layer's weight was packed side by side with its siblings' (pack_for_cpu): call "
+                           "llama.model.linear.columns(owner, x) for all of them, as the model does.")
+    return _packed_matmul(layer.packed, x)
 
 
 def _packed_matmul(packed: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,8 @@ def test_packed_layers_give_the_dense_layers_logits_and_tokens(tiny_ckpts, mp1):
         assert sizes == [getattr(owner, n).weight.shape[0] for n in owner.COLUMNS]
         assert packed.shape == (sum(sizes), model.args.dim)
     assert model.output.packed.shape == model.output.weight.shape
+    with pytest.raises(RuntimeError, match=r"columns\(owner, x\)"):  # a fused layer alone: loud, never garbage
+        layer.attention.wq(torch.randn(1, model.args.dim))
     assert pack_for_cpu(model) == 0  # packing again is a no-op
 
 
