@@ -15,6 +15,11 @@ and gathering KV blocks, rotary, norms, the MLP's SiLU and product, the rest of 
 packing the batch, sampling, planning, reading back and emitting (detokenising included).
 Prints output tokens/s and, per concurrency, each part's share of the time in steps and its ms
 per step. A second figure times the same loop unwrapped, so the wrappers' own cost shows.
+
+--matmuls: first, each of the model's linear shapes at 1, 16 and 256 rows through MKL's F.linear
+and through oneDNN over a packed weight (llama/model/linear.py), ms and GFLOPS.
+--split-threads: build the engine on one thread and step it on another, as a rank did before
+cluster/compute_thread.py (two OpenMP worker pools on the same cores).
 """
 from __future__ import annotations
 
@@ -65,10 +70,11 @@ class Timers:
 
 
 def instrument(engine, timers: Timers) -> None:
+    import torch.nn.functional as F
+
     import llama.engine.core as core
     import llama.engine.runner as runner
     import llama.model.transformer as tr
-    import torch.nn.functional as F
     from llama.engine.decode_step import DecodeStep
     from llama.engine.scheduler import Scheduler
     from llama.model.kv_cache import KVCache
@@ -109,14 +115,14 @@ def instrument(engine, timers: Timers) -> None:
 
 
 def build(ckpt: Path, threads: int):
+    from peer import MAX_SEQS, MODEL_LEN, PREFILL
+
     from llama.checkpoints.load import inspect_checkpoint, load_into
     from llama.distributed import init_model_parallel, init_single_process_group
     from llama.engine.config import EngineConfig
     from llama.engine.core import Engine
     from llama.model.transformer import Transformer
     from llama.tokenizers.load import load_tokenizer
-
-    from peer import MAX_SEQS, MODEL_LEN, PREFILL
 
     torch.set_num_threads(threads)
     init_single_process_group("gloo")
@@ -132,9 +138,9 @@ def build(ckpt: Path, threads: int):
 
 def closed_loop(engine, concurrency: int, requests: int, vocab: int, seed: int) -> tuple[int, float, int]:
     """Keep `concurrency` requests in flight until `requests` are answered: tokens, wall s, steps."""
-    from llama.engine.request import GenerationRequest, SamplingParams
-
     from peer import MAX_TOKENS, PROMPT_LEN
+
+    from llama.engine.request import GenerationRequest, SamplingParams
 
     rng = random.Random(seed)
     done: list[int] = []
@@ -169,21 +175,63 @@ def closed_loop(engine, concurrency: int, requests: int, vocab: int, seed: int) 
     return generated[0], time.perf_counter() - t0, engine.stats.steps - steps0
 
 
+def matmuls(threads: int, dtype: torch.dtype = torch.float32) -> None:
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    print(f"matmuls, {dtype}, {threads} threads: ms per call (GFLOPS), MKL F.linear against oneDNN packed")
+    for out_f, in_f, what in ((1536, 1024, "q/k/v fused"), (1024, 1024, "attention o"), (5632, 1024, "w1/w3 fused"),
+                              (1024, 2816, "w2"), (32000, 1024, "output")):
+        ws = [torch.randn(out_f, in_f, dtype=dtype) for _ in range(max(2, 64 * 2**20 // (out_f * in_f * 4)))]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]  # more weights than the caches hold
+        row = []
+        for m in (1, 16, 256):
+            x = torch.randn(m, in_f, dtype=dtype)
+            took = []
+            for call in (lambda: [F.linear(x, w) for w in ws],
+                         lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]):
+                call()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    call()
+                took.append((time.perf_counter() - t0) / 3 / len(ws))
+            row.append(f"{m} rows " + " / ".join(f"{1e3 * t:.2f} ({2 * m * out_f * in_f / t / 1e9:.0f})" for t in took))
+        print(f"  {what:12s} ({out_f}x{in_f}): " + "; ".join(row))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--requests", type=int, default=32, help="answered per concurrency (at least the concurrency)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
+    p.add_argument("--matmuls", action="store_true", help="first, the linear shapes through MKL and oneDNN")
+    p.add_argument("--split-threads", action="store_true", help="build on one thread, step on another")
     a = p.parse_args(argv)
     import peer
 
+    if a.matmuls:
+        matmuls(a.threads)
     ckpt = peer.ensure_checkpoint(Path(a.workdir) / "ckpt", Path(sys.executable))
-    engine = build(ckpt, a.threads)
+    if a.split_threads:
+        from concurrent.futures import ThreadPoolExecutor
+
+        builder, stepper = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+        engine = builder.submit(build, ckpt, a.threads).result()
+        stepper.submit(profile, engine, a).result()
+    else:
+        profile(build(ckpt, a.threads), a)
+
+
+def profile(engine, a: argparse.Namespace) -> None:
+    import peer
+
+    ckpt = Path(a.workdir) / "ckpt"
     vocab = engine.model.args.vocab_size
     closed_loop(engine, 2, 2, vocab, seed=99)  # warm-up
     print(f"{peer.MODEL} model {ckpt}, {a.threads} threads, torch {torch.__version__}; "
-          f"{peer.PROMPT_LEN}-token prompts, {peer.MAX_TOKENS} greedy tokens")
+          f"{peer.PROMPT_LEN}-token prompts, {peer.MAX_TOKENS} greedy tokens"
+          + ("; built on one thread, stepped on another" if a.split_threads else ""))
     for c in a.concurrency:
         n = max(a.requests, c)
         tokens, wall, steps = closed_loop(engine, c, n, vocab, seed=c)

@@ -3,9 +3,9 @@ group, loading, the engine's loop), so OpenMP keeps a single pool of worker thre
 
 OpenMP gives every host thread that opens a parallel region a worker pool of its own. A second
 pool on the same cores (the load on an executor thread, then the loop on another) made the
-peer benchmark's step at two threads run 1.8x slower: with more managed threads than cores,
-libgomp's workers stop spinning between regions and sleep (30.3 against 16.4 ms a step at
-concurrency 1; bench/step_profile.py's model, a load and a loop on two threads against one).
+peer benchmark's step at two threads run 1.3-1.8x slower (`bench/step_profile.py
+--split-threads`: 23.6 against 18.2 ms a step at concurrency 1; 30.3 against 16.4 in another
+run); libgomp's workers of the busy pool then sleep between regions instead of spinning.
 """
 from __future__ import annotations
 

@@ -3,15 +3,16 @@ oneDNN with prepacked weights on the CPU.
 
 fairscale's layers call F.linear, which on the CPU is MKL's sgemm. On the project's CPU machine
 (AMD EPYC, AVX-512) oneDNN's matmul over a weight reordered once into its blocked layout is
-2.5-4x faster for the peer benchmark's shapes at 1, 16 and 256 rows, in float32 and bfloat16
-(bench/step_profile.py; the README's Measured table), and batch-invariant: a row's output does
-not depend on the rows beside it. vLLM's CPU backend runs its linear layers the same way.
+2.5-4x faster in float32 for the peer benchmark's shapes at 1, 16 and 256 rows (less in
+bfloat16; `bench/step_profile.py --matmuls`), and batch-invariant: a row's output does not
+depend on the rows beside it. vLLM's CPU backend runs its linear layers on oneDNN too.
 
 `pack_for_cpu(model)` reorders every such layer's weight once its checkpoint is loaded (the
 engine does it as it starts) and releases the dense copy, so the weights are held once; a
 packed layer then computes with the packed weight; under autograd (gradients to its input, never
-the weight) with a dense copy made for that call, as oneDNN's op has no backward. A weight shared with another module (tied embeddings) keeps its
-dense copy too. Nothing changes on CUDA, or where oneDNN cannot run the dtype.
+the weight) with a dense copy made for that call, as oneDNN's op has no backward. A weight
+shared with another module (tied embeddings) keeps its dense copy too. Nothing changes on CUDA,
+or where oneDNN cannot run the dtype.
 """
 from __future__ import annotations
 
@@ -94,7 +95,8 @@ def pack_for_cpu(model: nn.Module) -> int:
         if not group or "fused_columns" in owner.__dict__ or any("packed" in m.__dict__ for m in group):
             continue
         ws = [m.weight for m in group]
-        if not all(can_pack(w.device, w.dtype) for w in ws) or any(w.untyped_storage().data_ptr() in shared for w in ws):
+        if (not all(can_pack(w.device, w.dtype) for w in ws)
+                or any(w.untyped_storage().data_ptr() in shared for w in ws)):
             continue
         with torch.no_grad():
             owner.fused_columns = (torch.ops.mkldnn._reorder_linear_weight(torch.cat([w.detach() for w in ws]), None),
