@@ -18,6 +18,7 @@ per step. A second figure times the same loop unwrapped, so the wrappers' own co
 
 --matmuls: first, each of the model's linear shapes at 1, 16 and 256 rows through MKL's F.linear
 and through oneDNN over a packed weight (llama/model/linear.py), ms and GFLOPS.
+--unfused: pack q, k, v and w1, w3 each on its own (the A/B of fusing them).
 --split-threads: build the engine on one thread and step it on another, as a rank did before
 cluster/compute_thread.py (two OpenMP worker pools on the same cores).
 """
@@ -207,11 +208,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
     p.add_argument("--matmuls", action="store_true", help="first, the linear shapes through MKL and oneDNN")
     p.add_argument("--split-threads", action="store_true", help="build on one thread, step on another")
+    p.add_argument("--unfused", action="store_true", help="pack each linear layer's weight on its own")
     a = p.parse_args(argv)
     import peer
 
     if a.matmuls:
         matmuls(a.threads)
+    if a.unfused:
+        import functools
+
+        import llama.engine.runner as runner
+        from llama.model.linear import pack_for_cpu
+
+        runner.pack_for_cpu = functools.partial(pack_for_cpu, fuse=False)
     ckpt = peer.ensure_checkpoint(Path(a.workdir) / "ckpt", Path(sys.executable))
     if a.split_threads:
         from concurrent.futures import ThreadPoolExecutor

@@ -82,16 +82,17 @@ def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
     return False
 
 
-def pack_for_cpu(model: nn.Module) -> int:
+def pack_for_cpu(model: nn.Module, fuse: bool = True) -> int:
     """Reorder every linear layer's weight into oneDNN's layout, once; returns how many layers it
     packed (0 on CUDA, or for a dtype oneDNN cannot run here). A module's COLUMNS (layers that take
-    the same input) are packed side by side into one weight. The dense weights are released:
-    each layer's `weight` becomes a meta tensor of its shape, so the weights are held once."""
+    the same input) are packed side by side into one weight (fuse=False: each on its own, for
+    A/Bs). The dense weights are released: each layer's `weight` becomes a meta tensor of its
+    shape, so the weights are held once."""
     shared = {p.untyped_storage().data_ptr() for name, p in model.named_parameters()
               if not isinstance(_owner(model, name), (ColumnParallelLinear, RowParallelLinear))}
     n = 0
     for owner in model.modules():  # the fused groups first: their layers' weights go into one
-        group = [getattr(owner, name) for name in getattr(owner, "COLUMNS", ())]
+        group = [getattr(owner, name) for name in getattr(owner, "COLUMNS", ())] if fuse else []
         if not group or "fused_columns" in owner.__dict__ or any("packed" in m.__dict__ for m in group):
             continue
         ws = [m.weight for m in group]
