@@ -2,8 +2,9 @@
 
 Creates the actors on their placement-group bundles and has them meet at rank 0's address.
 Each request is one Ray call to rank 0 (the driver), whose engine batches it with the others
-continuously and streams its tokens back; the other ranks follow the driver's step plans. Any
-rank failure makes the whole gang unhealthy: it is replaced, never repaired in place.
+continuously; the tokens of all of them come back on one stream (cluster/deltas.py). The other
+ranks follow the driver's step plans. Any rank failure makes the whole gang unhealthy: it is
+replaced, never repaired in place.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 from cluster.admission import Admission, Places
 from cluster.config import GangConfig
+from cluster.deltas import DeltaReader
 from cluster.errors import DrainingError, GangStartError, PlacementError, RankFailedError
 from cluster.metrics import RequestMetrics
 from cluster.placement import acquire, plan_bundles, rank_options, settle_device
@@ -49,6 +51,7 @@ class RankGroup:
         # a drain ends. draining is the replica's shutdown, once Serve has begun it.
         self._live: dict[str, bool] = {}
         self.draining: str | None = None
+        self._deltas: DeltaReader | None = None  # the driver's stream of deltas, on the serving loop
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
@@ -195,27 +198,35 @@ class RankGroup:
         return (f"this replica is shutting down ({self.draining}) and had not started your request; retry, and "
                 f"another replica (or this one's replacement) will serve it.")
 
+    def _reader(self) -> DeltaReader:
+        """The running loop's stream of deltas from the driver (cluster/deltas.py), opened once."""
+        if self._deltas is None or not self._deltas.usable():
+            self._deltas = DeltaReader(self.actors[0])
+        return self._deltas
+
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         request_id = uuid.uuid4().hex
         driver = self.actors[0]
-        refs = driver.submit.remote(request_id, request)
+        reader = self._reader()
+        queue = reader.open(request_id)
         self._live[request_id] = False
         finished = False
         try:
-            async for ref in refs:
-                try:
-                    deltas = await ref
-                except Exception as e:
-                    finished = True  # the driver's generator has ended
-                    raise self._classify(e) from e
+            try:
+                await driver.submit.remote(reader.id, request_id, request)
+            except Exception as e:
+                finished = True  # refused, or the driver is gone: nothing to abort
+                raise self._classify(e) from e
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise self._classify(item) from item
                 self._live[request_id] = True
-                for d in deltas:
-                    finished = finished or d.finish_reason is not None
-                    yield d
-        except ray.exceptions.RayError as e:
-            finished = True
-            raise self._classify(e) from e
+                finished = item.finish_reason is not None
+                yield item
         finally:
+            reader.close(request_id)
             del self._live[request_id]
             if not finished:
                 driver.abort.remote(request_id)

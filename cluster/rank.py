@@ -3,7 +3,7 @@
 Each actor joins the gang's process group (nccl on CUDA, gloo on CPU), initialises fairscale's
 model parallelism and loads its own slices of the checkpoint. Then rank 0 runs the engine (the
 driver: scheduler, sampling, step plans) and every other rank follows the driver's plans, each
-on a thread of its own, so the actor's event loop stays free: `submit` streams tokens back, and
+on a thread of its own, so the actor's event loop stays free: `deltas` streams tokens back, and
 control calls (ping, info, load, abort) answer while a step computes.
 """
 from __future__ import annotations
@@ -27,12 +27,13 @@ from cluster.config import GangConfig
 from cluster.lockstep import PlanChannel, follow
 from cluster.metrics import RankSampler
 from cluster.network import collective_env
+from cluster.outbox import Batch, Outbox
 from cluster.weights import slices_from
 from llama.checkpoints.load import copy_into, load_into, missing_files, rank_nbytes
 from llama.checkpoints.load_progress import LoadProgress
 from llama.distributed import choose_backend, free_port, init_model_parallel, resolve_device, resolve_dtype
 from llama.engine.core import Engine, engine_blocks
-from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
+from llama.engine.request import GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
 from llama.model.transformer import Transformer
@@ -80,6 +81,8 @@ class RankActor:
         self._compute = ComputeThread(f"rank{rank}-compute")  # every torch call of this rank runs here
         self._loop: concurrent.futures.Future | None = None  # the loop, running on _compute
         self._loop_error: BaseException | None = None
+        self._outboxes: dict[str, Outbox] = {}  # the driver's, by stream id
+        self._delta_messages = self._deltas_sent = 0
         logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
 
     # ------------------------------------------------------------------ control
@@ -116,6 +119,8 @@ class RankActor:
     async def load(self) -> dict:
         """The driver's slots, queue and step counters (rank 0), plus its plan-broadcast cost."""
         out = self.engine.load() if self.engine is not None else {}
+        if self.engine is not None:  # the tokens' way back (cluster/outbox.py)
+            out.update(delta_streams=len(self._outboxes), delta_messages=self._delta_messages, deltas_sent=self._deltas_sent)
         if self.channel is not None:
             out.update(plans_sent=self.channel.sent, plan_send_s=self.channel.send_s)
         return out
@@ -246,8 +251,15 @@ class RankActor:
     async def warm_up(self) -> None:
         """Stage ready, on the driver: one greedy one-token request through the whole gang."""
         request = GenerationRequest((self.config.checkpoint.args.vocab_size - 1,), SamplingParams(max_tokens=1, temperature=0))
-        async for _ in self.submit("warm-up", request):
-            pass
+        box = self._outbox("warm-up")
+        try:
+            await self.submit("warm-up", "warm-up", request)
+            while box.live:
+                for _, item in await box.take() or ():
+                    if isinstance(item, BaseException):
+                        raise item
+        finally:
+            await self.close_stream("warm-up")
 
     def _run_loop(self) -> None:
         try:
@@ -260,32 +272,47 @@ class RankActor:
             log.exception("rank %d loop failed", self.rank)
 
     # ------------------------------------------------------------------ requests (rank 0)
-    async def submit(self, request_id: str, request: GenerationRequest) -> AsyncIterator[list[StreamDelta]]:
-        """One request, streamed: yields lists of deltas (all that arrived since the last yield),
-        the last ending with a finish_reason. Raises ValueError at once for a request the model
-        cannot serve. If the caller goes away first, the request is aborted."""
+    # A caller (a RankGroup, on one event loop) opens one stream, `deltas`, and submits its
+    # requests under that stream's id: each step's deltas of all of them come as one message
+    # (cluster/outbox.py), not one Ray stream per request.
+    def _outbox(self, stream_id: str) -> Outbox:
         if self.engine is None:
             raise RuntimeError(f"rank {self.rank} is not the driver; send requests to rank 0.")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[StreamDelta | BaseException] = asyncio.Queue()
-        self.engine.submit(request_id, request, lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
-        finished = False
+        box = self._outboxes.get(stream_id)
+        if box is None:
+            box = self._outboxes[stream_id] = Outbox(asyncio.get_running_loop())
+        return box
+
+    async def deltas(self, stream_id: str) -> AsyncIterator[Batch]:
+        """The deltas of every request submitted under stream_id, as lists of (request id, delta
+        or the error that ended it), each list what the engine made since the last. Ends when
+        close_stream does. Cancelled (its caller's task was), it leaves the requests running:
+        calling it again with the same id reads on."""
+        box = self._outbox(stream_id)
+        while (items := await box.take()) is not None:
+            self._delta_messages += 1
+            self._deltas_sent += len(items)
+            yield items
+
+    async def submit(self, stream_id: str, request_id: str, request: GenerationRequest) -> None:
+        """Queue one request; its deltas come on stream_id's `deltas`, the last with a
+        finish_reason. Raises ValueError at once for a request the model cannot serve."""
+        box = self._outbox(stream_id)
+        sink = box.sink(request_id)
         try:
-            while not finished:
-                items = [await queue.get()]
-                while not queue.empty():
-                    items.append(queue.get_nowait())
-                deltas = []
-                for item in items:
-                    if isinstance(item, BaseException):
-                        finished = True
-                        raise item
-                    deltas.append(item)
-                    finished = finished or item.finish_reason is not None
-                yield deltas
-        finally:
-            if not finished:
+            self.engine.submit(request_id, request, sink)
+        except BaseException:
+            box.forget(request_id)
+            raise
+
+    async def close_stream(self, stream_id: str) -> None:
+        """The caller is done with stream_id: its requests still running are aborted, and its
+        `deltas` ends."""
+        box = self._outboxes.pop(stream_id, None)
+        if box is not None:
+            for request_id in box.live:
                 self.engine.abort(request_id)
+            box.close()
 
     async def shutdown(self) -> None:
         self._stop.set()

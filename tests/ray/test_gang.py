@@ -114,6 +114,40 @@ def test_concurrent_streams_give_the_tokens_each_gives_alone(golden_mp2, golden)
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
+def test_concurrent_streams_come_back_on_one_stream_batched_and_it_closes_with_its_loop(golden_mp2, golden):
+    """The tokens of all of a loop's requests come on one Ray stream from the driver, each
+    step's deltas in one message (cluster/outbox.py), not one stream per request."""
+    import ray
+
+    driver = golden_mp2.actors[0]
+    before = ray.get(driver.load.remote())
+    prompts = golden["completions"]["prompt_token_ids"]
+
+    async def go():
+        async def one(r):
+            return [d async for d in golden_mp2.stream(r)]
+
+        tasks = [asyncio.ensure_future(one(r)) for r in _greedy(prompts, 40)]
+        await asyncio.sleep(0.2)
+        during = await driver.load.remote()
+        return await asyncio.gather(*tasks), during
+
+    streams, during = asyncio.run(go())
+    after = ray.get(driver.load.remote())
+    assert during["running"] > 1 and during["delta_streams"] == 1  # one stream for them all
+    deltas = after["deltas_sent"] - before["deltas_sent"]
+    messages = after["delta_messages"] - before["delta_messages"]
+    assert deltas == sum(len(s) for s in streams) >= 40 * len(prompts) // 2
+    assert messages < deltas / 2  # batched: at most half as many messages as deltas
+    for _ in range(100):  # closed with asyncio.run's loop (a message on its way)
+        if ray.get(driver.load.remote())["delta_streams"] == 0:
+            break
+        time.sleep(0.05)
+    assert ray.get(driver.load.remote())["delta_streams"] == 0
+    assert [collect(list(p), s).token_ids for p, s in zip(prompts, streams)] == \
+        [o.token_ids for o in golden_mp2.generate(_greedy(prompts, 40))]
+
+
 def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(golden_mp2):
     import ray
 
