@@ -19,6 +19,7 @@ per step. A second figure times the same loop unwrapped, so the wrappers' own co
 --matmuls: first, each of the model's linear shapes at 1, 16 and 256 rows through MKL's F.linear
 and through oneDNN over a packed weight (llama/model/linear.py), ms and GFLOPS.
 --unfused: pack q, k, v and w1, w3 each on its own (the A/B of fusing them).
+--unpacked: no packing at all, every linear layer on MKL's F.linear (the A/B of oneDNN).
 --split-threads: build the engine on one thread and step it on another, as a rank did before
 cluster/compute_thread.py (two OpenMP worker pools on the same cores).
 """
@@ -209,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--matmuls", action="store_true", help="first, the linear shapes through MKL and oneDNN")
     p.add_argument("--split-threads", action="store_true", help="build on one thread, step on another")
     p.add_argument("--unfused", action="store_true", help="pack each linear layer's weight on its own")
+    p.add_argument("--unpacked", action="store_true", help="no oneDNN packing: fairscale's F.linear (MKL), dense weights")
     a = p.parse_args(argv)
     import peer
 
@@ -221,6 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         from llama.model.linear import pack_for_cpu
 
         runner.pack_for_cpu = functools.partial(pack_for_cpu, fuse=False)
+    if a.unpacked:
+        import llama.engine.runner as runner
+
+        runner.pack_for_cpu = lambda model, fuse=True: 0
     ckpt = peer.ensure_checkpoint(Path(a.workdir) / "ckpt", Path(sys.executable))
     if a.split_threads:
         from concurrent.futures import ThreadPoolExecutor
