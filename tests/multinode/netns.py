@@ -125,7 +125,7 @@ class NetnsCluster:
         as its first argument; it prints one JSON object last, which is returned."""
         out = self._enter(0, [PYTHON, str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args],
                           self.env, timeout_s)
-        return json.loads(out.strip().splitlines()[-1])
+        return _json_line(out)
 
     def node_shell(self, i: int, command: str) -> None:
         """Run a shell command in node i's mount namespace (e.g. to change what its files read)."""
@@ -157,7 +157,7 @@ class NetnsCluster:
             if driver.poll() is None:
                 driver.kill()
         assert driver.returncode == 0, stderr[-3000:]
-        return json.loads(stdout.strip().splitlines()[-1])
+        return _json_line(stdout)
 
     def client_run(self, *cmd: str, timeout_s: float = 600.0) -> str:
         """Run a command in the client namespace (ssh mode), with the client's own home; its output."""
@@ -266,3 +266,12 @@ def _child_of(pid: int) -> int | None:
 
 def _tail(text: str, lines: int = 40) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _json_line(stdout: str) -> dict:
+    """A driver's JSON line: its last line that is one (Ray may print a warning after it, such
+    as a killed node's lagging heartbeats)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise AssertionError(f"the driver printed no JSON line: {stdout[-2000:]!r}")
+    return json.loads(lines[-1])
