@@ -1,11 +1,12 @@
 """The model's linear layers: fairscale's column- and row-parallel layers, whose matmul runs on
 oneDNN with prepacked weights on the CPU.
 
-fairscale's layers call F.linear, which on the CPU is MKL's sgemm. On the project's CPU machine
-(AMD EPYC, AVX-512) oneDNN's matmul over a weight reordered once into its blocked layout is
-2.5-4x faster in float32 for the peer benchmark's shapes at 1, 16 and 256 rows (less in
-bfloat16; `bench/step_profile.py --matmuls`), and batch-invariant: a row's output does not
-depend on the rows beside it. vLLM's CPU backend runs its linear layers on oneDNN too.
+fairscale's layers call F.linear, which on the CPU is MKL's sgemm. On an AMD EPYC (AVX-512)
+oneDNN's matmul over a weight reordered once into its blocked layout is 2.5-4x faster in float32
+for the peer benchmark's shapes at 1, 16 and 256 rows (less in bfloat16); on an Intel Xeon with
+AMX it is 1.1-1.9x faster at 16 rows and more, and MKL's matrix-vector product 7-30% faster at
+one row (`bench/step_profile.py --matmuls`). oneDNN's is batch-invariant too: a row's output
+does not depend on the rows beside it. vLLM's CPU backend runs its linear layers on oneDNN too.
 
 `pack_for_cpu(model)` reorders every such layer's weight once its checkpoint is loaded (the
 engine does it as it starts) and releases the dense copy, so the weights are held once; a
