@@ -11,9 +11,13 @@ ways, each in a process of its own, one after another:
   requests at a time through `generate`, `rounds` times;
 - Serve: `serve run` of bench/peer.py's config, driven over HTTP by peer.py's closed-loop client,
   `concurrency * rounds` requests.
+- one process again, beside a process that does nothing but sleep and wake WAKER_HZ times a second
+  (what wake-ups alone cost the step).
 For each, at each concurrency: output tokens/s and the driver's mean step (its engine's own
-counters: GET /cluster's engine section through Serve, the actor's load() on Ray), and both
-against the one-process figure. Loopback only; what it starts it stops.
+counters: GET /cluster's engine section through Serve, the actor's load() on Ray), both against
+the one-process figure; and from /proc (bench/wakeups.py), how many times a second the machine's
+threads woke, which processes woke most, and how often the rank's threads were preempted.
+Loopback only; what it starts it stops.
 """
 from __future__ import annotations
 
@@ -30,9 +34,15 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import peer  # noqa: E402
+import wakeups  # noqa: E402
+
+WAKER_HZ = 2000  # the side process's wake-ups a second, about the Serve row's own at concurrency 1
 
 
-def in_process(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float]]:
+def in_process(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float, dict]]:
+    import os
+    import time
+
     from step_profile import build, closed_loop
 
     engine = build(Path(REPO / "bench" / ".peer" / "ckpt"), 2)
@@ -40,13 +50,24 @@ def in_process(concurrency: list[int], rounds: int) -> dict[int, tuple[float, fl
     closed_loop(engine, 2, 2, vocab, seed=99)  # warm-up
     out = {}
     for c in concurrency:
-        s0 = engine.stats.step_s
+        s0, w0, t0 = engine.stats.step_s, wakeups.snapshot(), time.perf_counter()
         tokens, wall, steps = closed_loop(engine, c, c * rounds, vocab, seed=c)
-        out[c] = (tokens / wall, (engine.stats.step_s - s0) / steps)
+        woke = wakeups.rates(w0, wakeups.snapshot(), time.perf_counter() - t0, os.getpid())
+        out[c] = (tokens / wall, (engine.stats.step_s - s0) / steps, woke)
     return out
 
 
-def on_ray(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float]]:
+def beside_waker(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float, dict]]:
+    """One process again, beside a process that only sleeps and wakes WAKER_HZ times a second."""
+    waker = subprocess.Popen([sys.executable, "-c", f"import time\nwhile True: time.sleep({1 / WAKER_HZ})"])
+    try:
+        return in_process(concurrency, rounds)
+    finally:
+        waker.kill()
+        waker.wait()
+
+
+def on_ray(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float, dict]]:
     import time
 
     import ray
@@ -67,14 +88,15 @@ def on_ray(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float]
         out = {}
         for c in concurrency:
             before = ray.get(group.actors[0].load.remote())
-            t0, tokens = time.perf_counter(), 0
+            t0, tokens, w0 = time.perf_counter(), 0, wakeups.snapshot()
             for _ in range(rounds):
                 reqs = [GenerationRequest(tuple(rng.randrange(3, 32000) for _ in range(peer.PROMPT_LEN)),
                                           SamplingParams(max_tokens=peer.MAX_TOKENS, temperature=0)) for _ in range(c)]
                 tokens += sum(len(o.token_ids) for o in group.generate(reqs))
             wall = time.perf_counter() - t0
+            woke = wakeups.rates(w0, wakeups.snapshot(), wall, "ray::RankActor")
             after = ray.get(group.actors[0].load.remote())
-            out[c] = (tokens / wall, (after["step_s"] - before["step_s"]) / (after["steps"] - before["steps"]))
+            out[c] = (tokens / wall, (after["step_s"] - before["step_s"]) / (after["steps"] - before["steps"]), woke)
         return out
     finally:
         if group is not None:
@@ -82,7 +104,9 @@ def on_ray(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float]
         ray.shutdown()
 
 
-def through_serve(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float]]:
+def through_serve(concurrency: list[int], rounds: int) -> dict[int, tuple[float, float, dict]]:
+    import time
+
     import httpx
 
     work = REPO / "bench" / ".peer"
@@ -94,16 +118,19 @@ def through_serve(concurrency: list[int], rounds: int) -> dict[int, tuple[float,
         server.start(work / "serve_path.log")
         for c in concurrency:
             before = httpx.get(server.url + "/cluster", timeout=30).json()["engine"]
+            w0, t0 = wakeups.snapshot(), time.perf_counter()
             results, wall = asyncio.run(peer.load(server.url, prompts, c, c * rounds))
+            woke = wakeups.rates(w0, wakeups.snapshot(), time.perf_counter() - t0, "ray::RankActor")
             after = httpx.get(server.url + "/cluster", timeout=30).json()["engine"]
             out[c] = (sum(len(r.tokens) for r in results) / wall,
-                      (after["step_s"] - before["step_s"]) / (after["steps"] - before["steps"]))
+                      (after["step_s"] - before["step_s"]) / (after["steps"] - before["steps"]), woke)
         return out
     finally:
         server.stop()
 
 
-MODES = {"one process": in_process, "Ray (RankGroup, no Serve)": on_ray, "Serve (HTTP)": through_serve}
+MODES = {"one process": in_process, f"one process, beside a process waking {WAKER_HZ}/s": beside_waker,
+         "Ray (RankGroup, no Serve)": on_ray, "Serve (HTTP)": through_serve}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,14 +153,21 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{mode}: done", flush=True)
     print(f"\nthe peer model at MP=1, 2 threads, float32; {peer.PROMPT_LEN}-token prompts, {peer.MAX_TOKENS} greedy "
           f"tokens, {a.rounds} x concurrency requests")
-    print("| way | " + " | ".join(f"tok/s at {c}" for c in a.concurrency) + " | "
-          + " | ".join(f"driver's step ms at {c}" for c in a.concurrency) + " |")
-    print("|---" * (1 + 2 * len(a.concurrency)) + "|")
+    cs = a.concurrency
+    print("| way | " + " | ".join(f"tok/s at {c}" for c in cs) + " | " + " | ".join(f"driver's step ms at {c}" for c in cs)
+          + " | " + " | ".join(f"machine's wake-ups/s at {c}" for c in cs)
+          + " | " + " | ".join(f"rank preempted /s at {c}" for c in cs) + " |")
+    print("|---" * (1 + 4 * len(cs)) + "|")
     base = figures["one process"]
     for mode, f in figures.items():
-        tps = [f"{f[c][0]:.1f} ({f[c][0] / base[c][0]:.2f})" for c in a.concurrency]
-        step = [f"{1e3 * f[c][1]:.1f} ({f[c][1] / base[c][1]:.2f})" for c in a.concurrency]
-        print(f"| {mode} | " + " | ".join(tps + step) + " |")
+        tps = [f"{f[c][0]:.1f} ({f[c][0] / base[c][0]:.2f})" for c in cs]
+        step = [f"{1e3 * f[c][1]:.1f} ({f[c][1] / base[c][1]:.2f})" for c in cs]
+        woke = [f"{f[c][2]['wakeups']:.0f}" for c in cs] + [f"{f[c][2]['rank_preempted']:.0f}" for c in cs]
+        print(f"| {mode} | " + " | ".join(tps + step + woke) + " |")
+    print("\nwho wakes (wake-ups a second, by process, at each concurrency):")
+    for mode, f in figures.items():
+        for c in cs:
+            print(f"  {mode} at {c}: " + ", ".join(f"{n} {v}" for n, v in f[c][2]["top"]))
 
 
 if __name__ == "__main__":
