@@ -60,9 +60,11 @@ def rates(before: dict, after: dict, seconds: float, rank: str | int) -> dict:
     rank_pid = str(rank) if isinstance(rank, int) else next(
         (pid for (pid, _), (name, _, _) in after.items() if name == rank), None)
     for key, (name, vol, invol) in after.items():
-        _, vol0, invol0 = before.get(key, (name, 0, 0))
+        name0, vol0, invol0 = before.get(key, (name, 0, 0))
+        if name0 != name or vol < vol0 or invol < invol0:  # the id was reused by a new thread: count it from zero
+            vol0 = invol0 = 0
         by_name[name] += vol - vol0
         if key[0] == rank_pid:
             preempted += invol - invol0
     return {"wakeups": sum(by_name.values()) / seconds, "rank_preempted": preempted / seconds,
-            "top": [(n, round(v / seconds)) for n, v in by_name.most_common(6)]}
+            "top": [(n, round(v / seconds)) for n, v in by_name.most_common(6)]}  # rounded to whole wake-ups a second
