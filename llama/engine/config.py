@@ -94,3 +94,7 @@ def check_request(request: GenerationRequest, max_seq_len: int, vocab_size: int,
     bad = [t for t, _ in request.params.logit_bias if not t < vocab_size]  # SamplingParams checked >= 0
     if bad:
         raise ValueError(f"logit_bias has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")
+    for field in ("stop_token_ids", "allowed_token_ids"):
+        bad = [t for t in getattr(request.params, field) or () if not t < vocab_size]  # SamplingParams checked >= 0
+        if bad:
+            raise ValueError(f"{field} has token ids outside the vocabulary [0, {vocab_size}): {bad[:5]}.")

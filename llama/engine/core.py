@@ -34,7 +34,7 @@ from llama.engine.block_pool import BlockPool
 from llama.engine.config import EngineConfig, check_request
 from llama.engine.device_io import Readback, to_device
 from llama.engine.kv_memory import free_device_bytes, pool_blocks
-from llama.engine.request import EndToken, FinishReason, GenerationRequest
+from llama.engine.request import EndToken, FinishReason, GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
 from llama.engine.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
 from llama.engine.scheduler import Scheduler
@@ -137,7 +137,8 @@ class Engine:
         if p.temperature > 0:
             seed = p.seed if p.seed is not None else self._rng.randrange(2**63)
             gen = torch.Generator(device=self.model.device).manual_seed(seed)
-        seq = Sequence(request_id, request, sink, TextStream(self.tokenizer, p.stop), gen)
+        seq = Sequence(request_id, request, sink, TextStream(self.tokenizer, p.stop, p.min_tokens, p.include_stop_str_in_output,
+                                                              p.skip_special_tokens), gen)
         with self._lock:
             if self.failure is not None:
                 raise EngineFailedError(f"the engine failed earlier ({self.failure!r}) and must be replaced.")
@@ -234,9 +235,8 @@ class Engine:
 
     def _needs_history(self) -> bool:
         """Whether a running sequence with a token in flight counts its generated tokens in its
-        draw (presence or frequency penalty): its next draw needs that token on the host."""
-        return any(s.in_flight and (s.params.presence_penalty or s.params.frequency_penalty)
-                   for s in self.scheduler.running)
+        draw (presence, frequency or repetition penalty): its next draw needs that token on the host."""
+        return any(s.in_flight and s.params.counts_history for s in self.scheduler.running)
 
     def _take_in_flight(self) -> Launched:
         launched, self._in_flight = self._in_flight, None
@@ -303,11 +303,10 @@ class Engine:
         for i, (s, r) in enumerate(due):
             p = s.params
             if p.temperature > 0 or p.adjusts_logits:
-                # Penalties and bias on this row only, and only for the draw (logprobs below read
-                # the model's own logits); requests without them skip this.
-                row_logits = (adjust_logits(logits[r], s.tokens[s.prompt_len :], p.presence_penalty,
-                                            p.frequency_penalty, p.logit_bias) if p.adjusts_logits else logits[r])
-                picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator)
+                # Penalties, bias and masks on this row only, and only for the draw (logprobs below
+                # read the model's own logits); requests without them skip this.
+                row_logits = self._adjusted(logits[r], s) if p.adjusts_logits else logits[r]
+                picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator, p.min_p)
         self.runner.record_sampled(picked)  # the next plan's decodes read their inputs here
         for i, (s, _) in enumerate(due):
             s.in_flight += 1
@@ -321,6 +320,26 @@ class Engine:
             parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
         out.readback = Readback(torch.cat(parts))  # the step's one read-back, collected by _complete
         return out
+
+    def _adjusted(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
+        """One row's logits as the request's penalties, bias and masks leave them for its draw.
+        A token still in flight counts toward min_tokens (only their number matters there)."""
+        p = s.params
+        generated = s.tokens[s.prompt_len :]
+        banned = self._end_ids(p) if len(generated) + s.in_flight < p.min_tokens else frozenset()
+        if p.bad_words:
+            banned = banned | {w[-1] for w in p.bad_words if len(w) <= len(generated) + 1
+                               and tuple(generated[len(generated) - len(w) + 1 :]) == w[:-1]}
+        return adjust_logits(row, generated, p.presence_penalty, p.frequency_penalty, p.logit_bias,
+                             seen=s.tokens if p.repetition_penalty != 1 else (),
+                             repetition_penalty=p.repetition_penalty, banned=banned, allowed=p.allowed_token_ids)
+
+    def _end_ids(self, p: SamplingParams) -> frozenset[int] | tuple[int, ...]:
+        """The tokens that end a sequence: the tokenizer's end tokens (unless ignore_eos) and the
+        request's stop_token_ids."""
+        if not p.ignore_eos and not p.stop_token_ids:
+            return self.tokenizer.stop_ids
+        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.tokenizer.stop_ids))
 
     def _complete(self, step: Launched) -> None:
         """A launched step's results on the host: prompt logprobs, then each sampled token, its
@@ -350,7 +369,7 @@ class Engine:
             if seq.finished:
                 continue
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
-            if tok in self.tokenizer.stop_ids:  # an end token (EOS, Llama 3's <|eot_id|>): not in the output
+            if tok in self._end_ids(seq.params):  # an end token (EOS, <|eot_id|>, stop_token_ids): not in the output
                 end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
                 self._finish(seq, "stop", end_token=end)
                 continue

@@ -43,8 +43,36 @@ class SamplingParams:
     # (token id, bias) pairs added to the logits with the penalties; +100 all but forces a token,
     # -100 all but bans it. A tuple, not a dict, so the params stay hashable.
     logit_bias: tuple[tuple[int, float], ...] = ()
-    # Penalties and bias steer the draw only: the logprobs reported stay those of the model's own
-    # distribution, as they are before temperature.
+    # vLLM's sampling extensions, with its names, defaults and meaning:
+    # min_p: after temperature, drop every token less likely than min_p times the most likely one
+    # (before top-k and top-p); 0 is off. Greedy draws are unaffected.
+    min_p: float = 0.0
+    # repetition_penalty: vLLM's multiplicative penalty on every token in the prompt or generated
+    # so far: its logit is divided by the penalty when positive, multiplied by it otherwise,
+    # before the other penalties. 1 is off; it steers greedy draws too.
+    repetition_penalty: float = 1.0
+    # min_tokens: no end token (the tokenizer's, and stop_token_ids) is drawn, and no stop string
+    # matches, before this many tokens are generated.
+    min_tokens: int = 0
+    # ignore_eos: the tokenizer's end tokens do not end the sequence; they are kept as generated
+    # tokens, and it runs on to max_tokens, a stop string or stop_token_ids.
+    ignore_eos: bool = False
+    # stop_token_ids: more token ids that end the sequence as an end token does (finish_reason
+    # "stop"; the token is not in the output).
+    stop_token_ids: tuple[int, ...] = ()
+    # allowed_token_ids: draw only among these (greedy too); None: any token.
+    allowed_token_ids: tuple[int, ...] | None = None
+    # bad_words: token-id sequences (vLLM's bad_words, as the HTTP layer encodes each word) that
+    # are never generated: a sequence's last token is banned wherever the generated tokens end
+    # with the rest of it (a one-token word everywhere).
+    bad_words: tuple[tuple[int, ...], ...] = ()
+    # include_stop_str_in_output: the text ends after the stop string found, not before it.
+    include_stop_str_in_output: bool = False
+    # skip_special_tokens: special tokens (headers, reserved ids) write no text. False (here, as in
+    # Meta's decode) writes their text; vLLM's HTTP default is True, and deploy/ sends that.
+    skip_special_tokens: bool = False
+    # Penalties, bias and masks steer the draw only: the logprobs reported stay those of the
+    # model's own distribution, as they are before temperature.
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -68,12 +96,35 @@ class SamplingParams:
             if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
                 raise ValueError(f"logit_bias for token {token} must be between {-MAX_LOGIT_BIAS} and "
                                  f"{MAX_LOGIT_BIAS}, got {bias}.")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (0 is off), got {self.min_p}.")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 is off), got {self.repetition_penalty}.")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer between 0 and max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens!r}.")
+        for name in ("stop_token_ids", "allowed_token_ids"):
+            for token in getattr(self, name) or ():
+                if not isinstance(token, int) or token < 0:
+                    raise ValueError(f"{name} must be token ids (integers >= 0), got {token!r}.")
+        for word in self.bad_words:
+            if not word or any(not isinstance(t, int) or t < 0 for t in word):
+                raise ValueError(f"bad_words must be non-empty sequences of token ids (integers >= 0), got {word!r}.")
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise ValueError("allowed_token_ids must not be empty: no token could be drawn; leave it out for any token.")
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether penalties or a bias change the logits before the draw; when not, the engine
-        skips that work entirely."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        """Whether penalties, a bias or a mask change the logits before the draw; when not, the
+        engine skips that work entirely."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1
+                    or self.min_tokens or self.allowed_token_ids is not None or self.bad_words)
+
+    @property
+    def counts_history(self) -> bool:
+        """Whether the draw reads the tokens generated so far (not only how many)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
+                    or any(len(word) > 1 for word in self.bad_words))
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Sampling: OpenAI's penalties and logit bias, then temperature, top-k, top-p (nucleus) and
-greedy, one token at a time; and logprobs.
+"""Sampling: vLLM's allowed tokens and repetition penalty, OpenAI's penalties and logit bias,
+then temperature, min-p, top-k, top-p (nucleus) and greedy, one token at a time; and logprobs.
 
 Top-p is done as Meta's reference does it. The engine gives every sampled request a seeded
 torch.Generator of its own, so its draws depend on nothing else in the batch and on no rank.
@@ -29,19 +29,38 @@ def adjust_logits(
     presence_penalty: float,
     frequency_penalty: float,
     logit_bias: tuple[tuple[int, float], ...],
+    *,
+    seen: list[int] = (),  # type: ignore[assignment]
+    repetition_penalty: float = 1.0,
+    banned: tuple[int, ...] | frozenset[int] = (),
+    allowed: tuple[int, ...] | None = None,
 ) -> torch.Tensor:
-    """logits (vocab,) -> new float32 logits (vocab,) with OpenAI's penalties and bias applied:
-    logits[t] - frequency_penalty * count(t) - presence_penalty * (count(t) > 0) + bias[t], where
-    count(t) is how often t occurs in `generated` (the request's generated tokens, not its
-    prompt). Only the draw sees these; logprobs stay the model's own."""
+    """logits (vocab,) -> new float32 logits (vocab,) for the draw, in vLLM's order:
+    - `allowed`: every other token gets -inf; `banned` tokens get -inf (min_tokens' end tokens);
+    - OpenAI's bias: logits[t] + bias[t];
+    - vLLM's repetition penalty on each token in `seen` (the prompt and the generated tokens):
+      logits[t] / repetition_penalty where positive, logits[t] * repetition_penalty otherwise;
+    - OpenAI's penalties: logits[t] - frequency_penalty * count(t) - presence_penalty * (count(t) > 0),
+      where count(t) is how often t occurs in `generated` (the generated tokens, not the prompt).
+    Only the draw sees these; logprobs stay the model's own."""
     out = logits.float().clone()  # (vocab,); .float() alone would alias float32 logits
+    if allowed is not None:
+        keep = torch.full_like(out, float("-inf"))
+        ids = to_device(list(allowed), out.device)
+        out = keep.index_copy_(0, ids, out.index_select(0, ids))
+    if banned:
+        out.index_fill_(0, to_device(list(banned), out.device), float("-inf"))
+    if logit_bias:
+        ids = to_device([t for t, _ in logit_bias], out.device)
+        out.index_add_(0, ids, to_device([b for _, b in logit_bias], out.device, out.dtype))
+    if seen and repetition_penalty != 1:
+        ids = to_device(sorted(set(seen)), out.device)
+        picked = out.index_select(0, ids)
+        out.index_copy_(0, ids, torch.where(picked > 0, picked / repetition_penalty, picked * repetition_penalty))
     if generated and (presence_penalty or frequency_penalty):
         ids = to_device(generated, out.device)
         counts = torch.zeros_like(out).index_add_(0, ids, torch.ones_like(ids, dtype=out.dtype))  # bincount would wait for the GPU
         out -= frequency_penalty * counts + presence_penalty * (counts > 0).float()
-    if logit_bias:
-        ids = to_device([t for t, _ in logit_bias], out.device)
-        out.index_add_(0, ids, to_device([b for _, b in logit_bias], out.device, out.dtype))
     return out
 
 
@@ -51,15 +70,20 @@ GREEDY_BELOW = 1e-5
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_p: float, top_k: int, generator: torch.Generator | None,
+    min_p: float = 0.0,
 ) -> torch.Tensor:
     """logits (vocab,) -> one token id, a 0-d tensor on the logits' device (nothing is read back
-    to the host). top_k (when > 0) keeps the k most likely tokens, then top_p is applied to their
-    renormalised probabilities (vLLM's order). One multinomial draw from `generator` per call,
-    whatever the distribution."""
+    to the host). After temperature, min_p (when > 0) drops every token less likely than min_p
+    times the most likely one; then top_k (when > 0) keeps the k most likely tokens, and top_p is
+    applied to their renormalised probabilities (vLLM's order). One multinomial draw from
+    `generator` per call, whatever the distribution."""
     if temperature < GREEDY_BELOW:
         return torch.argmax(logits)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if min_p > 0:
+        probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+        probs = probs / probs.sum()
     if 0 < top_k < probs.shape[-1]:
         kept, idx = torch.topk(probs, top_k)  # sorted, most likely first
         kept = kept / kept.sum()

@@ -58,7 +58,14 @@ def _utf8_length(lead: int) -> int:
 class TextStream:
     """Turns a request's generated token ids, pushed as they are sampled, into text deltas."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), min_tokens: int = 0,
+                 keep_stop: bool = False, skip_special: bool = False) -> None:
+        """`min_tokens`: no stop string matches that starts in the text of the first min_tokens
+        tokens (vLLM's min_tokens: it checks stop strings only once more tokens are out).
+        `keep_stop`: the text ends after the stop string found, not before it (vLLM's
+        include_stop_str_in_output). `skip_special`: special tokens (tokenizer.special_tokens)
+        write no text, as decode(ids, skip_special_tokens=True) (vLLM's skip_special_tokens);
+        else their text is written, as decode(ids)."""
         stop = tuple(stop)
         for s in stop:
             if not isinstance(s, str) or not s:
@@ -96,6 +103,10 @@ class TextStream:
         self._tail = ""
         self._held = ""
 
+        self._min_tokens = min_tokens
+        self._pushed = 0
+        self._keep_stop = keep_stop
+        self._skipped = frozenset(tokenizer.special_tokens.values()) if skip_special else frozenset()
         self._chunks: list[str] = []
         self._stopped = False
         self._closed = False
@@ -120,9 +131,12 @@ class TextStream:
                                "`stopped` is True.")
         if self._closed:
             raise RuntimeError("push() after flush(); a flushed stream is finished.")
+        self._pushed += 1
         if not 0 <= token_id < self._tok.n_words:
             raise ValueError(f"token id {token_id} is outside the tokenizer's vocabulary "
                              f"[0, {self._tok.n_words}); the model's vocab_size must match the tokenizer.")
+        if token_id in self._skipped:  # as if it were not there: decode(ids without it)
+            return ""
         if self._utf8 is not None:
             return self._push_bytes(self._tok.token_bytes(token_id) or self._tok.decode([token_id]).encode("utf-8"))
         self._window.append(token_id)
@@ -210,17 +224,22 @@ class TextStream:
         bytes as decode() shows them now). Returns what may be emitted; updates held text."""
         if not self._stop:
             return delta
+        if self._pushed <= self._min_tokens:  # not armed yet: emit it all, keep the tail for later matches
+            self._tail = (self._tail + delta)[-(self._max_stop - 1):] if self._max_stop > 1 else ""
+            return delta
         region = self._tail + delta + provisional
-        hits = [k for k in (region.find(s) for s in self._stop) if k >= 0]
         unemitted = len(self._tail) - len(self._held)  # where the held text starts in region
+        # Only from there: what was emitted before holds no stop string's start (_stop_prefix_len
+        # keeps any back), except text emitted before min_tokens, where none may start.
+        hits = [(k, -len(s)) for s in self._stop if (k := region.find(s, unemitted)) >= 0]
         if hits:
-            first = min(hits)
+            first, minus_length = min(hits)  # the earliest; where two start there, the longer
             # An occurrence starting before the held text would mean a longer stop-string prefix
             # had been emitted, which _stop_prefix_len rules out.
             assert first >= unemitted, (region, first, unemitted)
             self._stopped = True
             self._held = ""
-            return region[unemitted:first]
+            return region[unemitted:first - minus_length if self._keep_stop else first]
         self._tail = (self._tail + delta)[-(self._max_stop - 1):] if self._max_stop > 1 else ""
         candidate = self._held + delta
         keep = self._stop_prefix_len(candidate)

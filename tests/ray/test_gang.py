@@ -237,9 +237,17 @@ def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
+# vLLM's sampling extensions on some of the batch's requests (tests/unit/engine/test_engine_vllm_sampling.py
+# checks what each does); the rest plain.
+VLLM_EXTENSIONS = [dict(min_p=0.2), dict(repetition_penalty=1.5, presence_penalty=0.5), dict(min_tokens=12,
+                   stop_token_ids=(40, 41)), dict(allowed_token_ids=tuple(range(30, 90))),
+                   dict(bad_words=((50,), (60, 61))), {}, dict(ignore_eos=True), {}]
+
+
 def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local, tiny_ckpts):
     prompts = [[1] + list(range(10 + 7 * i, 14 + 11 * i)) for i in range(8)]
-    reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=7 + i))
+    reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=7 + i,
+                                                       **VLLM_EXTENSIONS[i]))
             for i, p in enumerate(prompts)]
     results = {}
     for mp in (1, 2):
@@ -253,6 +261,7 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
         results[mp] = [o.token_ids for o in batch]
     assert results[1] == results[2]
     assert len({tuple(t) for t in results[1]}) == 8
+    assert set(results[1][3]) <= set(range(30, 90)) and len(results[1][2]) == 12
 
 
 def test_mp4_from_one_shard(ray_local, tiny_ckpts):

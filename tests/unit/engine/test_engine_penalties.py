@@ -114,7 +114,7 @@ def test_requests_without_penalties_or_bias_never_adjust_logits(golden_model, mo
     model, tok = golden_model
     calls = []
     real = llama.engine.core.adjust_logits
-    monkeypatch.setattr(llama.engine.core, "adjust_logits", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(llama.engine.core, "adjust_logits", lambda *a, **k: calls.append(a) or real(*a, **k))
     p = random_prompts(3, tok.n_words, seed=33)
     plain = [greedy(p[0], 5, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=()),
              GenerationRequest(tuple(p[1]), SamplingParams(max_tokens=5, temperature=0.8, seed=1))]

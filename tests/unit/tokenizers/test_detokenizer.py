@@ -77,21 +77,29 @@ def byte_id(tok: Tokenizer, b: int) -> int:
     return ids_of(tok, [f"<0x{b:02X}>"])[0]
 
 
-def reference(tok: Tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, int | None]:
+def reference(tok: Tokenizer, ids: list[int], stop: tuple[str, ...], keep_stop: bool = False,
+              skip_special: bool = False) -> tuple[str, int | None]:
     """What the stream must produce, from whole decodes: the text, and the push (1-based) that
-    completed the first stop string, or None."""
+    completed the first stop string, or None. keep_stop: the text runs to the end of the earliest
+    stop string (the longest of those starting there); skip_special: decoded without special tokens."""
+    def decode(part: list[int]) -> str:
+        specials = set(tok.special_tokens.values()) if skip_special else set()
+        return tok.decode([t for t in part if t not in specials])
+
     for k in range(1, len(ids) + 1):
-        full = tok.decode(ids[:k])
-        hits = [full.find(s) for s in stop if s in full]
+        full = decode(ids[:k])
+        hits = [(full.find(s), -len(s)) for s in stop if s in full]
         if hits:
-            return full[:min(hits)], k
-    return tok.decode(ids), None
+            first, minus_length = min(hits)
+            return full[:first - minus_length if keep_stop else first], k
+    return decode(ids), None
 
 
-def check(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> TextStream:
+def check(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = (), keep_stop: bool = False,
+          skip_special: bool = False) -> TextStream:
     """Push `ids` one by one and check invariants 1-3 after every push and at flush."""
-    want, stop_at = reference(tok, ids, stop)
-    stream = TextStream(tok, stop)
+    want, stop_at = reference(tok, ids, stop, keep_stop, skip_special)
+    stream = TextStream(tok, stop, keep_stop=keep_stop, skip_special=skip_special)
     max_held = max((len(s) for s in stop), default=1) - 1 + 3  # stop-string prefix + open bytes
     out = []
     for k, token in enumerate(ids, 1):
@@ -103,7 +111,7 @@ def check(tok: Tokenizer, ids: list[int], stop: tuple[str, ...] = ()) -> TextStr
             with pytest.raises(RuntimeError):
                 stream.push(token)
             break
-        full = tok.decode(ids[:k])
+        full = reference(tok, ids[:k], (), skip_special=skip_special)[0]
         assert full.startswith(stream.text), (ids[:k], stop)
         assert len(full) - len(stream.text) <= max_held, (ids[:k], stop)
     else:
@@ -157,14 +165,18 @@ def test_random_ids_stream_exactly_without_stops(tokenizers, name):
         check(tok, random_ids(rng, tok, rng.randint(1, 40)))
 
 
+@pytest.mark.parametrize("keep_stop", [False, True], ids=["cut_before", "include_stop_str_in_output"])
 @pytest.mark.parametrize("name", ["golden", "tiny", "keepspace"])
-def test_random_ids_cut_at_first_stop(tokenizers, name):
+def test_random_ids_cut_at_first_stop(tokenizers, name, keep_stop):
     tok = tokenizers[name]
     rng = random.Random(f"stop-{name}")
     stopped = 0
     for _ in range(400):
         ids = random_ids(rng, tok, rng.randint(1, 40))
-        stopped += check(tok, ids, random_stops(rng, tok, ids)).stopped
+        stops = random_stops(rng, tok, ids)
+        stream = check(tok, ids, stops, keep_stop=keep_stop)
+        stopped += stream.stopped
+        assert not (keep_stop and stream.stopped) or stream.text.endswith(stops)
     assert stopped > 200  # the stops mostly do occur, so the cut path is well exercised
 
 
@@ -403,6 +415,25 @@ def test_byte_level_streams_exactly_with_split_and_invalid_bytes_and_control_tok
         check(bytelevel, ids)
         stopped += check(bytelevel, ids, random_stops(rng, bytelevel, ids)).stopped
     assert stopped > 250
+
+
+def test_byte_level_include_stop_str_and_skip_special_tokens(bytelevel):
+    rng = random.Random("bytelevel-vllm")
+    kept = skipped = 0
+    specials = list(bytelevel.special_tokens.values())
+    for _ in range(400):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(bytelevel.n_words) if rng.random() < 0.3
+               else rng.randrange(256, bytelevel.n_words - 2) for _ in range(rng.randint(1, 40))]
+        stops = random_stops(rng, bytelevel, ids)
+        kept += check(bytelevel, ids, stops, keep_stop=True).stopped
+        text = check(bytelevel, ids, skip_special=True).text
+        skipped += "<|" in bytelevel.decode(ids) and "<|" not in text
+        check(bytelevel, ids, stops, keep_stop=True, skip_special=True)
+    assert kept > 150 and skipped > 100
+    eot = bytelevel.special_tokens["<|eot_id|>"]
+    stream = TextStream(bytelevel, ("x<|",), skip_special=True)  # a skipped token's text cannot match
+    assert [stream.push(t) for t in (bytelevel.encode("x", False, False)[0], eot)] == ["", ""]
+    assert not stream.stopped and stream.flush() == "x"
 
 
 def test_byte_level_holds_a_split_character_until_it_completes(bytelevel):
