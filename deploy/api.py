@@ -41,6 +41,7 @@ from deploy.tokenization import (
     TokenizeRequest,
     TokenizeResponse,
     TokenizerInfo,
+    bad_words_token_ids,
     chat_prompt,
     check_token_ids,
     detokenize,
@@ -83,16 +84,15 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             raise APIError(400, f"This request asks for {body.n * n_prompts} choices ({n_prompts} prompt(s) x "
                                 f"n={body.n}); at most {MAX_CHOICES} fit in one request. Lower n or split the "
                                 f"prompts across requests.", param="n")
-        prompts = _completion_prompts(body.prompt, tokenizer)
+        prompts = []
+        for tokens, text in _completion_prompts(body.prompt, tokenizer):
+            kept = _truncated(tokens, body.truncate_prompt_tokens, max_seq_len)
+            prompts.append((kept, text if len(kept) == len(tokens) else tokenizer.decode(kept)))  # echo what ran
         for i, (tokens, _) in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             _check_length(len(tokens), body.max_tokens, max_seq_len, which, param="prompt")
-        check_token_ids([t for t, _ in body.logit_bias_pairs()], tokenizer, "logit_bias", param="logit_bias")
-        requests = [
-            GenerationRequest(tuple(tokens), params)
-            for tokens, _ in prompts
-            for params in _choice_params(body, body.max_tokens, body.logprobs, body.echo)
-        ]
+        params = _choice_params(body, tokenizer, body.max_tokens, body.logprobs, body.echo)
+        requests = [GenerationRequest(tuple(tokens), p) for tokens, _ in prompts for p in params]
         spec = ChoiceSpec(chat=False, logprobs=body.logprobs is not None, return_token_ids=body.return_token_ids)
         shapers = [ChoiceShaper(tokenizer, spec, Echo(*prompts[k // body.n]) if body.echo else None, prompt=k // body.n)
                    for k in range(len(requests))]
@@ -116,7 +116,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             raise APIError(400, f"This request asks for {body.n} choices; at most {MAX_CHOICES} fit in one "
                                 f"request. Lower n.", param="n")
         dialog, tokens = chat_prompt(tokenizer, body.messages)
-        check_token_ids([t for t, _ in body.logit_bias_pairs()], tokenizer, "logit_bias", param="logit_bias")
+        tokens = _truncated(tokens, body.truncate_prompt_tokens, max_seq_len)
         max_tokens = body.max_new_tokens()
         if max_tokens is None:
             _check_length(len(tokens), 1, max_seq_len, "the messages", param="messages")
@@ -125,7 +125,8 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             _check_length(len(tokens), max_tokens, max_seq_len, "the messages", param="messages")
         # logprobs=true: the chosen tokens' logprobs, and top_logprobs alternatives (none if not given)
         n_alternatives = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [GenerationRequest(tuple(tokens), p) for p in _choice_params(body, max_tokens, n_alternatives, False)]
+        requests = [GenerationRequest(tuple(tokens), p)
+                    for p in _choice_params(body, tokenizer, max_tokens, n_alternatives, False)]
         spec = ChoiceSpec(chat=True, logprobs=body.logprobs, return_token_ids=body.return_token_ids)
         shapers = [ChoiceShaper(tokenizer, spec) for _ in requests]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -230,10 +231,27 @@ def _check_length(prompt_len: int, max_tokens: int, max_seq_len: int, which: str
                             f"(max_tokens).", param=param, code="context_length_exceeded")
 
 
-def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, echo: bool) -> list[SamplingParams]:
+def _truncated(tokens: list[int], keep: int | None, max_seq_len: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the prompt's last `keep` tokens; -1, the last max_seq_len - 1."""
+    if keep is None:
+        return tokens
+    keep = max_seq_len - 1 if keep == -1 else keep
+    return tokens[-keep:]
+
+
+def _choice_params(body: OpenAIRequest, tokenizer: Tokenizer, max_tokens: int, logprobs: int | None,
+                   echo: bool) -> list[SamplingParams]:
     """One SamplingParams per choice. Every sampled choice carries a seed, drawn here when the
     caller gave none: each model-parallel rank then draws the same tokens from its own RNG.
-    `logprobs`: None for none, else how many alternatives per token (SamplingParams.logprobs)."""
+    `logprobs`: None for none, else how many alternatives per token (SamplingParams.logprobs).
+    Token ids the caller names are checked against the vocabulary here, bad_words encoded."""
+    check_token_ids([t for t, _ in body.logit_bias_pairs()], tokenizer, "logit_bias", param="logit_bias")
+    check_token_ids(body.stop_token_ids, tokenizer, "stop_token_ids", param="stop_token_ids")
+    check_token_ids(body.allowed_token_ids or [], tokenizer, "allowed_token_ids", param="allowed_token_ids")
+    if body.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens ({body.min_tokens}) is more than the tokens this request may generate "
+                            f"({max_tokens}); lower min_tokens or raise max_tokens.", param="min_tokens")
+    bad_words = bad_words_token_ids(body.bad_words, tokenizer)
     if body.seed is not None:
         seeds: list[int | None] = [(body.seed + j) % _SEED_MODULUS for j in range(body.n)]
     elif body.temperature > 0:
@@ -244,7 +262,12 @@ def _choice_params(body: OpenAIRequest, max_tokens: int, logprobs: int | None, e
         SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
                        seed=s, stop=body.stop_strings(), logprobs=logprobs, echo=echo,
                        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                       logit_bias=body.logit_bias_pairs())
+                       logit_bias=body.logit_bias_pairs(), min_p=body.min_p,
+                       repetition_penalty=body.repetition_penalty, min_tokens=body.min_tokens,
+                       ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids),
+                       allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+                       bad_words=bad_words, include_stop_str_in_output=body.include_stop_str_in_output,
+                       skip_special_tokens=body.skip_special_tokens)
         for s in seeds
     ]
 

@@ -6,7 +6,7 @@ must keep their no-op value. The mapping to engine requests lives in deploy/api.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -134,6 +134,59 @@ class OpenAIRequest(StrictRequest):
     top_k: int = 0
     # Our extension: the generated token ids on each choice, so callers can compare runs exactly.
     return_token_ids: bool = False
+    # vLLM's sampling extensions, with its names, defaults and meaning (SamplingParams says how
+    # each is applied; deploy/api.py maps them and checks token ids against the vocabulary).
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = []
+    allowed_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)] | None = None
+    bad_words: list[Annotated[str, Field(min_length=1)]] = []
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True  # vLLM's default: special tokens write no text
+    # Keep only the prompt's last k tokens; -1: the last max_seq_len - 1 (all that leave room for one new token).
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+
+    # vLLM's request fields this server does not implement, each with the value that leaves it
+    # off (some clients send that as a matter of course: it is accepted). Any other value is a
+    # 400 naming the field, never silently ignored; a field neither here nor above stays an
+    # unknown-field 400.
+    VLLM_UNSUPPORTED: ClassVar[dict[str, Any]] = {
+        "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True, "priority": 0,
+        "return_token_offsets": False, "return_tokens_as_token_ids": False, "prompt_logprobs": None,
+        "logprob_token_ids": None, "structured_outputs": None, "response_format": None, "guided_json": None,
+        "guided_regex": None, "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
+        "guided_whitespace_pattern": None, "logits_processors": None, "vllm_xargs": None, "cache_salt": None,
+        "kv_transfer_params": None, "ec_transfer_params": None, "prompt_embeds": None, "mm_payload": "tensors",
+        "return_mm_kwargs": None, "repetition_detection": None, "thinking_token_budget": None,
+        "truncation_side": "left", "request_id": None, "session_id": None, "stream_interval": None,
+        "routed_experts_prompt_start": 0, "watermarking": None,
+    }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _vllm_fields_left_off(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, off in cls.VLLM_UNSUPPORTED.items():
+            if name not in data:
+                continue
+            value = data.pop(name)
+            if value is None or (value == off and type(value) in (type(off), int if type(off) is float else None)):
+                continue
+            keep = "leave it out" if off is None else f"leave it out or send {off!r}".replace("True", "true").replace(
+                "False", "false")
+            raise ValueError(f"{name} is a vLLM extension this server does not support (got {value!r}); {keep}")
+        return data
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_to_some(cls, v: int | None) -> int | None:
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be >= 1 (keep the prompt's last k tokens) or -1 (keep what "
+                             "fits), got 0")
+        return v
 
     @field_validator("top_k")
     @classmethod
@@ -174,6 +227,9 @@ class OpenAIRequest(StrictRequest):
 
 
 class CompletionRequest(OpenAIRequest):
+    VLLM_UNSUPPORTED: ClassVar[dict[str, Any]] = OpenAIRequest.VLLM_UNSUPPORTED | {
+        "add_special_tokens": True,  # string prompts always get BOS here
+    }
     prompt: Prompt
     echo: bool = False  # before max_tokens, which reads it
     # OpenAI's default for completions. 0 (with echo) scores the prompt: its tokens' logprobs,
@@ -232,6 +288,12 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(OpenAIRequest):
+    VLLM_UNSUPPORTED: ClassVar[dict[str, Any]] = OpenAIRequest.VLLM_UNSUPPORTED | {
+        "add_special_tokens": False, "add_generation_prompt": True, "continue_final_message": False,
+        "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
+        "include_reasoning": True, "reasoning_effort": None, "return_prompt_text": None, "media_io_kwargs": None,
+        "mm_processor_kwargs": None, "tools": None, "tool_choice": "none", "parallel_tool_calls": True,
+    }
     messages: list[ChatMessage] = Field(min_length=1)
     # None: as many as fit in max_seq_len after the prompt. max_tokens is OpenAI's older name.
     max_tokens: int | None = Field(None, ge=1)

@@ -100,3 +100,27 @@ def check_token_ids(ids: list[int], tokenizer: Tokenizer, which: str, param: str
     if bad:
         raise APIError(400, f"{which} has token id {bad[0]}; this model's ids are 0..{tokenizer.n_words - 1}.",
                        param=param)
+
+
+MAX_BAD_WORDS = 128  # token sequences after encoding, as vLLM's VLLM_MAX_NUM_BAD_WORDS
+
+
+def bad_words_token_ids(words: list[str], tokenizer: Tokenizer) -> tuple[tuple[int, ...], ...]:
+    """vLLM's bad_words as token-id sequences, encoded as vLLM encodes them: each word as it is
+    (leading spaces stripped), and again after a space when that gives another first token of the
+    same length (the word in the middle of text)."""
+    out: list[tuple[int, ...]] = []
+    for word in dict.fromkeys(words):
+        for prefix in ("", " "):
+            ids = tuple(tokenizer.encode(prefix + word.lstrip(), bos=False, eos=False))
+            if not ids:
+                if not prefix:
+                    raise APIError(400, f"bad_words entry {word!r} encodes to no tokens; send words with text in "
+                                        f"them.", param="bad_words")
+                continue
+            if not prefix or (ids[0] != out[-1][0] and len(ids) == len(out[-1])):
+                out.append(ids)
+    if len(out) > MAX_BAD_WORDS:
+        raise APIError(400, f"bad_words encode to {len(out)} token sequences; at most {MAX_BAD_WORDS} are "
+                            f"allowed. Send fewer words.", param="bad_words")
+    return tuple(out)

@@ -63,6 +63,22 @@ def test_seeded_n_choices_are_reproducible(client):
     assert a == b and len(a) == 3
 
 
+def test_vllms_sampling_extensions_through_serve_whole_and_streamed(client):
+    # What `vllm bench serve` sends (repetition_penalty 1.0, ignore_eos), and a penalty that steers.
+    kw = dict(model=MODEL, prompt="hello", max_tokens=12, temperature=0)
+    plain = client.completions.create(**kw, extra_body={"return_token_ids": True}).choices[0]
+    bench = client.completions.create(**kw, extra_body={"repetition_penalty": 1.0, "ignore_eos": True,
+                                                        "return_token_ids": True}).choices[0]
+    assert bench.model_extra["token_ids"][:len(plain.model_extra["token_ids"])] == plain.model_extra["token_ids"]
+    assert len(bench.model_extra["token_ids"]) == 12 and bench.finish_reason == "length"
+    steer = {"repetition_penalty": 1.8, "min_tokens": 10, "bad_words": ["the"], "return_token_ids": True}
+    whole = client.completions.create(**kw, extra_body=steer).choices[0]
+    streamed = list(client.completions.create(**kw, stream=True, extra_body=steer))
+    assert whole.model_extra["token_ids"] != plain.model_extra["token_ids"] and len(whole.model_extra["token_ids"]) >= 10
+    assert [t for c in streamed for t in c.choices[0].model_extra["token_ids"]] == whole.model_extra["token_ids"]
+    assert "".join(c.choices[0].text for c in streamed) == whole.text
+
+
 @pytest.mark.parametrize(
     "kwargs,param",
     [
