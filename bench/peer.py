@@ -113,6 +113,7 @@ class Server:
     cmd: list[str]
     url: str
     env: dict[str, str] = field(default_factory=dict)
+    model: str = MODEL  # the id it serves
     proc: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -122,7 +123,7 @@ class Server:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen(self.cmd, cwd=REPO, env={**os.environ, **self.env}, stdin=subprocess.DEVNULL,
                                      stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0}
+        body = {"model": self.model, "prompt": [5, 6, 7], "max_tokens": 1, "temperature": 0}
         while time.perf_counter() - t0 < timeout_s:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode} while starting; see {log}")
