@@ -33,6 +33,7 @@ import torch
 from llama.engine.block_pool import BlockPool
 from llama.engine.config import EngineConfig, check_request
 from llama.engine.device_io import Readback, to_device
+from llama.engine.grammar import GrammarCompiler
 from llama.engine.kv_memory import free_device_bytes, pool_blocks
 from llama.engine.request import EndToken, FinishReason, GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
@@ -106,6 +107,7 @@ class Engine:
         config = config.for_model(model.args, num_blocks * config.block_size)
         self.model = model
         self.tokenizer = tokenizer
+        self._grammars = GrammarCompiler(tokenizer)  # structured outputs: each grammar compiled once
         self.config = config
         self.publish = publish
         self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len, num_blocks,
@@ -139,6 +141,8 @@ class Engine:
             gen = torch.Generator(device=self.model.device).manual_seed(seed)
         seq = Sequence(request_id, request, sink, TextStream(self.tokenizer, p.stop, p.min_tokens, p.include_stop_str_in_output,
                                                               p.skip_special_tokens), gen)
+        if p.grammar is not None:  # compiled here, on the caller's thread, once per grammar; ValueError if refused
+            seq.grammar = self._grammars.matcher(p.grammar)
         with self._lock:
             if self.failure is not None:
                 raise EngineFailedError(f"the engine failed earlier ({self.failure!r}) and must be replaced.")
@@ -330,9 +334,20 @@ class Engine:
         if p.bad_words:
             banned = banned | {w[-1] for w in p.bad_words if len(w) <= len(generated) + 1
                                and tuple(generated[len(generated) - len(w) + 1 :]) == w[:-1]}
-        return adjust_logits(row, generated, p.presence_penalty, p.frequency_penalty, p.logit_bias,
-                             seen=s.tokens if p.repetition_penalty != 1 else (),
-                             repetition_penalty=p.repetition_penalty, banned=banned, allowed=p.allowed_token_ids)
+        mask = None
+        if s.grammar is not None:
+            mask = s.grammar.allowed()
+            if mask.shape[0] != row.shape[0]:  # a model vocabulary padded past the tokenizer's: never those ids
+                mask = torch.cat([mask, mask.new_zeros(max(0, row.shape[0] - mask.shape[0]))])[: row.shape[0]]
+            if not mask.any():  # it refused a token (s.grammar.failed): only an end token, so the sequence ends
+                mask[list(self._end_ids(p))] = True
+        out = adjust_logits(row, generated, p.presence_penalty, p.frequency_penalty, p.logit_bias,
+                            seen=s.tokens if p.repetition_penalty != 1 else (),
+                            repetition_penalty=p.repetition_penalty, banned=banned, allowed=p.allowed_token_ids,
+                            mask=mask)
+        if mask is not None and bool(torch.isinf(out).all()):  # the other masks left nothing: the grammar's wins
+            out = adjust_logits(row, [], 0.0, 0.0, (), mask=mask)
+        return out
 
     def _end_ids(self, p: SamplingParams) -> frozenset[int] | tuple[int, ...]:
         """The tokens that end a sequence: the tokenizer's end tokens (unless ignore_eos) and the
@@ -374,6 +389,8 @@ class Engine:
                 self._finish(seq, "stop", end_token=end)
                 continue
             seq.tokens.append(tok)
+            if seq.grammar is not None:
+                seq.grammar.take(tok)
             self.stats.generated_tokens += 1
             text = seq.text.push(tok)
             if seq.text.stopped:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from llama.engine.grammar import Grammar
 from llama.engine.sampling import validate_sampling
 
 MAX_LOGPROBS = 20  # top alternatives per token at most (OpenAI's chat limit)
@@ -71,6 +72,10 @@ class SamplingParams:
     # skip_special_tokens: special tokens (headers, reserved ids) write no text. False (here, as in
     # Meta's decode) writes their text; vLLM's HTTP default is True, and deploy/ sends that.
     skip_special_tokens: bool = False
+    # grammar: structured outputs; the generated text must match it (a JSON schema, a regular
+    # expression, choices or a Lark grammar; llama/engine/grammar.py), enforced as a token mask on
+    # the draw (greedy too). Once it is complete only an end token may follow ("stop").
+    grammar: Grammar | None = None
     # Penalties, bias and masks steer the draw only: the logprobs reported stay those of the
     # model's own distribution, as they are before temperature.
 
@@ -118,13 +123,14 @@ class SamplingParams:
         """Whether penalties, a bias or a mask change the logits before the draw; when not, the
         engine skips that work entirely."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.repetition_penalty != 1
-                    or self.min_tokens or self.allowed_token_ids is not None or self.bad_words)
+                    or self.min_tokens or self.allowed_token_ids is not None or self.bad_words
+                    or self.grammar is not None)
 
     @property
     def counts_history(self) -> bool:
         """Whether the draw reads the tokens generated so far (not only how many)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1
-                    or any(len(word) > 1 for word in self.bad_words))
+                    or any(len(word) > 1 for word in self.bad_words) or self.grammar is not None)
 
 
 @dataclass(frozen=True)

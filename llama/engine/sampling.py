@@ -34,9 +34,11 @@ def adjust_logits(
     repetition_penalty: float = 1.0,
     banned: tuple[int, ...] | frozenset[int] = (),
     allowed: tuple[int, ...] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits (vocab,) -> new float32 logits (vocab,) for the draw, in vLLM's order:
     - `allowed`: every other token gets -inf; `banned` tokens get -inf (min_tokens' end tokens);
+      so does every token `mask` (vocab,) bool (a grammar's) leaves out;
     - OpenAI's bias: logits[t] + bias[t];
     - vLLM's repetition penalty on each token in `seen` (the prompt and the generated tokens):
       logits[t] / repetition_penalty where positive, logits[t] * repetition_penalty otherwise;
@@ -48,6 +50,8 @@ def adjust_logits(
         keep = torch.full_like(out, float("-inf"))
         ids = to_device(list(allowed), out.device)
         out = keep.index_copy_(0, ids, out.index_select(0, ids))
+    if mask is not None:
+        out.masked_fill_(~mask.to(out.device, non_blocking=True), float("-inf"))
     if banned:
         out.index_fill_(0, to_device(list(banned), out.device), float("-inf"))
     if logit_bias:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from llama.engine.block_hash import ROOT, block_hashes
+from llama.engine.grammar import GrammarMatcher
 from llama.engine.request import EndToken, FinishReason, GenerationRequest, StreamDelta, TopLogprobs
 from llama.tokenizers.detokenizer import TextStream
 
@@ -36,6 +37,7 @@ class Sequence:
         self.sink = sink
         self.text = text
         self.generator = generator
+        self.grammar: GrammarMatcher | None = None  # where it is in its request's grammar (structured outputs)
         self.tokens: list[int] = list(request.prompt_tokens)  # prompt, then generated
         self.prompt_len = len(self.tokens)
         # Leading tokens whose keys/values are in its blocks (or will be, once the steps queued have run).

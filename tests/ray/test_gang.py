@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 
 import pytest
@@ -18,6 +19,7 @@ from cluster.errors import (
     RankFailedError,
 )
 from cluster.start import STAGES
+from llama.engine.grammar import Grammar
 from llama.engine.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, engine_idle, gang_config
 
@@ -237,11 +239,12 @@ def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
 
 
-# vLLM's sampling extensions on some of the batch's requests (tests/unit/engine/test_engine_vllm_sampling.py
+# vLLM's sampling extensions and a grammar (structured outputs) on some of the batch's requests (tests/unit/engine/test_engine_vllm_sampling.py
 # checks what each does); the rest plain.
 VLLM_EXTENSIONS = [dict(min_p=0.2), dict(repetition_penalty=1.5, presence_penalty=0.5), dict(min_tokens=12,
                    stop_token_ids=(40, 41)), dict(allowed_token_ids=tuple(range(30, 90))),
-                   dict(bad_words=((50,), (60, 61))), {}, dict(ignore_eos=True), {}]
+                   dict(bad_words=((50,), (60, 61))), dict(grammar=Grammar("regex", "[a-z ]{3,30}")),
+                   dict(ignore_eos=True), {}]
 
 
 def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local, tiny_ckpts):
@@ -258,10 +261,11 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
         finally:
             g.shutdown()
         assert [o.token_ids for o in alone] == [o.token_ids for o in batch[:3]]
-        results[mp] = [o.token_ids for o in batch]
+        results[mp], texts = [o.token_ids for o in batch], [o.text for o in batch]
     assert results[1] == results[2]
     assert len({tuple(t) for t in results[1]}) == 8
     assert set(results[1][3]) <= set(range(30, 90)) and len(results[1][2]) == 12
+    assert re.fullmatch("[a-z ]{3,30}", texts[5]), texts[5]
 
 
 def test_mp4_from_one_shard(ray_local, tiny_ckpts):
