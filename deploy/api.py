@@ -48,6 +48,7 @@ from deploy.tokenization import (
     tokenize,
     tokenizer_info,
 )
+from llama.engine.grammar import check_grammar
 from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.chat_format import UNSAFE_ERROR, has_special_tags
@@ -252,6 +253,9 @@ def _choice_params(body: OpenAIRequest, tokenizer: Tokenizer, max_tokens: int, l
         raise APIError(400, f"min_tokens ({body.min_tokens}) is more than the tokens this request may generate "
                             f"({max_tokens}); lower min_tokens or raise max_tokens.", param="min_tokens")
     bad_words = bad_words_token_ids(body.bad_words, tokenizer)
+    grammar = body.grammar()
+    if grammar is not None:
+        check_grammar(grammar)  # what the grammar library refuses, as a 400, before any rank sees it
     if body.seed is not None:
         seeds: list[int | None] = [(body.seed + j) % _SEED_MODULUS for j in range(body.n)]
     elif body.temperature > 0:
@@ -267,7 +271,7 @@ def _choice_params(body: OpenAIRequest, tokenizer: Tokenizer, max_tokens: int, l
                        ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids),
                        allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
                        bad_words=bad_words, include_stop_str_in_output=body.include_stop_str_in_output,
-                       skip_special_tokens=body.skip_special_tokens)
+                       skip_special_tokens=body.skip_special_tokens, grammar=grammar)
         for s in seeds
     ]
 

@@ -6,6 +6,7 @@ must keep their no-op value. The mapping to engine requests lives in deploy/api.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import (
@@ -22,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from llama.engine.grammar import Grammar
 from llama.engine.request import MAX_LOGIT_BIAS, MAX_PENALTY
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit
@@ -74,6 +76,40 @@ class StreamOptions(BaseModel):
             raise ValueError("continuous_usage_stats is not supported by this server; use include_usage for the "
                              "usage of the whole request in a last chunk, or leave it out")
         return v
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute, hence the alias. None: any JSON value.
+    json_schema: dict[str, Any] | bool | None = Field(None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced here, strict or not
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (no constraint), any JSON object, or a JSON schema."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError('response_format: type "json_schema" needs json_schema ({"name", "schema"}), and only it')
+        return self
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs: exactly one of these."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema, or its JSON text
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None  # Lark, or llama.cpp's GBNF
+    json_object: bool | None = None
 
 
 class StrictRequest(BaseModel):
@@ -147,6 +183,14 @@ class OpenAIRequest(StrictRequest):
     skip_special_tokens: bool = True  # vLLM's default: special tokens write no text
     # Keep only the prompt's last k tokens; -1: the last max_seq_len - 1 (all that leave room for one new token).
     truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # Structured outputs, enforced while sampling (llama/engine/grammar.py): OpenAI's
+    # response_format, vLLM's structured_outputs, or vLLM's older guided_* fields; one at most.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = None
 
     # vLLM's request fields this server does not implement, each with the value that leaves it
     # off (some clients send that as a matter of course: it is accepted). Any other value is a
@@ -155,9 +199,8 @@ class OpenAIRequest(StrictRequest):
     VLLM_UNSUPPORTED: ClassVar[dict[str, Any]] = {
         "use_beam_search": False, "length_penalty": 1.0, "spaces_between_special_tokens": True, "priority": 0,
         "return_token_offsets": False, "return_tokens_as_token_ids": False, "prompt_logprobs": None,
-        "logprob_token_ids": None, "structured_outputs": None, "response_format": None, "guided_json": None,
-        "guided_regex": None, "guided_choice": None, "guided_grammar": None, "guided_decoding_backend": None,
-        "guided_whitespace_pattern": None, "logits_processors": None, "vllm_xargs": None, "cache_salt": None,
+        "logprob_token_ids": None, "guided_decoding_backend": None, "guided_whitespace_pattern": None,
+        "logits_processors": None, "vllm_xargs": None, "cache_salt": None,
         "kv_transfer_params": None, "ec_transfer_params": None, "prompt_embeds": None, "mm_payload": "tensors",
         "return_mm_kwargs": None, "repetition_detection": None, "thinking_token_budget": None,
         "truncation_side": "left", "request_id": None, "session_id": None, "stream_interval": None,
@@ -216,6 +259,29 @@ class OpenAIRequest(StrictRequest):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(v)}")
         return v
 
+    def grammar(self) -> Grammar | None:
+        """The one constraint on the output that the request sets, if any (400 if several)."""
+        found: list[tuple[str, Grammar]] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(("response_format", Grammar.json_schema({"type": "object"})))
+        elif rf is not None and rf.type == "json_schema":
+            schema = rf.json_schema.json_schema
+            found.append(("response_format", Grammar.json_schema({} if schema is None else schema)))
+        so = self.structured_outputs
+        for name, value in [("json", so and so.json_), ("regex", so and so.regex), ("choice", so and so.choice),
+                            ("grammar", so and so.grammar), ("json_object", so and so.json_object)]:
+            if value:
+                found.append((f"structured_outputs.{name}", _grammar_of(name, value)))
+        for name in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{name}")
+            if value is not None:
+                found.append((f"guided_{name}", _grammar_of(name, value)))
+        if len(found) > 1:
+            raise ValueError(f"this request sets {' and '.join(n for n, _ in found)}: send one constraint on the "
+                             f"output at most")
+        return found[0][1] if found else None
+
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()
@@ -224,6 +290,21 @@ class OpenAIRequest(StrictRequest):
     def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
         """logit_bias as SamplingParams takes it: (token id, bias) pairs."""
         return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items())
+
+
+def _grammar_of(name: str, value: Any) -> Grammar:
+    if name == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"the JSON schema is not JSON: {e}") from None
+        return Grammar.json_schema(value)
+    if name == "json_object":
+        return Grammar.json_schema({"type": "object"})
+    if name == "choice":
+        return Grammar.choice(value)
+    return Grammar(name, value)  # regex, grammar
 
 
 class CompletionRequest(OpenAIRequest):

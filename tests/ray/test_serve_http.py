@@ -79,6 +79,30 @@ def test_vllms_sampling_extensions_through_serve_whole_and_streamed(client):
     assert "".join(c.choices[0].text for c in streamed) == whole.text
 
 
+def test_the_official_clients_parse_returns_a_parsed_object_and_streams_the_same_json(client):
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        kind: Literal["cat", "dog", "llama"]
+        age: int = Field(ge=0, le=30)
+        name: str = Field(pattern="^[A-Z][a-z]{1,7}$")
+
+    ask = [{"role": "user", "content": "Describe a pet as JSON."}]
+    for seed in (1, 2, 3):
+        kw = dict(model=MODEL, messages=ask, max_tokens=60, temperature=1.0, seed=seed)
+        parsed = client.chat.completions.parse(response_format=Pet, **kw).choices[0]
+        assert isinstance(parsed.message.parsed, Pet) and parsed.finish_reason == "stop"
+        with client.chat.completions.stream(response_format=Pet, **kw) as stream:  # the same schema, streamed
+            text = "".join(e.delta for e in stream if e.type == "content.delta")
+            final = stream.get_final_completion().choices[0]
+        assert text == parsed.message.content and final.message.parsed == parsed.message.parsed
+    answer = client.completions.create(model=MODEL, prompt="Pick one:", max_tokens=10, temperature=1.0, seed=4,
+                                       extra_body={"structured_outputs": {"choice": ["left", "right"]}}).choices[0]
+    assert answer.text in ("left", "right") and answer.finish_reason == "stop"
+
+
 @pytest.mark.parametrize(
     "kwargs,param",
     [
