@@ -339,13 +339,17 @@ class Engine:
             mask = s.grammar.allowed()
             if mask.shape[0] != row.shape[0]:  # a model vocabulary padded past the tokenizer's: never those ids
                 mask = torch.cat([mask, mask.new_zeros(max(0, row.shape[0] - mask.shape[0]))])[: row.shape[0]]
-            if not mask.any():  # it refused a token (s.grammar.failed): only an end token, so the sequence ends
-                mask[list(self._end_ids(p))] = True
+            if not mask.any():  # it refused a token (s.grammar.failed): only its end token, so the sequence ends
+                mask[sorted(self.tokenizer.stop_ids)] = True
         out = adjust_logits(row, generated, p.presence_penalty, p.frequency_penalty, p.logit_bias,
                             seen=s.tokens if p.repetition_penalty != 1 else (),
                             repetition_penalty=p.repetition_penalty, banned=banned, allowed=p.allowed_token_ids,
                             mask=mask)
-        if mask is not None and bool(torch.isinf(out).all()):  # the other masks left nothing: the grammar's wins
+        # Bans (min_tokens, bad_words) that leave no token the caller allows, or allowed tokens the
+        # grammar never takes: the caller's allowed set, then the grammar, win; never a draw from nothing.
+        if bool(torch.isinf(out).all()):
+            out = adjust_logits(row, [], 0.0, 0.0, (), allowed=p.allowed_token_ids, mask=mask)
+        if bool(torch.isinf(out).all()):
             out = adjust_logits(row, [], 0.0, 0.0, (), mask=mask)
         return out
 
@@ -384,7 +388,9 @@ class Engine:
             if seq.finished:
                 continue
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
-            if tok in self._end_ids(seq.params):  # an end token (EOS, <|eot_id|>, stop_token_ids): not in the output
+            # An end token (EOS, <|eot_id|>, stop_token_ids) is not in the output. A grammar's end tokens (the
+            # tokenizer's; it allows them only once it is complete) end its sequence even with ignore_eos.
+            if tok in self._end_ids(seq.params) or (seq.grammar is not None and tok in self.tokenizer.stop_ids):
                 end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
                 self._finish(seq, "stop", end_token=end)
                 continue

@@ -38,7 +38,7 @@ class Grammar:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool) -> "Grammar":
-        return cls("json_schema", json.dumps(schema, sort_keys=True))
+        return cls("json_schema", json.dumps(schema))  # key order kept: the properties come out in the schema's order
 
     @classmethod
     def choice(cls, choices: list[str]) -> "Grammar":

@@ -71,6 +71,9 @@ def adjust_logits(
 # Temperatures below this draw greedily (vLLM's threshold): dividing float32 logits by 1e-40
 # overflows to inf, and the draw would fail the engine rather than the request.
 GREEDY_BELOW = 1e-5
+# Temperatures above this draw as this one does (as good as uniformly among the tokens left): a
+# Python float past float32's range divides float32 logits as inf, and -inf / inf is nan.
+HOTTEST = 1e30
 
 
 def sample(
@@ -84,7 +87,7 @@ def sample(
     `generator` per call, whatever the distribution."""
     if temperature < GREEDY_BELOW:
         return torch.argmax(logits)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(logits.float() / min(temperature, HOTTEST), dim=-1)
     if min_p > 0:
         probs = probs.masked_fill(probs < min_p * probs.max(), 0.0)
         probs = probs / probs.sum()

@@ -46,8 +46,8 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
 
 
 def sampled(prompt, grammar: Grammar, seed: int, max_tokens: int = 88, **kw) -> GenerationRequest:
-    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens=max_tokens, temperature=1.0, top_p=1.0, seed=seed,
-                                                           grammar=grammar, **kw))
+    kw = {"temperature": 1.0, "top_p": 1.0} | kw
+    return GenerationRequest(tuple(prompt), SamplingParams(max_tokens=max_tokens, seed=seed, grammar=grammar, **kw))
 
 
 def test_fifty_generated_json_schemas_always_give_json_that_validates(golden_model):
@@ -116,3 +116,18 @@ def test_a_grammar_the_library_refuses_is_a_value_error_at_submit_and_the_engine
         d.submit("bad", greedy([1, 5, 6], 4, grammar=grammar))
     assert len(d.run([greedy([1, 5, 6], 4)])[0].token_ids) == 4
 
+
+
+def test_a_complete_grammar_ends_its_sequence_even_with_ignore_eos_and_any_temperature(golden_model):
+    # Found by the fuzz tier: json_object with ignore_eos at temperature 9.26e307 (inf once made
+    # float32: the mask's -inf / inf is nan) drew from nan and failed the engine.
+    model, tok = golden_model
+    prompts = random_prompts(3, tok.n_words, seed=54, hi=4)
+    obj, pick = Grammar.json_schema({"type": "object"}), Grammar.choice(["yes", "no"])
+    out = Driver(model, tok).run([
+        sampled(prompts[0], obj, seed=1, max_tokens=24, ignore_eos=True, temperature=9.26e307, min_p=0.89, top_p=0.86),
+        sampled(prompts[1], pick, seed=2, max_tokens=24, ignore_eos=True),
+        greedy(prompts[2], 24, grammar=pick, ignore_eos=True)])
+    assert out[0].finish_reason in ("stop", "length") and out[0].text.startswith("{")
+    assert [o.finish_reason for o in out[1:]] == ["stop", "stop"] and {o.text for o in out[1:]} <= {"yes", "no"}
+    assert len(Driver(model, tok).run([greedy(prompts[0], 4)])[0].token_ids) == 4  # the engine goes on

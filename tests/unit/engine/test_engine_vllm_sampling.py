@@ -146,3 +146,17 @@ def test_skip_special_tokens_leaves_special_tokens_out_of_the_text(golden_model)
     written, skipped = Driver(model, special).run([greedy(prompt, 24), greedy(prompt, 24, skip_special_tokens=True)])
     assert written.text == full.text and written.token_ids == skipped.token_ids == full.token_ids
     assert skipped.text == tok.decode([t for t in full.token_ids if t != full.token_ids[4]]) != full.text
+
+
+def test_bans_that_leave_no_token_never_draw_from_nothing(golden_model):
+    # Found by the fuzz tier: min_tokens bans the end token, and it is the only one allowed.
+    model, tok = golden_model
+    eos = next(iter(tok.stop_ids))
+    prompt = random_prompts(1, tok.n_words, seed=48)[0]
+    conflicting = [GenerationRequest(tuple(prompt), SamplingParams(max_tokens=4, temperature=t, top_p=1.0, seed=1,
+                                                                   min_tokens=3, allowed_token_ids=(eos,)))
+                   for t in (0, 1.0)] + [greedy(prompt, 4, bad_words=((5,),), allowed_token_ids=(5,))]
+    d = Driver(model, tok)
+    out = d.run(conflicting)
+    assert [o.finish_reason for o in out] == ["stop", "stop", "length"] and out[2].token_ids == [5] * 4
+    assert len(d.run([greedy(prompt, 4)])[0].token_ids) == 4  # the engine goes on
