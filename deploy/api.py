@@ -35,6 +35,8 @@ from deploy.schemas import (
     OpenAIRequest,
 )
 from deploy.sse import EventStream, StreamSpec, chat_stream, completion_stream
+from deploy.tool_schemas import FunctionCall, ToolCall
+from deploy.tools import ToolUse, capabilities, tool_use
 from deploy.tokenization import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -48,7 +50,7 @@ from deploy.tokenization import (
     tokenize,
     tokenizer_info,
 )
-from llama.engine.grammar import check_grammar
+from llama.engine.grammar import Grammar, check_grammar
 from llama.engine.request import GenerationRequest, SamplingParams, StreamDelta
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.chat_format import UNSAFE_ERROR, has_special_tags
@@ -92,7 +94,7 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         for i, (tokens, _) in enumerate(prompts):
             which = "the prompt" if len(prompts) == 1 else f"prompt {i}"
             _check_length(len(tokens), body.max_tokens, max_seq_len, which, param="prompt")
-        params = _choice_params(body, tokenizer, body.max_tokens, body.logprobs, body.echo)
+        params = _choice_params(body, tokenizer, body.max_tokens, body.logprobs, body.echo, body.grammar())
         requests = [GenerationRequest(tuple(tokens), p) for tokens, _ in prompts for p in params]
         spec = ChoiceSpec(chat=False, logprobs=body.logprobs is not None, return_token_ids=body.return_token_ids)
         shapers = [ChoiceShaper(tokenizer, spec, Echo(*prompts[k // body.n]) if body.echo else None, prompt=k // body.n)
@@ -116,7 +118,8 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
         if body.n > MAX_CHOICES:
             raise APIError(400, f"This request asks for {body.n} choices; at most {MAX_CHOICES} fit in one "
                                 f"request. Lower n.", param="n")
-        dialog, tokens = chat_prompt(tokenizer, body.messages)
+        tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, tokenizer)
+        dialog, tokens = chat_prompt(tokenizer, body.messages, tools.tools)
         tokens = _truncated(tokens, body.truncate_prompt_tokens, max_seq_len)
         max_tokens = body.max_new_tokens()
         if max_tokens is None:
@@ -126,10 +129,10 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             _check_length(len(tokens), max_tokens, max_seq_len, "the messages", param="messages")
         # logprobs=true: the chosen tokens' logprobs, and top_logprobs alternatives (none if not given)
         n_alternatives = (body.top_logprobs or 0) if body.logprobs else None
-        requests = [GenerationRequest(tuple(tokens), p)
-                    for p in _choice_params(body, tokenizer, max_tokens, n_alternatives, False)]
+        params = _choice_params(body, tokenizer, max_tokens, n_alternatives, False, _chat_grammar(body, tools))
+        requests = [GenerationRequest(tuple(tokens), p) for p in params]
         spec = ChoiceSpec(chat=True, logprobs=body.logprobs, return_token_ids=body.return_token_ids)
-        shapers = [ChoiceShaper(tokenizer, spec) for _ in requests]
+        shapers = [ChoiceShaper(tokenizer, spec, tool_calls=tools.parser()) for _ in requests]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if has_special_tags(dialog, tokenizer):
             # Meta's reference answers a dialog with special tags with a fixed error text instead of running it.
@@ -141,8 +144,8 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
             return chat_stream(streams, shapers, _stream_spec(body, chat_id, model_id, "POST /v1/chat/completions",
                                                               len(tokens)))
         choices = [
-            ChatChoice(index=k, message=AssistantMessage(content=p.text), logprobs=p.logprobs,
-                       finish_reason=p.finish_reason, token_ids=p.token_ids)
+            ChatChoice(index=k, message=_assistant_message(p), logprobs=p.logprobs, finish_reason=p.finish_reason,
+                       token_ids=p.token_ids)
             for k, p in enumerate(await _whole(streams, shapers))
         ]
         return ChatCompletionResponse(id=chat_id, created=int(time.time()), model=model_id, choices=choices,
@@ -166,7 +169,8 @@ def build_api(engine: EngineClient, tokenizer: Tokenizer, model_id: str, max_seq
 
     @app.get("/v1/models", responses=ERRORS)
     async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=model_id, created=started)])
+        return ModelList(data=[ModelCard(id=model_id, created=started, max_model_len=max_seq_len,
+                                         capabilities=capabilities(tokenizer))])
 
     @app.get("/health", response_model=None, responses={503: {"description": "Not ready: starting ({'status': "
                                                                "'starting', 'start': its stage}) or failed (an error)"}})
@@ -240,8 +244,25 @@ def _truncated(tokens: list[int], keep: int | None, max_seq_len: int) -> list[in
     return tokens[-keep:]
 
 
+def _chat_grammar(body: ChatCompletionRequest, tools: ToolUse) -> Grammar | None:
+    """The one constraint on a chat's output: its tool calls' (required, named) or the one
+    response_format or structured_outputs sets."""
+    grammar = body.grammar()
+    if tools.grammar is not None and grammar is not None:
+        raise APIError(400, f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'}"
+                            f" makes the answer tool calls, and this request also constrains it with response_format "
+                            f"or structured outputs: send one of them (or tool_choice auto).", param="tool_choice")
+    return tools.grammar or grammar
+
+
+def _assistant_message(p: Piece) -> AssistantMessage:
+    calls = [ToolCall(id=c.id, function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+             for c in p.tool_calls]
+    return AssistantMessage(content=p.text if p.text or not calls else None, tool_calls=calls)
+
+
 def _choice_params(body: OpenAIRequest, tokenizer: Tokenizer, max_tokens: int, logprobs: int | None,
-                   echo: bool) -> list[SamplingParams]:
+                   echo: bool, grammar: Grammar | None) -> list[SamplingParams]:
     """One SamplingParams per choice. Every sampled choice carries a seed, drawn here when the
     caller gave none: each model-parallel rank then draws the same tokens from its own RNG.
     `logprobs`: None for none, else how many alternatives per token (SamplingParams.logprobs).
@@ -253,7 +274,6 @@ def _choice_params(body: OpenAIRequest, tokenizer: Tokenizer, max_tokens: int, l
         raise APIError(400, f"min_tokens ({body.min_tokens}) is more than the tokens this request may generate "
                             f"({max_tokens}); lower min_tokens or raise max_tokens.", param="min_tokens")
     bad_words = bad_words_token_ids(body.bad_words, tokenizer)
-    grammar = body.grammar()
     if grammar is not None:
         check_grammar(grammar)  # what the grammar library refuses, as a 400, before any rank sees it
     if body.seed is not None:

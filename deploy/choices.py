@@ -1,15 +1,18 @@
 """One choice of a response, shaped from its engine deltas: its text (with the echoed prompt),
-logprobs, token ids and finish reason, and the tokens it counts towards usage.
+tool calls, logprobs, token ids and finish reason, and the tokens it counts towards usage.
 
 ChoiceShaper is the one place that does it, for whole responses (deploy/api.py: all of a
 choice's deltas joined, shaped once) and for streams (deploy/sse.py: each delta, one chunk).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 
 from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
 from deploy.schemas import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
+from deploy.tool_calls import ToolCallParser
+from deploy.tool_schemas import FunctionCallDelta, ToolCallDelta
 from llama.engine.request import StreamDelta, TopLogprobs, join
 from llama.tokenizers.base import Tokenizer
 
@@ -43,16 +46,19 @@ class Piece:
     # logprobs or ids were asked for. A stream sends no chunk without it (the engine holds text
     # back that could start a stop string, so a delta may bring tokens and no text).
     has_content: bool
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)  # calls completed in this piece
 
 
 class ChoiceShaper:
     """One choice's deltas, fed in order, as the pieces of its response."""
 
-    def __init__(self, tokenizer: Tokenizer, spec: ChoiceSpec, echo: Echo | None = None, prompt: int = 0) -> None:
+    def __init__(self, tokenizer: Tokenizer, spec: ChoiceSpec, echo: Echo | None = None, prompt: int = 0,
+                 tool_calls: ToolCallParser | None = None) -> None:
         assert echo is None or not spec.chat, "chat completions have no echo"
         self._tok = tokenizer
         self._spec = spec
         self._echo = echo
+        self._tool_calls = tool_calls  # reads the text for calls (a chat request with tools), or None
         self._first = True  # no piece made yet: the next one carries the echo
         # text_offset of the choice's next token. With echo the generation starts at the prompt
         # text's length, since the pieces of a string prompt need not add up to the string.
@@ -91,14 +97,36 @@ class ChoiceShaper:
             else:
                 logprobs = self._completion_logprobs(d, ids, lps, tops, first)
         text = d.text if self._echo is None else self._echo_text(self._echo, d, first, whole)
+        calls: list[ToolCallDelta] = []
+        finish_reason = d.finish_reason
+        if self._tool_calls is not None:
+            text, calls = self._read_calls(text, d.finish_reason is not None)
+            if finish_reason == "stop" and self._tool_calls.calls:
+                finish_reason = "tool_calls"
         asked_for_tokens = self._spec.logprobs or self._spec.return_token_ids
         return Piece(
             text=text,
             logprobs=logprobs,
             token_ids=d.token_ids if self._spec.return_token_ids else None,
-            finish_reason=d.finish_reason,
+            finish_reason=finish_reason,
             has_content=bool(text) or (first and self._echo is not None) or (bool(d.token_ids) and asked_for_tokens),
+            tool_calls=calls,
         )
+
+    def _read_calls(self, text: str, last: bool) -> tuple[str, list[ToolCallDelta]]:
+        """The piece's text split into content and the calls it completes (all that is held
+        back, on the choice's last piece)."""
+        assert self._tool_calls is not None
+        first_index = self._tool_calls.calls
+        parsed = self._tool_calls.feed(text)
+        if last:
+            rest = self._tool_calls.finish()
+            parsed.content += rest.content
+            parsed.calls += rest.calls
+        return parsed.content, [
+            ToolCallDelta(index=first_index + k, id=f"call_{uuid.uuid4().hex[:24]}",
+                          function=FunctionCallDelta(name=c.name, arguments=c.arguments))
+            for k, c in enumerate(parsed.calls)]
 
     def _completion_logprobs(self, d: StreamDelta, token_ids: list[int], logprobs: list[float],
                              top: list[TopLogprobs] | None, first: bool) -> CompletionLogprobs:

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from deploy.tool_schemas import Tool, ToolCall, ToolCallDelta, ToolChoice
 from llama.engine.grammar import Grammar
 from llama.engine.request import MAX_LOGIT_BIAS, MAX_PENALTY
 
@@ -357,11 +358,33 @@ Content = Annotated[
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
-    role: Literal["system", "user", "assistant"]
-    content: Content
+    role: Literal["system", "user", "assistant", "tool"]
+    content: Content | None = None  # None only for an assistant message that calls tools
     name: str | None = None  # accepted and ignored: the Llama 2 format has no speaker names
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls, answered by the tool messages after it
+    tool_call_id: str | None = None  # a tool message's: the call it answers
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        # A client that sends back the assistant message it was given sends its nulls (refusal,
+        # audio, function_call, annotations) too: those say nothing, and are taken.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> "ChatMessage":
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant message with tool_calls may "
+                             f"leave it out)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError(f"only assistant messages carry tool_calls; this one is a {self.role} message")
+        if (self.tool_call_id is None) == (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id (the id of the call it answers), and only it has one")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         # vLLM joins text parts with a newline; so do we, so prompts encode the same there and here.
@@ -373,7 +396,7 @@ class ChatCompletionRequest(OpenAIRequest):
         "add_special_tokens": False, "add_generation_prompt": True, "continue_final_message": False,
         "echo": False, "chat_template": None, "chat_template_kwargs": None, "documents": None,
         "include_reasoning": True, "reasoning_effort": None, "return_prompt_text": None, "media_io_kwargs": None,
-        "mm_processor_kwargs": None, "tools": None, "tool_choice": "none", "parallel_tool_calls": True,
+        "mm_processor_kwargs": None,
     }
     messages: list[ChatMessage] = Field(min_length=1)
     # None: as many as fit in max_seq_len after the prompt. max_tokens is OpenAI's older name.
@@ -382,6 +405,12 @@ class ChatCompletionRequest(OpenAIRequest):
     logprobs: bool = False
     top_logprobs: Annotated[int | None, Field(ge=0, le=MAX_TOP_LOGPROBS),
                             _only_with("logprobs", "needs logprobs=true")] = None
+    # Tool calling (deploy/tools.py): the functions the model may call; "auto" (the default with
+    # tools) reads its answer for calls, "required" and a named function enforce them.
+    tools: list[Tool] | None = None
+    tool_choice: Annotated[ToolChoice | None, _one_of('"none", "auto", "required", or {"type": "function", '
+                                                      '"function": {"name": ...}} naming one of the tools')] = None
+    parallel_tool_calls: bool = True
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -434,15 +463,18 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None when the answer is tool calls and nothing else
+    tool_calls: list[ToolCall] = Field(default_factory=list, exclude_if=lambda v: not v)
 
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)  # first chunk only
     content: str | None = Field(None, exclude_if=lambda v: v is None)  # absent in the last chunk
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)  # a call, once whole
 
 
-FinishReason = Literal["stop", "length"]  # the engine's "timeout" and "abort" are errors (deploy/choice_streams.py)
+# "tool_calls": stopped after calls. The engine's "timeout" and "abort" are errors (deploy/choice_streams.py).
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class _Choice(BaseModel):
@@ -510,11 +542,22 @@ class ChatChunk(_Chunk[ChatChunkChoice]):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
 
 
+class Capabilities(BaseModel):
+    """What the served model supports beyond plain completions and chat (GET /v1/models)."""
+
+    chat_format: Literal["llama2", "llama3", "template"]  # Meta's Llama 2 or 3 format, or the folder's template
+    tool_choice: list[str]  # the tool_choice values taken ("function": naming one); none where tools are not
+    structured_outputs: list[str]  # the constraints response_format and structured_outputs take
+    parallel_tool_calls: bool
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "llama-ray"
+    max_model_len: int | None = None  # prompt and answer together, per sequence (vLLM's field)
+    capabilities: Capabilities | None = None
 
 
 class ModelList(BaseModel):

@@ -122,6 +122,9 @@ async def _chat_chunks(
                 yield spec.chunk(ChatChunk, ChatChunkChoice(index=i, delta=ChatDelta(content=p.text),
                                                             logprobs=p.logprobs, finish_reason=None,
                                                             token_ids=p.token_ids))
+            for call in p.tool_calls:  # each call whole, in a chunk of its own
+                yield spec.chunk(ChatChunk, ChatChunkChoice(index=i, delta=ChatDelta(tool_calls=[call]),
+                                                            logprobs=None, finish_reason=None))
             if p.finish_reason is not None:
                 yield spec.chunk(ChatChunk, ChatChunkChoice(index=i, delta=ChatDelta(), logprobs=None,
                                                             finish_reason=p.finish_reason))

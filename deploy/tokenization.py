@@ -9,18 +9,24 @@ themselves are wired in deploy/api.py.
 """
 from __future__ import annotations
 
+import json
+from typing import Any
+
 from pydantic import BaseModel
 
 from deploy.errors import APIError
 from deploy.schemas import ChatMessage, StrictRequest
+from deploy.tool_schemas import Tool
+from deploy.tools import tool_use
 from llama.tokenizers.base import Tokenizer
-from llama.tokenizers.chat_format import Dialog, encode_dialog
+from llama.tokenizers.chat_format import Dialog, Message, encode_dialog
 
 
 class TokenizeRequest(StrictRequest):
     model: str | None = None  # optional, as in vLLM; when given, it must be the served model
     prompt: str | None = None  # text: encoded as /v1/completions encodes a string prompt
     messages: list[ChatMessage] | None = None  # a chat: the prompt /v1/chat/completions would run
+    tools: list[Tool] | None = None  # with messages: the tools that chat offers (they are in its prompt)
     # Text only. True: the text as /v1/completions encodes a string prompt (BOS, then the text,
     # in which special-token text such as "</s>" stays text). False: as vLLM's /tokenize reads
     # it, no BOS, and special-token text as those tokens; lm-eval's remote tokenizer finds the
@@ -56,14 +62,38 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage]) -> tuple[Dialog, list[int]]:
-    """The dialog and its prompt's token ids; a dialog the chat format refuses (roles out of
-    order) is a 400 on `messages`."""
-    dialog: Dialog = [{"role": m.role, "content": m.text()} for m in messages]
+def chat_prompt(tokenizer: Tokenizer, messages: list[ChatMessage],
+                tools: list[dict[str, Any]] | None = None) -> tuple[Dialog, list[int]]:
+    """The dialog and its prompt's token ids, with `tools` (OpenAI's shape) where the request
+    offers them; a dialog the chat format refuses (roles out of order) is a 400 on `messages`."""
+    dialog = [_message(m, i) for i, m in enumerate(messages)]
     try:
-        return dialog, encode_dialog(tokenizer, dialog)
+        return dialog, encode_dialog(tokenizer, dialog, tools)
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
+
+
+def _message(m: ChatMessage, i: int) -> Message:
+    out: Message = {"role": m.role, "content": m.text()}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "name": c.function.name, "arguments": _arguments(c.function.arguments, i)}
+                             for c in m.tool_calls]
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _arguments(text: str, i: int) -> dict[str, Any]:
+    """A call's arguments in the history, as the chat formats write them: a JSON object."""
+    try:
+        args = json.loads(text)
+    except ValueError:
+        args = None
+    if not isinstance(args, dict):
+        raise APIError(400, f"messages[{i}] has a tool call whose function.arguments is not a JSON object's text "
+                            f"({text[:40]!r}); send the arguments as the model gave them, a JSON object.",
+                       param="messages")
+    return args
 
 
 def tokenize(body: TokenizeRequest, tokenizer: Tokenizer, max_seq_len: int) -> TokenizeResponse:
@@ -71,7 +101,7 @@ def tokenize(body: TokenizeRequest, tokenizer: Tokenizer, max_seq_len: int) -> T
         raise APIError(400, "Send either prompt (text) or messages (a chat) to tokenize, not both and not neither.",
                        param="prompt")
     if body.messages is not None:
-        _, tokens = chat_prompt(tokenizer, body.messages)
+        _, tokens = chat_prompt(tokenizer, body.messages, tool_use(body.tools, None, True, tokenizer).tools)
     elif body.add_special_tokens:
         tokens = tokenizer.encode(body.prompt or "", bos=True, eos=False)
     else:

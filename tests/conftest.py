@@ -32,6 +32,21 @@ def engine_idle(load: dict) -> bool:
             and load["kv_blocks_used"] == 0 and load["kv_blocks_cached"] + load["kv_blocks_free"] == load["kv_blocks"])
 
 
+def streamed_tool_calls(chunks) -> tuple[str, list[dict], str | None]:
+    """An openai chat stream's content, its tool calls put together by index as clients do
+    ({"name", "arguments"} each), and its finish reason."""
+    content, calls, finish = "", {}, None
+    for c in chunks:
+        for ch in c.choices:
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                calls.setdefault(d.index, {"name": "", "arguments": ""})
+                calls[d.index]["name"] += d.function.name or ""
+                calls[d.index]["arguments"] += d.function.arguments or ""
+            finish = ch.finish_reason or finish
+    return content, [calls[i] for i in sorted(calls)], finish
+
+
 def rank_slice(whole: dict, key: str, rank: int, world_size: int):
     """What rank `rank` of `world_size` holds of the whole model's tensor `key` (llama/checkpoints/layout.py)."""
     from llama.checkpoints.layout import rank_dim, shard_range

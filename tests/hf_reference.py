@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import GOLDEN_CKPT
 from tests.hf_tiny import make_tiny_hf
-from tests.tokenizer_files import write_hf_tokenizer
+from tests.tokenizer_files import OFFICIAL, write_hf_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}  # short, so the scaling shows on short prompts
@@ -22,16 +22,17 @@ CASES = {
 }
 
 
-def make_hf_checkpoint(out: Path, case: str) -> Path:
-    """The case's folder: weights and config by transformers, its tokenizer files, and config's
-    and generation_config's bos/eos ids set to the tokenizer's (as real folders have them)."""
+def make_hf_checkpoint(out: Path, case: str, chat_template: str | None = OFFICIAL) -> Path:
+    """The case's folder: weights and config by transformers, its tokenizer files (with
+    `chat_template`: write_hf_tokenizer's), and config's and generation_config's bos/eos ids set
+    to the tokenizer's (as real folders have them)."""
     kind, options = CASES[case]
     if kind == "sentencepiece":
         (out / "tokenizer.model").parent.mkdir(parents=True, exist_ok=True)
         (out / "tokenizer.model").write_bytes((GOLDEN_CKPT / "tokenizer.model").read_bytes())
         tok_path = out / "tokenizer.model"
     else:
-        tok_path = write_hf_tokenizer(out, kind)
+        tok_path = write_hf_tokenizer(out, kind, chat_template)
     from llama.tokenizers.load import load_tokenizer
 
     tok = load_tokenizer(tok_path)

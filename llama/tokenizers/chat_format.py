@@ -1,28 +1,41 @@
-"""Chat formats: a dialog of system/user/assistant messages to the prompt's token ids, laid out
-the way the tokenizer's model was trained (Tokenizer.chat_format): Meta's Llama 2 [INST] format,
-Meta's Llama 3 header format, or the Jinja chat_template of a Hugging Face tokenizer_config.json."""
+"""Chat formats: a dialog of system/user/assistant (and tool) messages to the prompt's token ids,
+laid out the way the tokenizer's model was trained (Tokenizer.chat_format): Meta's Llama 2 [INST]
+format, Meta's Llama 3 header format (with Llama 3.1's tools: llama/tokenizers/llama3_tools.py),
+or the Jinja chat_template of a Hugging Face tokenizer_config.json (given the tools, as
+transformers' apply_chat_template gives them)."""
 from __future__ import annotations
 
 import functools
 import json
-from datetime import datetime
-from typing import Literal, TypedDict
+from datetime import date, datetime
+from typing import Any, Literal, NotRequired, TypedDict
 
 import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llama.tokenizers.base import Tokenizer
+from llama.tokenizers.llama3_tools import call_text, tool_list_prompt, tool_system_prompt
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
+
+
+class ToolCall(TypedDict):
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 class Message(TypedDict):
     role: Role
     content: str
+    tool_calls: NotRequired[list[ToolCall]]  # an assistant's calls, answered by the tool messages after it
+    tool_call_id: NotRequired[str]  # a tool message's: the call it answers
 
 
 Dialog = list[Message]
+# OpenAI's tool definitions: [{"type": "function", "function": {"name", "description", "parameters"}}]
+Tools = list[dict[str, Any]]
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
@@ -42,27 +55,42 @@ def has_special_tags(dialog: Dialog, tokenizer: Tokenizer | None = None) -> bool
     return any(tag in msg["content"] for tag in tags for msg in dialog)
 
 
+# Which role may follow which: "assistant*" is an assistant message that calls tools.
+_NEXT = {None: {"user"}, "user": {"assistant", "assistant*"}, "assistant": {"user"}, "assistant*": {"tool"},
+         "tool": {"tool", "assistant", "assistant*"}}
+
+
 def validate_dialog(dialog: Dialog) -> None:
-    """Raise ValueError unless roles are: optional system, then user/assistant alternating, ending with user."""
-    if not dialog:
-        raise ValueError("a dialog needs at least one message, and the last must have role 'user'.")
+    """Raise ValueError unless roles are: optional system, then user and assistant alternating,
+    ending with user; an assistant message that calls tools is followed by the tools' messages
+    (role tool), then the assistant again, and a dialog may end with them."""
     roles = [m.get("role") for m in dialog]
-    body = roles[1:] if roles[0] == "system" else roles
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(body))]
-    if body != expected or not body or body[-1] != "user":
-        raise ValueError(
-            f"chat roles must be an optional 'system' first, then 'user' and 'assistant' strictly "
-            f"alternating, ending with 'user'; got {roles}."
-        )
+    body = [("assistant*" if r == "assistant" and m.get("tool_calls") else r) for r, m in zip(roles, dialog)]
+    body = body[1:] if body[:1] == ["system"] else body
+    ok = bool(body) and body[-1] in ("user", "tool")
+    for before, role in zip([None, *body], body):
+        ok = ok and role in _NEXT[before]
+    if not ok:
+        tools = (" (an assistant message with tool_calls is followed by one 'tool' message per call, and the dialog "
+                 "may end there)") if any(r not in ("user", "assistant", "system") for r in body) else ""
+        raise ValueError(f"chat roles must be an optional 'system' first, then 'user' and 'assistant' strictly "
+                         f"alternating, ending with 'user'{tools}; got {roles}.")
 
 
-def encode_dialog(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """The prompt for `dialog`, ending where the assistant's answer begins."""
+def encode_dialog(tokenizer: Tokenizer, dialog: Dialog, tools: Tools | None = None,
+                  today: date | None = None) -> list[int]:
+    """The prompt for `dialog`, ending where the assistant's answer begins. `tools`: the
+    functions the model may call, laid out in its format (ValueError where it has none);
+    `today`: the date Llama 3.1's tool prompt states (today's by default)."""
     validate_dialog(dialog)
     if tokenizer.chat_format == "llama3":
-        return _encode_llama3(tokenizer, dialog)
+        return _encode_llama3(tokenizer, dialog, tools, today or date.today())
     if tokenizer.chat_format == "template":
-        return _encode_template(tokenizer, dialog)
+        return _encode_template(tokenizer, dialog, tools)
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in dialog):
+        raise ValueError("this model's chat format (Llama 2's [INST]) has no way to show tools or tool calls: leave "
+                         "out tools, tool_calls and tool messages, or serve a Llama 3.1+ checkpoint or a Hugging Face "
+                         "folder whose chat_template takes tools.")
     return _encode_llama2(tokenizer, dialog)
 
 
@@ -87,15 +115,24 @@ def _encode_llama2(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
 
 # ---- Llama 3: Meta's llama_models/llama3/chat_format.py ChatFormat.encode_dialog_prompt ----
 
-def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
-    """<|begin_of_text|>, then per message a header, its content as plain text (not stripped, as
-    in the reference) and <|eot_id|>; then the assistant's header."""
-    begin, eot = _special_id(tokenizer, "<|begin_of_text|>"), _special_id(tokenizer, "<|eot_id|>")
+def _encode_llama3(tokenizer: Tokenizer, dialog: Dialog, tools: Tools | None, today: date) -> list[int]:
+    """<|begin_of_text|>, then per message a header (a tool's result under `ipython`), its content
+    as plain text (not stripped, as in the reference), each of its tool calls encoded apart, and
+    <|eom_id|> after calls (the model waits for their results), <|eot_id|> otherwise; then the
+    assistant's header. With tools, Llama 3.1's system message and list of functions first."""
+    if tools:
+        system = dialog[0]["content"] if dialog[0]["role"] == "system" else None
+        dialog = [{"role": "system", "content": tool_system_prompt(system, today)},
+                  {"role": "user", "content": tool_list_prompt(tools)}, *dialog[system is not None:]]
+    begin = _special_id(tokenizer, "<|begin_of_text|>")
+    eot, eom = _special_id(tokenizer, "<|eot_id|>"), _special_id(tokenizer, "<|eom_id|>")
     tokens = [begin]
     for message in dialog:
-        tokens += _llama3_header(tokenizer, message["role"])
+        tokens += _llama3_header(tokenizer, "ipython" if message["role"] == "tool" else message["role"])
         tokens += tokenizer.encode(message["content"], bos=False, eos=False)
-        tokens.append(eot)
+        for call in message.get("tool_calls", ()):
+            tokens += tokenizer.encode(call_text(call["name"], call["arguments"]), bos=False, eos=False)
+        tokens.append(eom if message.get("tool_calls") else eot)
     return tokens + _llama3_header(tokenizer, "assistant")
 
 
@@ -115,9 +152,11 @@ def _special_id(tokenizer: Tokenizer, text: str) -> int:
 
 # ---- Jinja chat templates, rendered as transformers' apply_chat_template does ----
 
-def _encode_template(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
+def _encode_template(tokenizer: Tokenizer, dialog: Dialog, tools: Tools | None) -> list[int]:
     """Render tokenizer.chat_template with the generation prompt, then encode the text reading
-    special-token text as those tokens (the template writes them; no BOS is added besides)."""
+    special-token text as those tokens (the template writes them; no BOS is added besides).
+    Messages and tools reach it as transformers passes them (a call's arguments as a dict, as
+    vLLM gives them, since templates write them with tojson)."""
     assert tokenizer.chat_template is not None, "chat_format 'template' comes with a chat_template"
     where = f"the chat_template in tokenizer_config.json beside {tokenizer.path}"
     try:
@@ -127,12 +166,22 @@ def _encode_template(tokenizer: Tokenizer, dialog: Dialog) -> list[int]:
     names = {i: text for text, i in tokenizer.special_tokens.items()}
     try:
         rendered = template.render(
-            messages=[{"role": m["role"], "content": m["content"]} for m in dialog],
-            tools=None, documents=None, add_generation_prompt=True,
+            messages=[_template_message(m) for m in dialog],
+            tools=tools or None, documents=None, add_generation_prompt=True,
             bos_token=names.get(tokenizer.bos_id, ""), eos_token=names.get(tokenizer.eos_id, ""))
     except jinja2.TemplateError as e:
         raise ValueError(f"{where} refused the dialog: {e}") from None
     return tokenizer.encode_with_special_tokens(rendered)
+
+
+def _template_message(m: Message) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": m["role"], "content": m["content"]}
+    if m.get("tool_calls"):
+        out["tool_calls"] = [{"id": c["id"], "type": "function",
+                              "function": {"name": c["name"], "arguments": c["arguments"]}} for c in m["tool_calls"]]
+    if "tool_call_id" in m:
+        out["tool_call_id"] = m["tool_call_id"]
+    return out
 
 
 @functools.lru_cache(maxsize=4)

@@ -37,9 +37,9 @@ def golden_args(model: str) -> dict:
 
 
 @contextmanager
-def served(ckpt: Path, model: str, mp: int = 2) -> Iterator[openai.OpenAI]:
+def served(ckpt: Path, model: str, mp: int = 2, max_seq_len: int = 128) -> Iterator[openai.OpenAI]:
     """build_app on `ckpt` at model_parallel_size `mp`, and an openai client for it."""
-    with serving({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": 128, "max_batch_size": 4},
+    with serving({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": max_seq_len, "max_batch_size": 4},
                   "parallel": {"model_parallel_size": mp, "device": "cpu"}}) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 

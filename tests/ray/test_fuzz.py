@@ -59,9 +59,14 @@ RULES = {  # "field" in every request schema, or "Schema.field"; null stays allo
     "DetokenizeRequest.tokens": IDS,
     "messages": {"anyOf": [
         {"type": "array", "minItems": len(roles), "maxItems": len(roles), "prefixItems": [
-            {"allOf": [{"$ref": "#/components/schemas/ChatMessage"}, {"properties": {"role": {"const": role}}}]}
+            {"allOf": [{"$ref": "#/components/schemas/ChatMessage"},
+                       {"properties": {"role": {"const": role}, "tool_calls": {"type": "null"},
+                                       "tool_call_id": {"type": "null"}}, "required": ["role", "content"]}]}
             for role in roles]}
         for roles in DIALOGS]},
+    # The golden model's format is Llama 2's, which has no tools (a 400 that says so).
+    "tools": {"type": "null"},
+    "tool_choice": {"const": "none"},
 }
 
 

@@ -91,7 +91,9 @@ def test_completion_errors(http: TestClient, engine: FakeEngine, body: dict, sta
 
 @pytest.mark.parametrize("extra, param, message", [
     ({"messages": []}, "messages", None),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", None),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role", None),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]", "Invalid value for 'messages[0]': a tool "
+     "message needs tool_call_id (the id of the call it answers), and only it has one."),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, "messages[0].content", None),
     ({"max_tokens": 110}, "messages", CTX + "you requested 129 tokens (19 in the messages, 110 for the completion). "
      "Please reduce the length of the prompt or of the completion (max_tokens)."),
