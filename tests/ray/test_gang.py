@@ -5,10 +5,13 @@ caller mistakes leave the gang healthy; rank failure does not."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import random
 import re
 import time
 
+import jsonschema
 import pytest
 
 from cluster.errors import (
@@ -22,6 +25,7 @@ from cluster.start import STAGES
 from llama.engine.grammar import Grammar
 from llama.engine.request import GenerationRequest, SamplingParams, collect
 from tests.conftest import GOLDEN_CKPT, engine_idle, gang_config
+from tests.json_schemas import random_schema
 
 
 def _start(ray_local, ckpt, mp: int, **kw):
@@ -266,6 +270,25 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
     assert len({tuple(t) for t in results[1]}) == 8
     assert set(results[1][3]) <= set(range(30, 90)) and len(results[1][2]) == 12
     assert re.fullmatch("[a-z ]{3,30}", texts[5]), texts[5]
+
+
+def test_json_schemas_sampled_at_temperature_1_give_the_same_json_at_mp1_and_mp2(ray_local, tiny_ckpts):
+    rng = random.Random(2027)
+    schemas = [random_schema(rng) for _ in range(8)]
+    reqs = [GenerationRequest((1, 20 + i, 30 + i), SamplingParams(max_tokens=88, temperature=1.0, seed=i,
+                                                                  grammar=Grammar.json_schema(s)))
+            for i, s in enumerate(schemas)]
+    results = {}
+    for mp in (1, 2):
+        g = _start(ray_local, tiny_ckpts["gqa2"], mp, max_batch_size=8)
+        try:
+            results[mp] = g.generate(reqs)
+        finally:
+            g.shutdown()
+    assert [o.token_ids for o in results[1]] == [o.token_ids for o in results[2]]
+    for schema, o in zip(schemas, results[2]):
+        assert o.finish_reason == "stop", o.text
+        jsonschema.validate(json.loads(o.text), schema)
 
 
 def test_mp4_from_one_shard(ray_local, tiny_ckpts):
