@@ -249,9 +249,10 @@ def _chat_grammar(body: ChatCompletionRequest, tools: ToolUse) -> Grammar | None
     response_format or structured_outputs sets."""
     grammar = body.grammar()
     if tools.grammar is not None and grammar is not None:
-        raise APIError(400, f"tool_choice {body.tool_choice if isinstance(body.tool_choice, str) else 'naming a function'}"
-                            f" makes the answer tool calls, and this request also constrains it with response_format "
-                            f"or structured outputs: send one of them (or tool_choice auto).", param="tool_choice")
+        which = body.tool_choice if isinstance(body.tool_choice, str) else "naming a function"
+        raise APIError(400, f"tool_choice {which} makes the answer tool calls, and this request also constrains it "
+                            f"with response_format or structured outputs: send one of them (or tool_choice auto).",
+                       param="tool_choice")
     return tools.grammar or grammar
 
 
