@@ -256,12 +256,19 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
     reqs = [GenerationRequest(tuple(p), SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, top_k=50, seed=7 + i,
                                                        **VLLM_EXTENSIONS[i]))
             for i, p in enumerate(prompts)]
-    results = {}
+    # and 8 generated JSON schemas sampled at temperature 1: the same JSON at both sizes
+    rng = random.Random(2027)
+    schemas = [random_schema(rng) for _ in range(8)]
+    json_reqs = [GenerationRequest((1, 20 + i, 30 + i), SamplingParams(max_tokens=88, temperature=1.0, seed=i,
+                                                                       grammar=Grammar.json_schema(s)))
+                 for i, s in enumerate(schemas)]
+    results, json_out = {}, {}
     for mp in (1, 2):
         g = _start(ray_local, tiny_ckpts["gqa2"], mp, max_batch_size=8)
         try:
             batch = g.generate(reqs)
             alone = [g.generate([r])[0] for r in reqs[:3]]
+            json_out[mp] = g.generate(json_reqs)
         finally:
             g.shutdown()
         assert [o.token_ids for o in alone] == [o.token_ids for o in batch[:3]]
@@ -270,23 +277,8 @@ def test_seeded_sampling_same_at_mp1_and_mp2_alone_and_in_a_batch_of_8(ray_local
     assert len({tuple(t) for t in results[1]}) == 8
     assert set(results[1][3]) <= set(range(30, 90)) and len(results[1][2]) == 12
     assert re.fullmatch("[a-z ]{3,30}", texts[5]), texts[5]
-
-
-def test_json_schemas_sampled_at_temperature_1_give_the_same_json_at_mp1_and_mp2(ray_local, tiny_ckpts):
-    rng = random.Random(2027)
-    schemas = [random_schema(rng) for _ in range(8)]
-    reqs = [GenerationRequest((1, 20 + i, 30 + i), SamplingParams(max_tokens=88, temperature=1.0, seed=i,
-                                                                  grammar=Grammar.json_schema(s)))
-            for i, s in enumerate(schemas)]
-    results = {}
-    for mp in (1, 2):
-        g = _start(ray_local, tiny_ckpts["gqa2"], mp, max_batch_size=8)
-        try:
-            results[mp] = g.generate(reqs)
-        finally:
-            g.shutdown()
-    assert [o.token_ids for o in results[1]] == [o.token_ids for o in results[2]]
-    for schema, o in zip(schemas, results[2]):
+    assert [o.token_ids for o in json_out[1]] == [o.token_ids for o in json_out[2]]
+    for schema, o in zip(schemas, json_out[2]):
         assert o.finish_reason == "stop", o.text
         jsonschema.validate(json.loads(o.text), schema)
 

@@ -58,7 +58,7 @@ WEATHER = {"type": "function", "function": {
 ASK = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
 
 
-def test_a_tool_round_trip_in_metas_format(served_layout):
+def test_a_tool_round_trip_in_metas_format(served_layout, request):
     from llama_models.datatypes import RawMessage, StopReason, ToolCall
     from llama_models.llama3.chat_format import ChatFormat
     from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
@@ -67,6 +67,8 @@ def test_a_tool_round_trip_in_metas_format(served_layout):
     from tests.tokenizer_files import llama3_tokenizer_model
 
     client, _ = served_layout
+    if request.node.callspec.params["served_layout"][2] == 4:
+        pytest.skip("the prompt and the parser do not depend on the model-parallel size: run at size 2 only")
     kw = dict(model=MODEL, tools=[WEATHER], temperature=0, max_tokens=80)
     named = {"type": "function", "function": {"name": "get_weather"}}
     if client.models.list().data[0].model_extra["capabilities"]["chat_format"] == "llama2":
