@@ -26,6 +26,9 @@ class ParallelConfig:
     device: str = "auto"  # auto (cuda when the cluster has a GPU per rank) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
+    # On the CPU, the model's collectives among a gang's ranks that all share one machine go
+    # through shared memory (llama/shared_memory_group.py); false: through gloo's sockets.
+    shared_memory: bool = True
     cpus_per_rank: float = 1.0  # logical CPUs in each rank's placement bundle
     # Threads each rank's step computes with (its OMP_NUM_THREADS). None: its machine's CPUs (as
     # Ray counts them) shared evenly among the gang's ranks placed there (as vLLM's CPU backend
@@ -58,8 +61,8 @@ class ParallelConfig:
         if self.threads_per_rank is not None and (type(self.threads_per_rank) is not int or self.threads_per_rank < 1):
             bad.append(f"threads_per_rank must be an integer >= 1 (or null: the machine's cores shared by its ranks), "
                        f"got {self.threads_per_rank!r}")
-        if not isinstance(self.autoscaling, bool):
-            bad.append(f"autoscaling must be true or false, got {self.autoscaling!r}")
+        bad += [f"{k} must be true or false, got {getattr(self, k)!r}" for k in ("autoscaling", "shared_memory")
+                if not isinstance(getattr(self, k), bool)]
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in self.env.items()):
             bad.append(f"env must map names to string values, got {self.env!r}")
         elif "OMP_NUM_THREADS" in self.env:

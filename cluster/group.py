@@ -280,6 +280,7 @@ class RankGroup:
             "engine": engine,
             "world_size": len(self.infos),
             "backend": s.backend,
+            "collectives": s.collectives,  # the model's: the backend's, or shared memory (one CPU machine)
             "device": s.device,
             "dtype": s.dtype,
             "healthy": self._failed is None,

@@ -36,6 +36,7 @@ from llama.engine.core import Engine, engine_blocks
 from llama.engine.request import GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
+from llama.model.collectives import use_shared_memory
 from llama.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,7 @@ class RankState:
     load: dict  # llama.checkpoints.load_progress.LoadProgress.as_dict(): bytes, rate, seconds
     weights_from: str  # "local files", or the object store from a machine that has them
     threads: int = 1  # the threads its step computes with (parallel.threads_per_rank)
+    collectives: str = ""  # how the model's collectives travel: nccl, gloo, or shared memory
 
 
 class RankActor:
@@ -77,6 +79,7 @@ class RankActor:
         self.sampler: RankSampler | None = None  # exports metrics once the loop runs
         self.channel: PlanChannel | None = None
         self.threads = torch.get_num_threads()  # OMP_NUM_THREADS, from parallel.threads_per_rank (cluster/placement.py)
+        self.collectives = ""  # set when joining the group
         self._stop = threading.Event()
         self._compute = ComputeThread(f"rank{rank}-compute")  # every torch call of this rank runs here
         self._loop: concurrent.futures.Future | None = None  # the loop, running on _compute
@@ -160,12 +163,35 @@ class RankActor:
             timeout=timedelta(seconds=max(par.rendezvous_timeout_s, par.call_timeout_s)),
         )
         init_model_parallel(self.world_size)
+        self.collectives = self._choose_collectives(backend)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
             self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
-        log.info("joined the %s group of %d at %s:%d over %s", backend, self.world_size, master_addr, master_port,
-                 bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface")
+        log.info("joined the %s group of %d at %s:%d over %s; the model's collectives through %s", backend,
+                 self.world_size, master_addr, master_port,
+                 bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface",
+                 self.collectives)
         return backend, str(device)
+
+    def _choose_collectives(self, backend: str) -> str:
+        """Shared memory where every rank is on this machine's CPU (parallel.shared_memory), else
+        the group's backend. Collective: every rank takes the same way."""
+        if self.device.type != "cpu" or self.world_size == 1 or not self.config.parallel.shared_memory:
+            return backend
+        nodes: list = [None] * self.world_size
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
+        if len(set(nodes)) > 1:
+            return backend
+        args, eng = self.config.checkpoint.args, self.config.engine
+        # A step's hidden states (decodes and a prefill chunk) or its decode rows' logit slices;
+        # a larger tensor (prompt logprobs of a whole chunk) goes through gloo.
+        rows = eng.max_batch_size + eng.prefill_chunk
+        slot = max(rows * args.dim, eng.max_batch_size * -(-args.vocab_size // self.world_size)) * 4
+        if not use_shared_memory(slot, self.config.parallel.call_timeout_s):
+            log.warning("no shared-memory collectives here (not x86-64, or no room for a file of %d bytes a slot in "
+                        "/dev/shm or the temporary directory); the model's collectives go through %s", slot, backend)
+            return backend
+        return "shared memory"
 
     async def first_collective(self) -> float:
         """Stage collective: one all-reduce and one broadcast across the gang, checked; returns
@@ -231,7 +257,7 @@ class RankActor:
         log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())
         return RankState(backend=dist.get_backend(), device=str(self.device), dtype=str(dtype).removeprefix("torch."),
                          load=self.progress.as_dict(), weights_from=self.weights_from,
-                         threads=self.threads)
+                         threads=self.threads, collectives=self.collectives)
 
     async def start_loop(self) -> None:
         """Stage ready: the driver's engine loop, or a follower's, on a thread of its own; and

@@ -14,13 +14,12 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 
-import fairscale.nn.model_parallel.initialize as fs_init
 import torch
-import torch.distributed as dist
 
 from llama.engine.decode_step import DecodeStep
 from llama.engine.device_io import to_device
 from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
+from llama.model.collectives import broadcast_
 from llama.model.kv_cache import KVCache
 from llama.model.linear import pack_for_cpu
 from llama.model.packed import AttentionGroup, PackedBatch
@@ -171,8 +170,7 @@ class ModelRunner:
         if plan.takes_sampled and self.share_sampled:
             # The driver's row of the last step's tokens to every rank: queued on the device
             # after that step's sampling, before this step's forward; the host never waits.
-            src = fs_init.get_model_parallel_src_rank()
-            dist.broadcast(self.sampled, src=src, group=fs_init.get_model_parallel_group())
+            broadcast_(self.sampled)
         if not self.decode.graphs and any(s.length > 1 for s in plan.segments):
             # Eager (the CPU): decodes and prefill chunks in one packed forward, so the weights are
             # read once a step and each linear layer runs once on all the step's rows.

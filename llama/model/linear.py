@@ -1,5 +1,6 @@
 """The model's linear layers: fairscale's column- and row-parallel layers, whose matmul runs on
-oneDNN with prepacked weights on the CPU.
+oneDNN with prepacked weights on the CPU; and its parallel embedding. Their collectives go
+through llama/model/collectives.py (shared memory where the ranks share a CPU machine).
 
 fairscale's layers call F.linear, which on the CPU is MKL's sgemm. On an AMD EPYC (AVX-512)
 oneDNN's matmul over a weight reordered once into its blocked layout is 2.5-4x faster in float32
@@ -20,12 +21,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fairscale.nn.model_parallel import layers as fs_layers
-from fairscale.nn.model_parallel.mappings import (
-    copy_to_model_parallel_region,
-    gather_from_model_parallel_region,
-    reduce_from_model_parallel_region,
-)
+from fairscale.nn.model_parallel.mappings import copy_to_model_parallel_region
 from torch import nn
+
+from llama.model.collectives import gather_last, reduce
 
 
 def _matmul(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class ColumnParallelLinear(fs_layers.ColumnParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         out = _matmul(self, copy_to_model_parallel_region(input_))
-        return gather_from_model_parallel_region(out) if self.gather_output else out
+        return gather_last(out) if self.gather_output else out
 
 
 class RowParallelLinear(fs_layers.RowParallelLinear):
@@ -69,7 +68,14 @@ class RowParallelLinear(fs_layers.RowParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         assert self.input_is_parallel and self.bias is None, "the model's row-parallel layers take parallel input"
-        return reduce_from_model_parallel_region(_matmul(self, input_))
+        return reduce(_matmul(self, input_))
+
+
+class ParallelEmbedding(fs_layers.ParallelEmbedding):
+    """fairscale's embedding (its table cut along the model's width; the slices all-gathered)."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return gather_last(F.embedding(copy_to_model_parallel_region(input_), self.weight))
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:

@@ -21,12 +21,11 @@ import fairscale.nn.model_parallel.initialize as fs_init
 import fairscale.nn.model_parallel.layers as fs_layers
 import torch
 import torch.nn.functional as F
-from fairscale.nn.model_parallel.layers import ParallelEmbedding
 from torch import nn
 
 from llama.model.args import ModelArgs
 from llama.model.kv_cache import KVCache
-from llama.model.linear import ColumnParallelLinear, RowParallelLinear, columns
+from llama.model.linear import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, columns
 from llama.model.packed import PackedBatch
 
 

@@ -31,6 +31,7 @@ def test_machines_without_the_checkpoint_get_their_slices_through_the_object_sto
 def test_served_over_three_machines_the_cluster_page_shows_each_rank_on_its_own_address(nodes, golden):
     got = nodes.run("serve_golden.py")
     assert len(set(got["rank_ips"])) == 2 and set(got["rank_ips"]) <= set(nodes.ips)
+    assert got["collectives"] == "gloo"  # ranks on two machines: never shared memory
     assert got["tokens"] == golden["completions"]["generated_token_ids"]
     # While the gang started, GET /health named its stages in order (polled: some may be missed) ...
     stages = ["placement", "actors", "rendezvous", "collective", "weights", "ready"]

@@ -24,6 +24,7 @@ from cluster.errors import (
 from cluster.start import STAGES
 from llama.engine.grammar import Grammar
 from llama.engine.request import GenerationRequest, SamplingParams, collect
+from llama.model.shared_memory_group import shared_memory_supported
 from tests.conftest import GOLDEN_CKPT, engine_idle, gang_config
 from tests.json_schemas import random_schema
 
@@ -186,6 +187,8 @@ def test_a_dropped_stream_frees_its_slot_and_control_calls_answer_meanwhile(gold
 def test_cluster_info_shows_each_rank(golden_mp2):
     info = asyncio.run(golden_mp2.cluster_info())
     assert info["world_size"] == 2 and info["backend"] == "gloo" and info["device"] == "cpu"
+    # both ranks on this one machine: the model's collectives through shared memory, not gloo's sockets
+    assert info["collectives"] == ("shared memory" if shared_memory_supported() else "gloo")
     assert [r["rank"] for r in info["ranks"]] == [0, 1]
     assert len({r["pid"] for r in info["ranks"]}) == 2
     assert all(r["node_ip"] and r["node_id"] for r in info["ranks"])

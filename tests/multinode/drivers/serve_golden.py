@@ -24,6 +24,7 @@ try:
         done = http.post(base + "/v1/completions", json=body).json()
 finally:
     serve.shutdown()
-print(json.dumps({"rank_ips": [r["node_ip"] for r in cluster["ranks"]], "stages_seen": stages,
+print(json.dumps({"rank_ips": [r["node_ip"] for r in cluster["ranks"]], "collectives": cluster["collectives"],
+                  "stages_seen": stages,
                   "start": cluster["start"], "loads": [r["load"] for r in cluster["ranks"]],
                   "tokens": [ch["token_ids"] for ch in sorted(done["choices"], key=lambda ch: ch["index"])]}))

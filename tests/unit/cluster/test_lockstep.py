@@ -1,14 +1,19 @@
 """PlanChannel and follow on a real 2-process gloo group (loopback, no Ray): plans arrive in order; stop ends the
-loop; a real MP=2 engine and follower give Meta's tokens with and without overlap."""
+loop; a real MP=2 engine and follower give Meta's tokens with and without overlap, the model's collectives
+through gloo and through shared memory."""
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import pickle
 from datetime import timedelta
 from pathlib import Path
 
+import pytest
+
 from llama.distributed import free_port
 from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
+from llama.model.shared_memory_group import shared_memory_supported
 
 MAX_BATCH_SIZE, PREFILL_CHUNK = 4, 8
 JOIN_S = 25  # both ranks together; a healthy run takes a few seconds (mostly imports)
@@ -83,9 +88,10 @@ def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_
     assert follower["executed"] == PLANS[:-1]  # every step and the heartbeat, in order; the stop plan is not run
 
 
-def _gang_rank(rank: int, port: int, out_dir: str) -> None:
+def _gang_rank(rank: int, port: int, out_dir: str, shared_memory: bool = False) -> None:
     """One rank of a real MP=2 gang on the golden checkpoint: rank 0 runs the Engine (sync, then
-    overlapped), rank 1 follows its plans with a ModelRunner. Writes what each saw."""
+    overlapped), rank 1 follows its plans with a ModelRunner; the model's collectives through gloo
+    or shared memory. Writes what each saw."""
     import json
 
     import torch.distributed as dist
@@ -93,6 +99,7 @@ def _gang_rank(rank: int, port: int, out_dir: str) -> None:
     from cluster.lockstep import PlanChannel, follow
     from llama.checkpoints.load import inspect_checkpoint, load_into
     from llama.distributed import init_model_parallel
+    from llama.model.collectives import shared_memory_group, use_shared_memory
     from llama.engine.config import EngineConfig
     from llama.engine.core import Engine
     from llama.engine.request import GenerationRequest, SamplingParams, collect
@@ -105,6 +112,8 @@ def _gang_rank(rank: int, port: int, out_dir: str) -> None:
                             timeout=timedelta(seconds=60))
     try:
         init_model_parallel(2)
+        if shared_memory:
+            assert use_shared_memory(4 << 20, timeout_s=60)
         ref = json.loads((GOLDEN_DIR / "reference.json").read_text())
         c = ref["completions"]
         info = inspect_checkpoint(GOLDEN_CKPT)
@@ -136,17 +145,29 @@ def _gang_rank(rank: int, port: int, out_dir: str) -> None:
                 runner.execute = lambda plan: (took.append(plan.takes_sampled), execute(plan))[1]
                 follow(runner, channel)
                 result[str(overlap)] = sum(took)
+        group = shared_memory_group()
+        result["shared"] = None if group is None else (group.calls, group.fallbacks)
         (Path(out_dir) / f"rank{rank}.pkl").write_bytes(pickle.dumps(result))
     finally:
         dist.destroy_process_group()
 
 
-def test_an_overlapped_driver_hands_its_sampled_tokens_to_the_follower_on_the_device(tmp_path):
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shared-memory"])
+def test_an_overlapped_driver_hands_its_sampled_tokens_to_the_follower_on_the_device(tmp_path, shared_memory):
     """MP=2 on the golden checkpoint: the overlapped driver's decodes name last step's tokens
     instead of carrying them, the follower takes them from the driver's broadcast, and both
-    modes give Meta's tokens (and the same seeded draw)."""
-    driver, follower = run_two_ranks(_gang_rank, tmp_path, 120)
+    modes give Meta's tokens (and the same seeded draw), with the model's collectives through
+    gloo and through shared memory (llama/model/shared_memory_group.py)."""
+    if shared_memory and not shared_memory_supported():
+        pytest.skip("shared-memory collectives are x86-64 only")
+    driver, follower = run_two_ranks(functools.partial(_gang_rank, shared_memory=shared_memory), tmp_path, 120)
     n = len(driver["golden"])
     assert driver["False"][:n] == driver["True"][:n] == driver["golden"]
     assert driver["False"][n] == driver["True"][n] and len(driver["True"][n]) > 0  # the seeded draw
     assert follower["False"] == 0 and follower["True"] > 10  # plans that took the driver's tokens
+    for rank in (driver, follower):
+        if shared_memory:  # every collective of every step went through it, none past a slot
+            calls, fallbacks = rank["shared"]
+            assert calls > 100 and fallbacks == 0
+        else:
+            assert rank["shared"] is None
