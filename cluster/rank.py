@@ -166,7 +166,8 @@ class RankActor:
         self.collectives = self._choose_collectives(backend)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
-            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s)
+            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s,
+                                       shared_memory=self.collectives == "shared memory")
         log.info("joined the %s group of %d at %s:%d over %s; the model's collectives through %s", backend,
                  self.world_size, master_addr, master_port,
                  bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface",

@@ -122,5 +122,3 @@ def init_model_parallel(model_parallel_size: int) -> None:
 
 def model_parallel_rank() -> int:
     return fs_init.get_model_parallel_rank()
-
-

@@ -34,6 +34,10 @@ import torch
 import torch.distributed as dist
 
 _LINE = 8  # int64s per flag: each rank's flag on a 64-byte cache line of its own
+# How long a wait yields its core between looks before it sleeps (a sleep's wake-up comes late:
+# up to 2 ms). Inside a step the other ranks are that close; a follower waiting for the driver's
+# next plan waits out the driver's sampling and planning between steps, longer.
+YIELD_S = 0.005
 
 
 def shared_memory_supported() -> bool:
@@ -47,8 +51,9 @@ class PeerLostError(RuntimeError):
 
 class SharedMemoryGroup:
     def __init__(self, path: str, rank: int, world: int, slot_bytes: int, pids: list[int], fallback,
-                 timeout_s: float):
+                 timeout_s: float, yield_s: float = YIELD_S):
         self.rank, self.world, self.pids, self.fallback, self.timeout_s = rank, world, pids, fallback, timeout_s
+        self.yield_s = yield_s
         self.slot_bytes = -(-slot_bytes // 64) * 64
         header = world * _LINE * 8
         with open(path, "r+b") as f:
@@ -63,7 +68,7 @@ class SharedMemoryGroup:
         self._watched = [(r, pid) for r, pid in enumerate(pids) if r != rank and _alive(pid)]
 
     @classmethod
-    def create(cls, group, slot_bytes: int, timeout_s: float) -> "SharedMemoryGroup | None":
+    def create(cls, group, slot_bytes: int, timeout_s: float, yield_s: float = YIELD_S) -> "SharedMemoryGroup | None":
         """Collective over `group` (a gloo group of ranks on this machine, which stays the
         fallback): rank 0 makes the file (in /dev/shm, else the temporary directory), every rank
         maps it, and it is unlinked once all have, so nothing is left behind however the ranks
@@ -80,7 +85,7 @@ class SharedMemoryGroup:
         try:
             pids: list = [None] * world
             dist.all_gather_object(pids, os.getpid(), group=group)
-            made = cls(names[0], rank, world, slot_bytes, pids, group, timeout_s)
+            made = cls(names[0], rank, world, slot_bytes, pids, group, timeout_s, yield_s)
             dist.barrier(group=group)  # every rank has mapped it
         finally:
             if rank == 0 and os.path.exists(names[0]):
@@ -162,7 +167,7 @@ class SharedMemoryGroup:
         check, pause = start + 0.1, 0.0
         while not self._arrived(seq):
             now = time.monotonic()
-            if now - start < 0.001:
+            if now - start < self.yield_s:
                 os.sched_yield()  # another process may need this core more than this wait does
             else:
                 pause = min(max(pause * 2, 50e-6), 0.002)

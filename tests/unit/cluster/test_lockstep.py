@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import multiprocessing as mp
 import pickle
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class RecordingRunner:
         self.plans.append(plan)
 
 
-def _rank(rank: int, port: int, out_dir: str) -> None:
+def _rank(rank: int, port: int, out_dir: str, shared_memory: bool = False) -> None:
     """One process of the gang: rank 0 publishes PLANS, rank 1 follows them; each writes what it saw."""
     import torch.distributed as dist
 
@@ -47,9 +48,13 @@ def _rank(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", world_size=2, rank=rank,
                             timeout=timedelta(seconds=30))
     try:
-        channel = PlanChannel(StepPlan.capacity(MAX_BATCH_SIZE, PREFILL_CHUNK, 16), timeout_s=30)
+        channel = PlanChannel(StepPlan.capacity(MAX_BATCH_SIZE, PREFILL_CHUNK, 16), timeout_s=30,
+                              shared_memory=shared_memory)
+        assert (channel.shared is not None) == shared_memory
         if rank == 0:
-            for plan in PLANS:
+            for i, plan in enumerate(PLANS):
+                if i == 2:
+                    time.sleep(0.3)  # an idle driver: the follower's wait goes to sleep, then wakes
                 channel.publish(plan)
             result = {"sent": channel.sent}
         else:
@@ -82,8 +87,11 @@ def run_two_ranks(target, tmp_path: Path, join_s: float) -> tuple[dict, dict]:
     return tuple(pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2))
 
 
-def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_path):
-    driver, follower = run_two_ranks(_rank, tmp_path, JOIN_S)
+@pytest.mark.parametrize("shared_memory", [False, True], ids=["gloo", "shared-memory"])
+def test_a_follower_runs_every_plan_the_driver_publishes_and_leaves_on_stop(tmp_path, shared_memory):
+    if shared_memory and not shared_memory_supported():
+        pytest.skip("shared-memory collectives are x86-64 only")
+    driver, follower = run_two_ranks(functools.partial(_rank, shared_memory=shared_memory), tmp_path, JOIN_S)
     assert driver == {"sent": len(PLANS)}
     assert follower["executed"] == PLANS[:-1]  # every step and the heartbeat, in order; the stop plan is not run
 
@@ -120,7 +128,7 @@ def _gang_rank(rank: int, port: int, out_dir: str, shared_memory: bool = False) 
         model = Transformer(info.args, ref["max_seq_len"])
         load_into(model, info, rank, 2)
         config = dict(max_batch_size=4, max_seq_len=ref["max_seq_len"], prefill_chunk=PREFILL_CHUNK)
-        channel = PlanChannel(StepPlan.capacity(4, PREFILL_CHUNK, 16), timeout_s=60)
+        channel = PlanChannel(StepPlan.capacity(4, PREFILL_CHUNK, 16), timeout_s=60, shared_memory=shared_memory)
         result = {}
         for overlap in (False, True):
             if rank == 0:
