@@ -4,7 +4,7 @@ PlanChannel broadcasts each StepPlan as one fixed-size int64 tensor over a CPU (
 its own, apart from the model's NCCL/gloo group, so a plan never waits behind GPU work and a
 step costs one small collective; through shared memory where the model's collectives go that
 way (every rank on one CPU machine). A follower then yields its core while it waits, for
-PLAN_YIELD_S, and an idle one sleeps 2 ms at a time. Followers loop on `follow`: receive a plan, run it, repeat,
+PLAN_YIELD_S, and an idle one sleeps 5 ms at a time. Followers loop on `follow`: receive a plan, run it, repeat,
 until the driver's stop plan arrives; they never decide anything themselves. An overlapping
 driver (llama/engine/core.py) sends plan N+1 while step N runs; a plan whose decodes take step N's
 tokens makes every rank's ModelRunner join the broadcast of those tokens first, on the device.

@@ -36,7 +36,7 @@ from llama.engine.core import Engine, engine_blocks
 from llama.engine.request import GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
-from llama.model.collectives import use_shared_memory
+from llama.model.collectives import shared_memory_group, use_shared_memory
 from llama.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,8 @@ class RankActor:
             out.update(delta_streams=len(self._outboxes), delta_messages=self._delta_messages, deltas_sent=self._deltas_sent)
         if self.channel is not None:
             out.update(plans_sent=self.channel.sent, plan_send_s=self.channel.send_s)
+        if (group := shared_memory_group()) is not None:  # calls that went through gloo: past a slot
+            out.update(shared_memory_calls=group.calls, shared_memory_fallbacks=group.fallbacks)
         return out
 
     @ray.method(concurrency_group="control")

@@ -8,6 +8,7 @@ keyword-only extras; sampled draws are per row (see `_seed_from_global_rng`).
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import TypedDict
 
@@ -27,6 +28,7 @@ from llama.distributed import (
 from llama.engine.config import EngineConfig, check_request
 from llama.engine.core import Engine
 from llama.engine.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
+from llama.model.collectives import use_shared_memory
 from llama.model.transformer import Transformer
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
@@ -84,6 +86,10 @@ class Llama:
                               prefill_chunk=max_batch_size * max_seq_len, seed=seed)
         info = inspect_checkpoint(ckpt_dir, tokenizer_path, mp)
         init_model_parallel(mp)
+        if dev.type == "cpu" and mp > 1 and os.environ.get("LOCAL_WORLD_SIZE") == str(dist.get_world_size()):
+            # torchrun's ranks all on this machine: the model's collectives through shared memory
+            # (a decode step's tensors; a larger prefill's go through gloo)
+            use_shared_memory(max_batch_size * max(info.args.dim, -(-info.args.vocab_size // mp)) * 4, timeout_s=600)
         torch.manual_seed(seed)  # every rank draws the same seeds, so every rank picks the same tokens
         model = Transformer(info.args, max_seq_len, device=dev, dtype=resolve_dtype(dtype, dev))
         load_into(model, info, model_parallel_rank(), mp)

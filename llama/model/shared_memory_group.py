@@ -35,9 +35,10 @@ import torch.distributed as dist
 
 _LINE = 8  # int64s per flag: each rank's flag on a 64-byte cache line of its own
 # How long a wait yields its core between looks before it sleeps (a sleep's wake-up comes late:
-# up to 2 ms). Inside a step the other ranks are that close; a follower waiting for the driver's
+# up to MAX_SLEEP_S). Inside a step the other ranks are that close; a follower waiting for the driver's
 # next plan waits out the driver's sampling and planning between steps, longer.
 YIELD_S = 0.005
+MAX_SLEEP_S = 0.005  # an idle wait (a follower between requests) wakes 200 times a second
 
 
 def shared_memory_supported() -> bool:
@@ -170,7 +171,7 @@ class SharedMemoryGroup:
             if now - start < self.yield_s:
                 os.sched_yield()  # another process may need this core more than this wait does
             else:
-                pause = min(max(pause * 2, 50e-6), 0.002)
+                pause = min(max(pause * 2, 50e-6), MAX_SLEEP_S)
                 time.sleep(pause)
             if now >= check:
                 check = now + 0.1

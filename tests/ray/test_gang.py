@@ -189,6 +189,8 @@ def test_cluster_info_shows_each_rank(golden_mp2):
     assert info["world_size"] == 2 and info["backend"] == "gloo" and info["device"] == "cpu"
     # both ranks on this one machine: the model's collectives through shared memory, not gloo's sockets
     assert info["collectives"] == ("shared memory" if shared_memory_supported() else "gloo")
+    if shared_memory_supported():  # the warm-up step at least; every call fitted its slot
+        assert info["engine"]["shared_memory_calls"] > 0 and info["engine"]["shared_memory_fallbacks"] == 0
     assert [r["rank"] for r in info["ranks"]] == [0, 1]
     assert len({r["pid"] for r in info["ranks"]}) == 2
     assert all(r["node_ip"] and r["node_id"] for r in info["ranks"])

@@ -1,4 +1,5 @@
-"""`from llama import Llama` under torchrun (gloo): with two processes, the golden tokens; with
+"""`from llama import Llama` under torchrun (gloo; the model's collectives through shared memory,
+all ranks being on this machine): with two processes, the golden tokens; with
 two and four, Meta's reference tokens from Llama 2 and Llama 3 files cut for 1, 2 and 4 ranks
 (resharded both ways); every rank exits cleanly."""
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 
 import pytest
+
+from llama.model.shared_memory_group import shared_memory_supported
 
 
 def _torchrun(script: str, nproc: int, *args: str) -> None:
@@ -34,7 +37,10 @@ def _torchrun(script: str, nproc: int, *args: str) -> None:
 def test_torchrun_two_ranks_reproduce_the_reference(tmp_path):
     out = tmp_path / "result.json"
     _torchrun("torchrun_golden.py", 2, str(out))
-    assert json.loads(out.read_text()) == {"world_size": 2, "rank": 0, "match": True}
+    got = json.loads(out.read_text())
+    assert {k: got[k] for k in ("world_size", "rank", "match")} == {"world_size": 2, "rank": 0, "match": True}
+    # the model's collectives went through shared memory (llama/model/shared_memory_group.py)
+    assert (got["shared_memory_calls"] > 100) == shared_memory_supported()
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
