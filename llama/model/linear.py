@@ -75,7 +75,9 @@ class ParallelEmbedding(fs_layers.ParallelEmbedding):
     """fairscale's embedding (its table cut along the model's width; the slices all-gathered)."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return gather_last(F.embedding(copy_to_model_parallel_region(input_), self.weight))
+        out = F.embedding(copy_to_model_parallel_region(input_), self.weight, self.padding_idx, self.max_norm,
+                          self.norm_type, self.scale_grad_by_freq, self.sparse)
+        return gather_last(out)
 
 
 def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
