@@ -233,19 +233,26 @@ def test_a_gang_this_cluster_can_never_hold_is_refused_at_once(ray_local, tiny_c
 def test_different_prompt_lengths_gqa_mp1_vs_mp2_resharded(ray_local, tiny_ckpts):
     """A GQA model cut for 1 rank, served at MP=1 and resharded to MP=2: same tokens, same logprobs.
     The MP=2 gang overlaps its steps, as it does on GPUs: its follower takes each decode's input
-    from the driver's sampled tokens, broadcast over the gang's group."""
+    from the driver's sampled tokens, broadcast over the gang's group. At MP=2 the collectives go
+    through shared memory, and with parallel.shared_memory false through gloo: the same bits."""
     prompts = [[1, 5], [1, 40, 41, 42, 43, 44, 45, 46, 47], [1, 100, 7, 9], [1] + list(range(200, 230))]
-    results = {}
-    for mp in (1, 2):
-        g = _start(ray_local, tiny_ckpts["gqa1"], mp, async_scheduling=mp == 2)
+    results, ways = {}, {}
+    for mp, shared in ((1, True), (2, True), (2, False)):
+        g = _start(ray_local, tiny_ckpts["gqa1"], mp, async_scheduling=mp == 2, shared_memory=shared)
         try:
-            results[mp] = g.generate(_greedy(prompts, 24, logprobs=True))
+            results[mp, shared] = g.generate(_greedy(prompts, 24, logprobs=True))
+            ways[mp, shared] = asyncio.run(g.cluster_info())["collectives"]
         finally:
             g.shutdown()
-    assert [o.token_ids for o in results[1]] == [o.token_ids for o in results[2]]
-    assert all(len(o.token_ids) == 24 for o in results[1])  # random weights: no EOS expected
-    for a, b in zip(results[1], results[2]):
+    assert ways == {(1, True): "gloo", (2, True): "shared memory" if shared_memory_supported() else "gloo",
+                    (2, False): "gloo"}
+    one, two = results[1, True], results[2, True]
+    assert [o.token_ids for o in one] == [o.token_ids for o in two]
+    assert all(len(o.token_ids) == 24 for o in one)  # random weights: no EOS expected
+    for a, b in zip(one, two):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
+    # two addends sum alike in either order: shared memory and gloo give the same logprobs, bit for bit
+    assert [(o.token_ids, o.logprobs) for o in two] == [(o.token_ids, o.logprobs) for o in results[2, False]]
 
 
 # vLLM's sampling extensions and a grammar (structured outputs) on some of the batch's requests (tests/unit/engine/test_engine_vllm_sampling.py

@@ -44,6 +44,8 @@ def test_the_defaults_are_valid():
     ("threads_per_rank", 0),
     ("threads_per_rank", 1.5),
     ("threads_per_rank", True),
+    ("shared_memory", "yes"),
+    ("autoscaling", 1),
 ])
 def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
     with pytest.raises(ValueError, match=f"parallel settings: {setting} must be"):
@@ -51,7 +53,8 @@ def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
 
 
 @pytest.mark.parametrize("setting,value", [("device", "cuda"), ("dtype", "bf16"), ("backend", "gloo"),
-                                           ("placement_strategy", "STRICT_SPREAD"), ("model_parallel_size", 64)])
+                                           ("placement_strategy", "STRICT_SPREAD"), ("model_parallel_size", 64),
+                                           ("shared_memory", False)])
 def test_parallel_config_accepts_the_documented_choices(setting, value):
     assert getattr(ParallelConfig(**{setting: value}), setting) == value
 
