@@ -150,7 +150,7 @@ class SharedMemoryGroup:
             half[self.rank, : numel * flat.element_size()].copy_(flat.view(torch.uint8))
         self._flags[self.rank * _LINE] = self.seq
         self._wait(self.seq)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         return [half[r, :nbytes].view(dtype) for r in range(self.world)]
 
     def _arrived(self, seq: int) -> bool:
@@ -185,15 +185,6 @@ class SharedMemoryGroup:
         if waited > self.timeout_s:
             raise PeerLostError(f"rank {self.rank}: a collective waited {waited:.0f}s for the other ranks, past its "
                                 f"timeout of {self.timeout_s:g}s; a rank is hung and the gang must be replaced")
-
-    def close(self) -> None:
-        """Unmap (once nothing else holds a view of the slots)."""
-        self._flags.release()
-        self._halves = None
-        try:
-            self._mm.close()
-        except BufferError:  # a slot's tensor is still referenced: the mapping goes with it
-            pass
 
 
 def _make_file(size: int) -> str | None:
