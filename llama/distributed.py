@@ -101,13 +101,16 @@ def destroy_at_exit() -> None:
     atexit.register(_destroy)
 
 
-def init_model_parallel(model_parallel_size: int) -> None:
-    """Initialise fairscale's model-parallel groups over the existing default process group."""
+def init_model_parallel(model_parallel_size: int, pipeline_parallel_size: int = 1) -> None:
+    """Initialise fairscale's model-parallel groups over the existing default process group: a
+    world of pipeline_parallel_size stages of model_parallel_size ranks, stage-major (global
+    rank = stage * model_parallel_size + model-parallel rank)."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed must be initialised before model parallelism.")
     world = dist.get_world_size()
-    if world % model_parallel_size:
-        raise ValueError(f"model_parallel_size {model_parallel_size} does not divide the world size {world}.")
+    if world % (model_parallel_size * pipeline_parallel_size):
+        raise ValueError(f"model_parallel_size {model_parallel_size} x pipeline_parallel_size {pipeline_parallel_size} "
+                         f"does not divide the world size {world}.")
     if fs_init.model_parallel_is_initialized():
         have = fs_init.get_model_parallel_world_size()
         if have != model_parallel_size:
@@ -115,7 +118,7 @@ def init_model_parallel(model_parallel_size: int) -> None:
         return
     # fairscale announces each group with print(); keep stdout clean and log it instead.
     with contextlib.redirect_stdout(io.StringIO()) as said:
-        fs_init.initialize_model_parallel(model_parallel_size)
+        fs_init.initialize_model_parallel(model_parallel_size, pipeline_length=pipeline_parallel_size)
     for line in said.getvalue().splitlines():
         log.debug("fairscale: %s", line.lstrip("> "))
 

@@ -29,6 +29,8 @@ from llama.engine.config import EngineConfig, check_request
 from llama.engine.core import Engine
 from llama.engine.request import GenerationOutput, GenerationRequest, SamplingParams, StreamDelta, collect
 from llama.model.collectives import use_shared_memory
+from llama.model.stage_link import StageLink
+from llama.model.stages import Stage, split_layers
 from llama.model.transformer import Transformer
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.chat_format import UNSAFE_ERROR, Dialog, encode_dialog, has_special_tags
@@ -60,9 +62,14 @@ class Llama:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
+        pipeline_parallel_size: int = 1,
+        pipeline_layers: list[int] | None = None,
     ) -> "Llama":
         """Load a checkpoint (Meta's layout or a Hugging Face folder). Starts a one-process group when none exists (plain
-        script); under torchrun, the launcher's world is the model-parallel group."""
+        script); under torchrun, the launcher's world is the model-parallel group, or, with
+        pipeline_parallel_size P, P pipeline stages of world / P model-parallel ranks each (stage
+        s: ranks s * world / P onwards), holding an even split of the layers or pipeline_layers of
+        them (llama/model/stages.py)."""
         t0 = time.perf_counter()
         if dist.is_initialized():
             dev = device
@@ -80,23 +87,30 @@ class Llama:
                 init_single_process_group(choose_backend(dev))
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        mp = model_parallel_size or dist.get_world_size()
+        pp = pipeline_parallel_size
+        mp = model_parallel_size or dist.get_world_size() // pp
         # Every prompt of a call prefills in one step, as the reference's first forward does.
         config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                               prefill_chunk=max_batch_size * max_seq_len, seed=seed)
         info = inspect_checkpoint(ckpt_dir, tokenizer_path, mp)
-        init_model_parallel(mp)
+        init_model_parallel(mp, pp)
+        stage, link = None, None
+        if pp > 1:  # every rank samples for itself, so every rank before the last stage takes the logits
+            rank = dist.get_rank()
+            stage = Stage(rank // mp, pp, split_layers(info.args.n_layers, pp, pipeline_layers)[rank // mp])
+            link = StageLink(stage, rank, mp, logits_to=tuple(range(dist.get_world_size())))
         if dev.type == "cpu" and mp > 1 and os.environ.get("LOCAL_WORLD_SIZE") == str(dist.get_world_size()):
             # torchrun's ranks all on this machine: the model's collectives through shared memory
             # (a decode step's tensors; a larger prefill's go through gloo)
             use_shared_memory(max_batch_size * max(info.args.dim, -(-info.args.vocab_size // mp)) * 4, timeout_s=600)
         torch.manual_seed(seed)  # every rank draws the same seeds, so every rank picks the same tokens
-        model = Transformer(info.args, max_seq_len, device=dev, dtype=resolve_dtype(dtype, dev))
+        model = Transformer(info.args, max_seq_len, device=dev, dtype=resolve_dtype(dtype, dev), stage=stage)
         load_into(model, info, model_parallel_rank(), mp)
-        log.info("loaded %s on %s (%s) at model parallel size %d in %.2fs", ckpt_dir, dev, model.dtype, mp, time.perf_counter() - t0)
-        return Llama(model, info.tokenizer(), config)
+        log.info("loaded %s on %s (%s) at model parallel size %d, %d pipeline stage(s), in %.2fs", ckpt_dir, dev,
+                 model.dtype, mp, pp, time.perf_counter() - t0)
+        return Llama(model, info.tokenizer(), config, link)
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig, link: StageLink | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.config = config
@@ -106,7 +120,7 @@ class Llama:
         # the pool the reference allocates, max_batch_size sequences of max_seq_len: the same on
         # every rank (sized by a GPU's free memory, ranks could preempt apart).
         blocks = config.max_batch_size * -(-config.max_seq_len // config.block_size)
-        self.engine = Engine(model, tokenizer, config, num_blocks=blocks)
+        self.engine = Engine(model, tokenizer, config, num_blocks=blocks, link=link)
         self._calls = 0
 
     def generate(

@@ -7,7 +7,7 @@ in Meta's interleaved rotary order. Files are memory-mapped: a rank reads only i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,11 +229,14 @@ def check_hf_tensors(weight_files: dict[str, Path], args: ModelArgs, tied: bool)
 
 
 def load_hf_rank_state(weight_files: dict[str, Path], args: ModelArgs, rank: int, world_size: int,
-                       tied: bool) -> dict[str, torch.Tensor]:
-    """The tensors rank `rank` of `world_size` needs, under Meta's names, each cut to the rank's
-    slice (args must be valid for world_size: ModelArgs.validate_for). Reads only those slices."""
+                       tied: bool, keys: Container[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors rank `rank` of `world_size` needs (of `keys` only, where given: a pipeline
+    stage's), under Meta's names, each cut to the rank's slice (args must be valid for
+    world_size: ModelArgs.validate_for). Reads only those slices."""
     out: dict[str, torch.Tensor] = {}
     for key, f, name, full in _checked_sources(weight_files, args, tied):
+        if keys is not None and key not in keys:
+            continue
         d = rank_dim(key)
         t = f.whole(name) if d is None else f.narrow(name, d, *shard_range(full[d], rank, world_size))
         if key.endswith(_ROTARY):  # the rank's rows are whole heads: undo the permutation per head

@@ -19,6 +19,7 @@ from llama.checkpoints.info import CheckpointInfo
 from llama.checkpoints.layout import full_shapes, rank_dim
 from llama.checkpoints.load_progress import LoadProgress
 from llama.checkpoints.meta import inspect_meta, load_meta_rank_state
+from llama.model.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -43,22 +44,30 @@ def inspect_checkpoint(
     return inspect_meta(ckpt_dir, tokenizer_path, model_parallel_size)
 
 
-def load_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """The tensors rank `rank` of `world_size` needs, cut from the N source shards.
+def load_rank_state(info: CheckpointInfo, rank: int, world_size: int,
+                    stage: Stage | None = None) -> dict[str, torch.Tensor]:
+    """The tensors tensor-parallel rank `rank` of `world_size` needs, cut from the N source
+    shards; in a pipeline, only those of `stage`, under the stage's own names (its layers
+    numbered from 0: llama/model/stages.py), and no other tensor is read.
 
     Returned tensors are views into the memory-mapped files where one source shard covers the
     slice (no copy), else a concatenation of just the overlapping pieces."""
+    keys = None if stage is None else {k for k in full_shapes(info.args) if stage.local_name(k) is not None}
     if info.layout == "hf":
         files = {key: info.ckpt_dir / name for key, name in info.weight_map.items()}
-        return load_hf_rank_state(files, info.args, rank, world_size, info.tied)
-    return load_meta_rank_state(info, rank, world_size)
+        state = load_hf_rank_state(files, info.args, rank, world_size, info.tied, keys)
+    else:
+        state = load_meta_rank_state(info, rank, world_size, keys)
+    return state if stage is None else {stage.local_name(k): v for k, v in state.items()}
 
 
-def rank_nbytes(info: CheckpointInfo, rank: int, world_size: int) -> int:
-    """The bytes of rank's slices in the files, known before any is read (for LoadProgress)."""
+def rank_nbytes(info: CheckpointInfo, rank: int, world_size: int, stage: Stage | None = None) -> int:
+    """The bytes of rank's slices (of `stage`'s tensors, in a pipeline) in the files, known
+    before any is read (for LoadProgress)."""
     total = 0
     for key, full in full_shapes(info.args).items():  # a cut tensor: an equal 1/world_size of it
-        total += math.prod(full) // (world_size if rank_dim(key) is not None else 1)
+        if stage is None or stage.local_name(key) is not None:
+            total += math.prod(full) // (world_size if rank_dim(key) is not None else 1)
     return total * info.itemsize
 
 
@@ -94,8 +103,11 @@ def copy_into(model: torch.nn.Module, slices: Iterable[tuple[str, torch.Tensor]]
 
 def load_into(model: torch.nn.Module, info: CheckpointInfo, rank: int, world_size: int,
               progress: LoadProgress | None = None) -> None:
-    """Copy rank's slices, read from this machine's files, into `model`'s parameters."""
+    """Copy tensor-parallel rank `rank`'s slices, read from this machine's files, into `model`'s
+    parameters (a pipeline stage's model: its stage's only)."""
     t0 = time.perf_counter()
-    nbytes = copy_into(model, load_rank_state(info, rank, world_size).items(), progress)
+    stage = getattr(model, "stage", None)
+    stage = stage if stage is not None and stage.count > 1 else None
+    nbytes = copy_into(model, load_rank_state(info, rank, world_size, stage).items(), progress)
     log.info("rank %d/%d: loaded %.1f MB from %d shard(s) in %.2fs", rank, world_size, nbytes / 1e6,
              len(info.shard_paths), time.perf_counter() - t0)

@@ -9,6 +9,7 @@ memory-mapped, so a rank reads only the bytes of its own slices, never the whole
 """
 from __future__ import annotations
 
+from collections.abc import Container
 from pathlib import Path
 
 import torch
@@ -103,13 +104,16 @@ def _check_shapes(args: ModelArgs, shards: tuple[Path, ...]) -> tuple[int, dict[
     return sd["tok_embeddings.weight"].element_size(), dims or {}
 
 
-def load_meta_rank_state(info: CheckpointInfo, rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    """The tensors rank `rank` of `world_size` needs, cut from Meta's N files (whichever cut
-    they hold: info.file_dims)."""
+def load_meta_rank_state(info: CheckpointInfo, rank: int, world_size: int,
+                         keys: Container[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors rank `rank` of `world_size` needs (of `keys` only, where given: a pipeline
+    stage's), cut from Meta's N files (whichever cut they hold: info.file_dims)."""
     n = len(info.shard_paths)
     sources = [_open(p) for p in info.shard_paths]  # mmap: opening reads no tensor data
     out: dict[str, torch.Tensor] = {}
     for key, full in full_shapes(info.args).items():
+        if keys is not None and key not in keys:
+            continue
         d = rank_dim(key)  # how this rank holds it
         if d is None:
             out[key] = sources[0][key]

@@ -41,6 +41,7 @@ from llama.engine.sampling import adjust_logits, logprobs_of, logprobs_on_device
 from llama.engine.scheduler import Scheduler
 from llama.engine.sequence import Sequence, Sink
 from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun, sampled_token
+from llama.model.stage_link import StageLink
 from llama.model.transformer import Transformer
 from llama.tokenizers.base import Tokenizer
 from llama.tokenizers.detokenizer import TextStream
@@ -99,9 +100,11 @@ class Engine:
         config: EngineConfig,
         publish: Callable[[StepPlan], None] | None = None,
         num_blocks: int | None = None,
+        link: StageLink | None = None,
     ):
         """num_blocks: the KV pool's size, agreed by a gang's ranks (cluster/rank.py); None:
-        this rank's own (llama/engine/kv_memory.py), as a single-process engine has."""
+        this rank's own (llama/engine/kv_memory.py), as a single-process engine has. link: the
+        model is one stage of a pipeline, and this rank takes the last stage's logits through it."""
         if num_blocks is None:
             num_blocks = engine_blocks(model, config)
         config = config.for_model(model.args, num_blocks * config.block_size)
@@ -111,7 +114,8 @@ class Engine:
         self.config = config
         self.publish = publish
         self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len, num_blocks,
-                                                         config.block_size), share_sampled=publish is not None)
+                                                         config.block_size), share_sampled=publish is not None,
+                                  link=link)
         self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
         self.overlap = model.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)

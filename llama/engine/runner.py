@@ -23,6 +23,7 @@ from llama.model.collectives import broadcast_
 from llama.model.kv_cache import KVCache
 from llama.model.linear import pack_for_cpu
 from llama.model.packed import AttentionGroup, PackedBatch
+from llama.model.stage_link import StageLink
 from llama.model.transformer import Transformer
 
 
@@ -101,12 +102,18 @@ def forward_rows(model: Transformer, rows: list[list[int]], block_size: int = 16
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None, share_sampled: bool = False):
+    def __init__(self, model: Transformer, cache: KVCache, graphs: bool | None = None, share_sampled: bool = False,
+                 link: StageLink | None = None):
         """graphs: capture the decode as CUDA graphs (None: on CUDA devices). share_sampled: this
         rank is one of a driver's gang (cluster/lockstep.py), so the tokens the driver samples
-        reach the others over the model-parallel group, on the device, when a plan uses them."""
+        reach the others over the model-parallel group, on the device, when a plan uses them.
+        link: the model is one stage of a pipeline (llama/model/stage_link.py): every step runs
+        the packed forward, from the previous stage's hidden states to the next's."""
         self.model = model
         self.cache = cache
+        self.link = link
+        if link is not None:
+            graphs = False  # a stage's step waits on its neighbours: eager, one packed forward
         pack_for_cpu(model)  # oneDNN's layout for the linear layers' weights, on the CPU (llama/model/linear.py)
         # The tokens the last step sampled, row j for the plan's sampled_token(j). The driver's
         # engine writes them (record_sampled); the other ranks receive them.
@@ -167,6 +174,8 @@ class ModelRunner:
                 f"plan runs row {s.slot} to position {s.start + s.length - 1}, past the blocks it was given"
         if not plan.segments:
             return torch.empty((0, self.model.args.vocab_size))
+        if self.link is not None:
+            return self._stage(plan)
         if plan.takes_sampled and self.share_sampled:
             # The driver's row of the last step's tokens to every rank: queued on the device
             # after that step's sampling, before this step's forward; the host never waits.
@@ -207,3 +216,23 @@ class ModelRunner:
                 parts.append(many[row : row + n])
                 row += n
         return torch.cat(parts) if parts else torch.empty((0, self.model.args.vocab_size), device=self.model.device)
+
+    def _stage(self, plan: StepPlan) -> torch.Tensor:
+        """One pipeline stage's part of the plan: the tokens (the first stage) or the previous
+        stage's hidden states through this stage's layers, on to the next stage; the logits back
+        from the last stage where this rank takes them (empty elsewhere)."""
+        model, link = self.model, self.link
+        batch = pack(plan, self.cache, model.device)
+        hidden = None
+        if model.stage.first:
+            if plan.takes_sampled and self.share_sampled:
+                broadcast_(self.sampled)  # the driver's tokens to its stage's other ranks
+            t = batch.tokens
+            batch.tokens = torch.where(t >= 0, t, self.sampled[(-1 - t).clamp(min=0)])
+        else:
+            hidden = link.receive_hidden(len(plan.tokens), model.args.dim, model.dtype, model.device)
+        out = model(batch, self.cache, hidden)
+        if not model.stage.last:
+            link.send_hidden(out)
+            out = None
+        return link.logits(out, batch.logit_index.numel(), model.args.vocab_size, model.device)

@@ -27,6 +27,7 @@ from llama.model.args import ModelArgs
 from llama.model.kv_cache import KVCache
 from llama.model.linear import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, columns
 from llama.model.packed import PackedBatch
+from llama.model.stages import Stage
 
 
 def _keep(x: torch.Tensor) -> torch.Tensor:
@@ -191,11 +192,14 @@ class Transformer(nn.Module):
     load a checkpoint (llama/checkpoints/load.py) or initialise them (llama/checkpoints/make_tiny.py)."""
 
     def __init__(self, args: ModelArgs, max_seq_len: int, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, stage: Stage | None = None):
+        """stage: the run of layers this rank holds in a pipeline (llama/model/stages.py); None:
+        every layer, the embedding and the output, as without a pipeline."""
         super().__init__()
         if args.vocab_size <= 0:
             raise ValueError("ModelArgs.vocab_size must be resolved (from the tokenizer) before building the model.")
         self.args = args
+        self.stage = stage or Stage.whole(args.n_layers)
         self.max_seq_len = max_seq_len  # positions the rotary table covers
         self.device = torch.device(device)
         self.dtype = dtype
@@ -204,24 +208,32 @@ class Transformer(nn.Module):
         # holds more than one layer. Then the whole shard is allocated once, where it runs.
         meta = torch.device("meta")
         with torch.device("meta"), _skip_fairscale_init():
-            self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep).to_empty(device=meta)
-            self.layers = nn.ModuleList(TransformerBlock(i, args).to_empty(device=meta) for i in range(args.n_layers))
-            self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-            self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep).to_empty(device=meta)
+            # A stage's layers are numbered from 0: its module list and its KV cache hold only them.
+            self.layers = nn.ModuleList(TransformerBlock(i, args).to_empty(device=meta)
+                                        for i in range(len(self.stage.layers)))
+            if self.stage.first:
+                self.tok_embeddings = ParallelEmbedding(args.vocab_size, args.dim, init_method=_keep).to_empty(device=meta)
+            if self.stage.last:
+                self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+                self.output = ColumnParallelLinear(args.dim, args.vocab_size, bias=False, init_method=_keep).to_empty(device=meta)
         self.to(dtype)
         self.to_empty(device=self.device)
         # complex64 (positions, head_dim/2). The reference makes twice max_seq_len; no position
         # past max_seq_len ever runs, and at a 128K context the other half is 128 MiB.
         self.freqs_cis = precompute_freqs_cis(args, max_seq_len, self.device)
 
-    def forward(self, batch: PackedBatch, cache: KVCache) -> torch.Tensor:
+    def forward(self, batch: PackedBatch, cache: KVCache, hidden: torch.Tensor | None = None) -> torch.Tensor:
         """The one forward, for prefill and decode alike: the packed tokens (T,) of a step's
         segments (llama/engine/runner.py), each at its own position and pool offset -> float32 logits
-        (R, vocab) for the packed indices batch.logit_index only."""
-        h = self.tok_embeddings(batch.tokens)  # (T, dim)
+        (R, vocab) for the packed indices batch.logit_index only. In a pipeline, a stage after the
+        first takes the hidden states (T, dim) its predecessor made instead of the tokens, and a
+        stage before the last returns its own (T, dim) for the next."""
+        h = self.tok_embeddings(batch.tokens) if self.stage.first else hidden  # (T, dim)
         freqs_cis = self.freqs_cis[batch.positions]  # (T, hd/2): each token at its own position
         for layer in self.layers:
             h = layer(h, freqs_cis, batch, cache)
+        if not self.stage.last:
+            return h
         if batch.logit_index.numel() == 0:  # every rank skips the output's all-gather alike
             return torch.empty((0, self.args.vocab_size), device=self.device)
         h = self.norm(h[batch.logit_index])  # (R, dim): the other positions need no logits
@@ -234,6 +246,7 @@ class Transformer(nn.Module):
         blocks tables (B, n) -> float32 logits (B, vocab). Static shapes for a given (B, n), and
         nothing read back to the host: a CUDA graph can capture it. A row with no sequence
         writes into the null block and its logits are not to be read."""
+        assert self.stage.count == 1, "a pipeline stage runs `forward` (llama/engine/runner.py), not `decode`"
         h = self.tok_embeddings(tokens)  # (B, dim)
         freqs_cis = self.freqs_cis[positions]  # (B, hd/2)
         kv_len = tables.shape[1] * cache.block_size
@@ -252,7 +265,7 @@ class Transformer(nn.Module):
         per_row = -(-max_seq_len // block_size)
         first = self.layers[0].attention
         return KVCache(
-            n_layers=self.args.n_layers,
+            n_layers=len(self.layers),  # a pipeline stage's own
             num_blocks=max_rows * per_row if num_blocks is None else num_blocks,
             block_size=block_size,
             max_rows=max_rows,

@@ -14,7 +14,7 @@ TOPS = ("cluster", "deploy", "llama")
 MAY_IMPORT = {
     "llama.model": ("llama.model",),
     "llama.tokenizers": ("llama.tokenizers",),
-    "llama.checkpoints": ("llama.checkpoints", "llama.model.args", "llama.tokenizers"),
+    "llama.checkpoints": ("llama.checkpoints", "llama.model.args", "llama.model.stages", "llama.tokenizers"),
     "llama.engine": ("llama.engine", "llama.model", "llama.tokenizers"),
     "llama.distributed": (),
     "llama": ("llama",),  # reference_api.py and the package's face: anything inside llama/

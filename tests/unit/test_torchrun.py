@@ -58,3 +58,24 @@ def test_meta_files_cut_for_any_size_give_the_reference_tokens_at_two_and_four_r
     assert out["world_size"] == nproc and len(out["results"]) == 6
     for r in out["results"]:
         assert r["match"] and r["max_logprob_diff"] < 1e-4, r
+
+
+@pytest.mark.parametrize("nproc,stages,layers", [(2, 2, "even"), (2, 2, "1,2"), (4, 2, "even"), (3, 3, "even")],
+                         ids=["pp2", "pp2-layers-1-2", "pp2xtp2", "pp3"])
+def test_pipeline_stages_reproduce_the_reference(tmp_path, nproc, stages, layers):
+    """`Llama.build(..., pipeline_parallel_size=P)`: the golden files (cut for 2 ranks) as P
+    stages of nproc / P model-parallel ranks each; every rank gets the golden tokens, and their
+    logprobs to 1e-4. Each stage holds only its layers, the first the embedding, the last the
+    output; hidden states went forward and logits back."""
+    out = tmp_path / "result.json"
+    _torchrun("torchrun_pipeline.py", nproc, str(out), str(stages), layers)
+    got = [json.loads((tmp_path / f"result.{r}.json").read_text()) for r in range(nproc)]
+    tp = nproc // stages
+    counts = [2, 1] if (stages, layers) == (2, "even") else [1, 2] if layers == "1,2" else [1, 1, 1]
+    for r in got:
+        s = r["rank"] // tp
+        assert r["match"] and r["max_logprob_diff"] < 1e-4, r
+        assert (r["stage"], r["layers"], r["holds_embedding"], r["holds_output"]) == (
+            s, counts[s], s == 0, s == stages - 1), r
+        if s < stages - 1 or r["rank"] == (stages - 1) * tp:
+            assert r["sent_bytes"] > 0, r  # hidden states forward; logits back from the last stage's first rank
