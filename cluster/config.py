@@ -16,13 +16,20 @@ from llama.checkpoints.load import inspect_checkpoint
 from llama.distributed import DTYPES, resolve_dtype
 from llama.engine.config import EngineConfig
 from llama.engine.kv_memory import pool_blocks
+from llama.model.stages import split_layers
 
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")  # Ray's placement-group strategies
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    model_parallel_size: int = 1  # ranks per model; the checkpoint is resharded to this
+    model_parallel_size: int = 1  # tensor-parallel ranks per stage; the checkpoint is resharded to this
+    # Pipeline stages, each of model_parallel_size ranks holding a contiguous run of the layers
+    # (llama/model/stages.py): an even split, or pipeline_layers of them each. A gang is
+    # pipeline_parallel_size x model_parallel_size ranks; each stage's ranks share one placement
+    # bundle, so one machine, and placement_strategy places the stages.
+    pipeline_parallel_size: int = 1
+    pipeline_layers: list[int] | None = None
     device: str = "auto"  # auto (cuda when the cluster has a GPU per rank) | cpu | cuda
     dtype: str = "auto"  # auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16 | float16
     backend: str | None = None  # None: nccl on cuda, gloo on cpu
@@ -56,8 +63,14 @@ class ParallelConfig:
                    "placement_strategy": STRATEGIES}
         bad = [f"{k} must be one of {list(v)}, got {getattr(self, k)!r}" for k, v in choices.items()
                if getattr(self, k) not in v]
-        if type(self.model_parallel_size) is not int or not 1 <= self.model_parallel_size <= 64:  # bool is no count
-            bad.append(f"model_parallel_size must be an integer from 1 to 64, got {self.model_parallel_size!r}")
+        for k in ("model_parallel_size", "pipeline_parallel_size"):
+            if type(getattr(self, k)) is not int or not 1 <= getattr(self, k) <= 64:  # bool is no count
+                bad.append(f"{k} must be an integer from 1 to 64, got {getattr(self, k)!r}")
+        if self.pipeline_layers is not None and (
+                not isinstance(self.pipeline_layers, (list, tuple)) or len(self.pipeline_layers) != self.pipeline_parallel_size
+                or any(type(n) is not int or n < 1 for n in self.pipeline_layers)):
+            bad.append(f"pipeline_layers must be a list of one count of layers (at least 1) per pipeline stage "
+                       f"({self.pipeline_parallel_size}), or be null for an even split; got {self.pipeline_layers!r}")
         if self.threads_per_rank is not None and (type(self.threads_per_rank) is not int or self.threads_per_rank < 1):
             bad.append(f"threads_per_rank must be an integer >= 1 (or null: the machine's cores shared by its ranks), "
                        f"got {self.threads_per_rank!r}")
@@ -73,6 +86,16 @@ class ParallelConfig:
         bad += [f"{k} must be > 0, got {getattr(self, k)!r}" for k in positive if not getattr(self, k) > 0]
         if bad:
             raise ValueError("parallel settings: " + "; ".join(bad) + ".")
+
+    @property
+    def world_size(self) -> int:
+        """The gang's ranks: pipeline stages x tensor-parallel ranks, stage-major (rank = stage *
+        model_parallel_size + its rank within the stage)."""
+        return self.pipeline_parallel_size * self.model_parallel_size
+
+    def bundle_of(self, rank: int) -> int:
+        """Which of the gang's rank bundles holds `rank`: its own without a pipeline, its stage's with."""
+        return rank if self.pipeline_parallel_size == 1 else rank // self.model_parallel_size
 
     def threads(self, ranks_here: int, cores: int) -> int:
         """A rank's threads, with ranks_here of its gang on a machine of `cores` CPUs."""
@@ -92,6 +115,10 @@ class GangConfig:
         ValueError naming the file and the fix) and bundle it with the settings."""
         parallel = parallel or ParallelConfig()
         checkpoint = inspect_checkpoint(ckpt_dir, tokenizer_path, parallel.model_parallel_size)
+        try:  # the stages' split, against the model's layers
+            split_layers(checkpoint.args.n_layers, parallel.pipeline_parallel_size, parallel.pipeline_layers)
+        except ValueError as e:
+            raise ValueError(f"parallel settings: {e}") from None
         engine = engine or EngineConfig()
         return cls(checkpoint, parallel, engine.for_model(checkpoint.args, _pool_tokens(engine, checkpoint, parallel)))
 

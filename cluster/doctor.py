@@ -24,7 +24,7 @@ from ray.util.placement_group import remove_placement_group
 
 from cluster.config import GangConfig
 from cluster.network import collective_env, interface_of
-from cluster.placement import acquire, plan_bundles, rank_options, settle_device
+from cluster.placement import acquire, plan_bundles, rank_bundles, rank_options, settle_device
 from llama.distributed import choose_backend, free_port, resolve_device
 
 _SAMPLE = 16 << 20  # bytes hashed at each end of a shard: a whole 13 GB shard would take minutes
@@ -91,10 +91,11 @@ class DoctorProbe:
         return Probe(self.rank, node_ip, versions, backend, gpu or "-", interface_of(node_ip), env,
                      _fingerprints(self.config), problems)
 
-    def collectives(self, master: tuple[str, int], env: dict[str, str], timeout_s: float) -> dict[str, float]:
-        """Join a group of the gang's size, then time a 1-element all-reduce and a broadcast."""
+    def collectives(self, master: tuple[str, int], env: dict[str, str], timeout_s: float) -> dict:
+        """Join a group of the gang's size, then time a 1-element all-reduce and a broadcast; in
+        a pipeline, also each link from a stage's rank to the next stage's (stage_link)."""
         os.environ.update(env)
-        world = self.config.parallel.model_parallel_size
+        world = self.config.parallel.world_size
         device = resolve_device(self.config.parallel.device)
         backend = choose_backend(device, self.config.parallel.backend)
         dist.init_process_group(backend, init_method=f"tcp://{master[0]}:{master[1]}", world_size=world,
@@ -115,9 +116,46 @@ class DoctorProbe:
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             return {"all_reduce_ms": latency * 1e3, "broadcast_gbps": _BANDWIDTH_BYTES * 8 / seconds / 1e9,
-                    "sum": float(check.item())}
+                    "sum": float(check.item()), **self._stage_links(device)}
         finally:
             dist.destroy_process_group()
+
+    def _stage_links(self, device: torch.device) -> dict:
+        """Where a stage follows this rank's: a send and a receive to its rank there, timed (the
+        hidden states' way each step): {"stage_link": {to, round_trip_ms, gbps, echo}}. The
+        boundaries go in stage order on every rank, so no two wait on each other."""
+        par = self.config.parallel
+        tp, stage = par.model_parallel_size, self.rank // par.model_parallel_size
+        out: dict = {}
+        for boundary in range(par.pipeline_parallel_size - 1):
+            if stage not in (boundary, boundary + 1):
+                continue
+            peer = self.rank + tp if stage == boundary else self.rank - tp
+            x = torch.full((1,), float(self.rank), device=device)
+            big = torch.zeros(_BANDWIDTH_BYTES // 4, device=device)
+            if stage == boundary:  # the sender: ping-pong, then the bytes and an acknowledgement
+                dist.send(x, dst=peer)
+                dist.recv(x, src=peer)  # the peer's echo: its own rank
+                echo = float(x.item())
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    dist.send(x, dst=peer)
+                    dist.recv(x, src=peer)
+                rtt = (time.perf_counter() - t0) / 10
+                t0 = time.perf_counter()
+                dist.send(big, dst=peer)
+                dist.recv(x, src=peer)
+                seconds = time.perf_counter() - t0
+                out["stage_link"] = {"to": peer, "round_trip_ms": rtt * 1e3, "echo": echo,
+                                     "gbps": _BANDWIDTH_BYTES * 8 / seconds / 1e9}
+            else:
+                for _ in range(11):
+                    dist.recv(x, src=peer)
+                    x.fill_(float(self.rank))
+                    dist.send(x, dst=peer)
+                dist.recv(big, src=peer)
+                dist.send(x, dst=peer)
+        return out
 
 
 def _fingerprints(config: GangConfig) -> dict[str, str]:
@@ -176,6 +214,13 @@ def compare(probes: list[Probe], collective: dict[int, dict | str], ckpt_dir: st
                 f"all-reduce {got['all_reduce_ms']:.2f} ms, broadcast {got['broadcast_gbps']:.2f} Gbit/s"
                 + ("" if got["sum"] == n * (n + 1) / 2 else f"; but the all-reduce summed to {got['sum']}"),
                 "the ranks disagree on the group: check that no other job uses this port and versions agree")
+            link = got.get("stage_link")
+            if link is not None:  # this rank's stage hands its hidden states to the next stage's rank
+                to = link["to"]
+                row("stage link", link["echo"] == to,
+                    f"to rank {to} ({probes[to].node_ip}): round trip {link['round_trip_ms']:.2f} ms, "
+                    f"{link['gbps']:.2f} Gbit/s" + ("" if link["echo"] == to else f"; but rank {link['echo']:g} answered"),
+                    "the ranks disagree on the group: check that no other job uses this port and versions agree")
         else:
             row("collectives", False, got,
                 "make every node reach every other on the interface above (firewall, routes), or set "
@@ -192,7 +237,8 @@ def diagnose(config: GangConfig, timeout_s: float = 30.0) -> list[Row]:
     except Exception as e:  # noqa: BLE001 - the verdict is the row
         return [Row("-", "-", "placement", False, str(e), "add nodes, or lower model_parallel_size")]
     remote = ray.remote(DoctorProbe)
-    probes_actors = [remote.options(**rank_options(par, pg, r)).remote(config, r) for r in range(par.model_parallel_size)]
+    bundles = rank_bundles(par)
+    probes_actors = [remote.options(**rank_options(par, pg, b, bundles)).remote(config, r) for r, b in enumerate(bundles)]
     try:
         probes = ray.get([a.probe.remote() for a in probes_actors], timeout=timeout_s * 4)
         master = ray.get(probes_actors[0].address.remote())

@@ -23,7 +23,7 @@ from cluster.config import GangConfig
 from cluster.deltas import DeltaReader
 from cluster.errors import DrainingError, GangStartError, PlacementError, RankFailedError
 from cluster.metrics import RequestMetrics
-from cluster.placement import acquire, plan_bundles, rank_options, settle_device
+from cluster.placement import acquire, plan_bundles, rank_bundles, rank_options, settle_device
 from cluster.rank import RankActor, RankInfo, RankState
 from cluster.start import STAGE_FIXES, StartProgress, stage_deadlines
 from cluster.weights import find_holder
@@ -72,7 +72,7 @@ class RankGroup:
                 placement = acquire(plan_bundles(par), par.placement_strategy, deadline, par.autoscaling)
                 first_bundle = 0
             deadline = progress.enter("actors")
-            bundles = range(first_bundle, first_bundle + par.model_parallel_size)
+            bundles = rank_bundles(par, first_bundle)
             actors = [_RemoteRank.options(**rank_options(par, placement, b, bundles)).remote(config, r)
                       for r, b in enumerate(bundles)]
             _within(progress, [a.ping.remote() for a in actors])
@@ -279,6 +279,8 @@ class RankGroup:
         return {
             "engine": engine,
             "world_size": len(self.infos),
+            "pipeline_parallel_size": self.config.parallel.pipeline_parallel_size,
+            "model_parallel_size": self.config.parallel.model_parallel_size,
             "backend": s.backend,
             "collectives": s.collectives,  # the model's: the backend's, or shared memory (one CPU machine)
             "device": s.device,
@@ -289,7 +291,7 @@ class RankGroup:
             "start": self.progress.as_dict(),
             "ranks": [
                 {**asdict(i), "gpu_ids": list(i.gpu_ids), "load": st.load, "weights_from": st.weights_from,
-                 "threads": st.threads}
+                 "threads": st.threads, "stage": st.stage, "tp_rank": st.tp_rank, "layers": list(st.layers)}
                 for i, st in zip(self.infos, self.states)
             ],
         }

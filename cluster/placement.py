@@ -23,23 +23,31 @@ log = logging.getLogger(__name__)
 
 def plan_bundles(parallel: ParallelConfig, replica_cpus: float | None = None) -> list[dict[str, float]]:
     """Bundles for one gang, in order: [the replica's] + one per rank (a whole GPU each on GPU
-    clusters). replica_cpus None: no replica bundle (the caller is not a Serve replica). The
-    device must be settled (settle_device): 'auto' cannot size a bundle."""
+    clusters), or, with pipeline stages, one per stage holding its model_parallel_size ranks (so
+    a stage's ranks share a machine, and placement_strategy places the stages). replica_cpus
+    None: no replica bundle (the caller is not a Serve replica). The device must be settled
+    (settle_device): 'auto' cannot size a bundle."""
     if parallel.device == "auto":
         raise ValueError("plan_bundles needs a settled device ('cpu' or 'cuda'); call settle_device first.")
-    rank: dict[str, float] = {"CPU": parallel.cpus_per_rank}
+    per = 1 if parallel.pipeline_parallel_size == 1 else parallel.model_parallel_size  # ranks a bundle holds
+    rank: dict[str, float] = {"CPU": parallel.cpus_per_rank * per}
     if parallel.device == "cuda":
-        rank["GPU"] = 1
+        rank["GPU"] = per
     head = [] if replica_cpus is None else [{"CPU": replica_cpus}]
-    return head + [dict(rank) for _ in range(parallel.model_parallel_size)]
+    return head + [dict(rank) for _ in range(parallel.world_size // per)]
+
+
+def rank_bundles(parallel: ParallelConfig, first_bundle: int = 0) -> list[int]:
+    """The bundle of each of the gang's ranks, in rank order, its rank bundles starting at first_bundle."""
+    return [first_bundle + parallel.bundle_of(r) for r in range(parallel.world_size)]
 
 
 def rank_options(parallel: ParallelConfig, placement: PlacementGroup, bundle: int,
-                 rank_bundles: range | None = None) -> dict:
+                 bundles: list[int] | None = None) -> dict:
     """Ray actor options for one rank's process (or the doctor's probe of it) on `bundle`: its
     resources, the variables every rank gets (parallel.env, and OMP_NUM_THREADS: its threads),
-    its place. rank_bundles: the gang's rank bundles (None: one per rank from bundle 0)."""
-    threads = rank_threads(parallel, placement, bundle, rank_bundles or range(parallel.model_parallel_size))
+    its place. bundles: each rank's bundle (rank_bundles; None: from bundle 0)."""
+    threads = rank_threads(parallel, placement, bundle, bundles if bundles is not None else rank_bundles(parallel))
     return {
         "num_cpus": parallel.cpus_per_rank,
         "num_gpus": 1 if parallel.device == "cuda" else 0,
@@ -50,9 +58,9 @@ def rank_options(parallel: ParallelConfig, placement: PlacementGroup, bundle: in
     }
 
 
-def rank_threads(parallel: ParallelConfig, placement: PlacementGroup, bundle: int, rank_bundles: range) -> int:
+def rank_threads(parallel: ParallelConfig, placement: PlacementGroup, bundle: int, bundles: list[int]) -> int:
     """The threads of the rank on `bundle` (parallel.threads_per_rank): unless set, its node's CPUs
-    (as Ray counts them) shared by the gang's ranks placed on that node."""
+    (as Ray counts them) shared by the gang's ranks placed on that node (bundles: each rank's)."""
     if parallel.threads_per_rank is not None:
         return parallel.threads_per_rank
     nodes = ray.util.placement_group_table(placement)["bundles_to_node_id"]
@@ -60,7 +68,7 @@ def rank_threads(parallel: ParallelConfig, placement: PlacementGroup, bundle: in
     cpus = int(next((n["Resources"].get("CPU", 1.0) for n in ray.nodes() if n["NodeID"] == node), 1.0))
     if node == ray.get_runtime_context().get_node_id():
         cpus = min(cpus, len(os.sched_getaffinity(0)))  # a Ray started with more CPUs than this machine has
-    return parallel.threads(sum(nodes[b] == node for b in rank_bundles), cpus)
+    return parallel.threads(sum(nodes[b] == node for b in bundles), cpus)
 
 
 def settle_device(parallel: ParallelConfig) -> ParallelConfig:
@@ -70,7 +78,7 @@ def settle_device(parallel: ParallelConfig) -> ParallelConfig:
     if parallel.device != "auto":
         return parallel
     gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else torch.cuda.device_count()
-    return replace(parallel, device="cuda" if gpus >= parallel.model_parallel_size else "cpu")
+    return replace(parallel, device="cuda" if gpus >= parallel.world_size else "cpu")
 
 
 def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float,

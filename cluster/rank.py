@@ -37,6 +37,8 @@ from llama.engine.request import GenerationRequest, SamplingParams
 from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
 from llama.model.collectives import shared_memory_group, use_shared_memory
+from llama.model.stage_link import StageLink
+from llama.model.stages import Stage, split_layers
 from llama.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -63,13 +65,21 @@ class RankState:
     weights_from: str  # "local files", or the object store from a machine that has them
     threads: int = 1  # the threads its step computes with (parallel.threads_per_rank)
     collectives: str = ""  # how the model's collectives travel: nccl, gloo, or shared memory
+    stage: int = 0  # its pipeline stage
+    tp_rank: int = 0  # its rank within the stage (tensor parallel)
+    layers: tuple[int, int] = (0, 0)  # the model's layers it holds: [first, last)
 
 
 class RankActor:
     def __init__(self, config: GangConfig, rank: int):
         self.config = config
         self.rank = rank
-        self.world_size = config.parallel.model_parallel_size
+        self.world_size = config.parallel.world_size  # pipeline stages x tensor-parallel ranks
+        self.tp_size = config.parallel.model_parallel_size
+        self.tp_rank = rank % self.tp_size
+        pp = config.parallel.pipeline_parallel_size
+        self.stage = Stage(rank // self.tp_size, pp,
+                           split_layers(config.checkpoint.args.n_layers, pp, config.parallel.pipeline_layers)[rank // self.tp_size])
         self.model: Transformer | None = None
         self.engine: Engine | None = None  # rank 0 only
         self.runner: ModelRunner | None = None  # the other ranks: run the driver's plans
@@ -164,37 +174,39 @@ class RankActor:
             # the rendezvous, and any collective after it: past call_timeout_s a step is hung
             timeout=timedelta(seconds=max(par.rendezvous_timeout_s, par.call_timeout_s)),
         )
-        init_model_parallel(self.world_size)
-        self.collectives = self._choose_collectives(backend)
+        init_model_parallel(self.tp_size, par.pipeline_parallel_size)
+        self.collectives, one_machine = self._choose_collectives(backend)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
-            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s,
-                                       shared_memory=self.collectives == "shared memory")
+            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s, shared_memory=one_machine)
         log.info("joined the %s group of %d at %s:%d over %s; the model's collectives through %s", backend,
                  self.world_size, master_addr, master_port,
                  bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface",
                  self.collectives)
         return backend, str(device)
 
-    def _choose_collectives(self, backend: str) -> str:
-        """Shared memory where every rank is on this machine's CPU (parallel.shared_memory), else
-        the group's backend. Collective: every rank takes the same way."""
+    def _choose_collectives(self, backend: str) -> tuple[str, bool]:
+        """How the model's collectives go: shared memory where every rank of this one's stage is
+        on this machine's CPU (parallel.shared_memory), else the group's backend; and whether the
+        whole gang is on this machine's CPU (the plans then go through shared memory too).
+        Collective: every rank of a stage takes the same way."""
         if self.device.type != "cpu" or self.world_size == 1 or not self.config.parallel.shared_memory:
-            return backend
+            return backend, False
         nodes: list = [None] * self.world_size
         dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        if len(set(nodes)) > 1:
-            return backend
+        first = self.stage.index * self.tp_size
+        if self.tp_size == 1 or len(set(nodes[first:first + self.tp_size])) > 1:
+            return backend, len(set(nodes)) == 1
         args, eng = self.config.checkpoint.args, self.config.engine
         # A step's hidden states (decodes and a prefill chunk) or its decode rows' logit slices;
         # a larger tensor (prompt logprobs of a whole chunk) goes through gloo.
         rows = eng.max_batch_size + eng.prefill_chunk
-        slot = max(rows * args.dim, eng.max_batch_size * -(-args.vocab_size // self.world_size)) * 4
+        slot = max(rows * args.dim, eng.max_batch_size * -(-args.vocab_size // self.tp_size)) * 4
         if not use_shared_memory(slot, self.config.parallel.call_timeout_s):
             log.warning("no shared-memory collectives here (not x86-64, or no room for a file of %d bytes a slot in "
                         "/dev/shm or the temporary directory); the model's collectives go through %s", slot, backend)
-            return backend
-        return "shared memory"
+            return backend, False
+        return "shared memory", len(set(nodes)) == 1
 
     async def first_collective(self) -> float:
         """Stage collective: one all-reduce and one broadcast across the gang, checked; returns
@@ -231,16 +243,20 @@ class RankActor:
     def _load_weights(self, holder: str | None) -> RankState:
         par, eng, ckpt = self.config.parallel, self.config.engine, self.config.checkpoint
         dtype = resolve_dtype(par.dtype, self.device)
-        model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype)
-        self.progress = LoadProgress(rank_nbytes(ckpt, self.rank, self.world_size))
+        pipeline = self.stage.count > 1
+        model = Transformer(ckpt.args, eng.max_seq_len, device=self.device, dtype=dtype,
+                            stage=self.stage if pipeline else None)
+        # The tensors of this rank's slice of its stage: tensor-parallel rank tp_rank of tp_size.
+        self.progress = LoadProgress(rank_nbytes(ckpt, self.tp_rank, self.tp_size, self.stage if pipeline else None))
         if missing_files(ckpt):  # this machine has no copy: the slices come from one that has
             if holder is None:
                 raise RuntimeError(f"rank {self.rank}: this machine lacks the checkpoint's files and no holder was "
                                    f"named; RankGroup.start names one when any rank lacks them")
             self.weights_from = f"object store from node {holder[:12]}"
-            copy_into(model, slices_from(holder, ckpt, self.rank, self.world_size), self.progress)
+            copy_into(model, slices_from(holder, ckpt, self.tp_rank, self.tp_size, self.stage if pipeline else None),
+                      self.progress)
         else:
-            load_into(model, ckpt, self.rank, self.world_size, self.progress)
+            load_into(model, ckpt, self.tp_rank, self.tp_size, self.progress)
         self.progress.finish()
         num_blocks = engine_blocks(model, eng)
         if self.device.type == "cuda" and eng.kv_cache_memory_gb is None:
@@ -249,18 +265,21 @@ class RankActor:
             blocks = torch.tensor([num_blocks], dtype=torch.long, device=self.device)
             dist.all_reduce(blocks, op=dist.ReduceOp.MIN)
             num_blocks = int(blocks.item())
+        # In a pipeline, hidden states go stage to stage and the last stage's logits to the driver.
+        link = StageLink(self.stage, self.rank, self.tp_size, logits_to=(0,)) if pipeline else None
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
-            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish, num_blocks=num_blocks)
+            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish, num_blocks=num_blocks, link=link)
         else:
             cache = model.new_cache(eng.max_batch_size, eng.max_seq_len, num_blocks, eng.block_size)
-            self.runner = ModelRunner(model, cache, share_sampled=True)
+            self.runner = ModelRunner(model, cache, share_sampled=True, link=link)
             self.runner.warm_up()  # as the driver's Engine does, at the same point: captures line up
         self.model = model
         log.info("loaded from %s on %s (%s): %s", self.weights_from, self.device, dtype, self.progress.describe())
         return RankState(backend=dist.get_backend(), device=str(self.device), dtype=str(dtype).removeprefix("torch."),
                          load=self.progress.as_dict(), weights_from=self.weights_from,
-                         threads=self.threads, collectives=self.collectives)
+                         threads=self.threads, collectives=self.collectives, stage=self.stage.index,
+                         tp_rank=self.tp_rank, layers=(self.stage.layers.start, self.stage.layers.stop))
 
     async def start_loop(self) -> None:
         """Stage ready: the driver's engine loop, or a follower's, on a thread of its own; and

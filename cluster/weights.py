@@ -16,6 +16,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from llama.checkpoints.info import CheckpointInfo
 from llama.checkpoints.load import load_rank_state, missing_files
+from llama.model.stages import Stage
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +27,9 @@ def _has_checkpoint(info: CheckpointInfo) -> bool:
 
 
 @ray.remote(num_cpus=0)
-def _read_slices(info: CheckpointInfo, rank: int, world_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    for key, view in load_rank_state(info, rank, world_size).items():
+def _read_slices(info: CheckpointInfo, rank: int, world_size: int,
+                 stage: Stage | None) -> Iterator[tuple[str, torch.Tensor]]:
+    for key, view in load_rank_state(info, rank, world_size, stage).items():
         yield key, view.contiguous()  # a copy of this slice only, out of the memory-mapped file
 
 
@@ -44,10 +46,12 @@ def find_holder(info: CheckpointInfo, timeout_s: float = 60.0) -> str:
                      f"copy it to that path on at least one machine; the others receive their slices from it.")
 
 
-def slices_from(holder: str, info: CheckpointInfo, rank: int, world_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Rank's (name, slice) pairs, read on node `holder`, as they arrive."""
+def slices_from(holder: str, info: CheckpointInfo, rank: int, world_size: int,
+                stage: Stage | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Tensor-parallel rank `rank`'s (name, slice) pairs (of `stage`'s tensors only, in a
+    pipeline), read on node `holder`, as they arrive."""
     stream = _read_slices.options(num_returns="streaming",
                                   scheduling_strategy=NodeAffinitySchedulingStrategy(holder, soft=False)
-                                  ).remote(info, rank, world_size)
+                                  ).remote(info, rank, world_size, stage)
     for ref in stream:
         yield ray.get(ref)

@@ -141,10 +141,11 @@ class NetnsCluster:
                                  str(ROOT / "tests" / "multinode" / "drivers" / script), self.address, *args],
                                 env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def run_killing_a_node(self, script: str, workdir: Path, timeout_s: float = 400.0) -> dict:
-        """Run a driver that, when it is ready, names a node's IP in workdir/kill; kill that node
-        (kill_node), tell the driver through workdir/killed, and return its JSON line."""
-        driver = self.start_driver(script, str(workdir))
+    def run_killing_a_node(self, script: str, workdir: Path, *args: str, timeout_s: float = 400.0) -> dict:
+        """Run a driver (with args after workdir) that, when it is ready, names a node's IP in
+        workdir/kill; kill that node (kill_node), tell the driver through workdir/killed, and
+        return its JSON line."""
+        driver = self.start_driver(script, str(workdir), *args)
         try:
             deadline = time.monotonic() + timeout_s
             while not (workdir / "kill").exists():

@@ -1,6 +1,7 @@
 """The pre-flight doctor on machines with their own addresses: all checks pass on a healthy
 cluster; a machine whose checkpoint file differs, and collectives bound to an interface the
-other machines cannot reach, each fail with the right row and its fix."""
+other machines cannot reach, each fail with the right row and its fix; on a gang in pipeline
+stages, the link between the stages' machines is timed."""
 from __future__ import annotations
 
 import json
@@ -50,3 +51,15 @@ def test_collectives_on_an_interface_the_others_cannot_reach_fail_with_the_fix(n
     failed = [r for r in rows if not r["ok"]]
     assert {(r["rank"], r["check"]) for r in failed} == {(k, c) for k in (0, 1) for c in ("interface", "collectives")}
     assert all("GLOO_SOCKET_IFNAME" in r["fix"] for r in failed)
+
+
+def test_the_doctor_on_a_pipeline_times_each_link_between_its_stages(nodes):
+    """Two stages of two ranks (a machine each): the four ranks' checks, and a row for each link
+    from a rank of the first stage to its rank in the second, across the machines."""
+    rows, _ = _doctor(nodes, pipeline_parallel_size=2, cpus_per_rank=0.5)
+    assert all(r["ok"] for r in rows)
+    ip = {r["rank"]: r["node_ip"] for r in rows}
+    assert sorted(ip) == [0, 1, 2, 3] and ip[0] == ip[1] != ip[2] == ip[3]
+    links = [r for r in rows if r["check"] == "stage link"]
+    assert [(r["rank"], r["detail"].split(":")[0]) for r in links] == [(0, f"to rank 2 ({ip[2]})"),
+                                                                      (1, f"to rank 3 ({ip[3]})")]

@@ -37,10 +37,12 @@ def golden_args(model: str) -> dict:
 
 
 @contextmanager
-def served(ckpt: Path, model: str, mp: int = 2, max_seq_len: int = 128) -> Iterator[openai.OpenAI]:
-    """build_app on `ckpt` at model_parallel_size `mp`, and an openai client for it."""
+def served(ckpt: Path, model: str, mp: int = 2, max_seq_len: int = 128, pp: int = 1) -> Iterator[openai.OpenAI]:
+    """build_app on `ckpt` at model_parallel_size `mp` (in `pp` pipeline stages), and an openai
+    client for it."""
     with serving({"model": model, "ckpt_dir": str(ckpt), "engine": {"max_seq_len": max_seq_len, "max_batch_size": 4},
-                  "parallel": {"model_parallel_size": mp, "device": "cpu"}}) as url:
+                  "parallel": {"model_parallel_size": mp, "pipeline_parallel_size": pp, "device": "cpu",
+                               "cpus_per_rank": 1.0 if pp == 1 else 0.5}}) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -1,6 +1,8 @@
 """Meta's checkpoints cut for several ranks, served through Ray Serve with another cut: Llama 3.1
 (the embedding cut by its vocabulary, the real tokenizer, scaled rope) and Llama 2 (cut by its
-width), each as 4 files at model-parallel size 2 and as 2 files at size 4. Completions give
+width), each as 4 files at model-parallel size 2 and as 2 files at size 4, and Llama 3.1's 4
+files in two pipeline stages of 2 ranks (GET /cluster names each rank's stage and layers; the
+library's and the gang's tiers run more splits). Completions give
 Meta's reference's greedy tokens and logprobs (to 1e-4; tests/meta_reference.py, computed in
 this process before Ray starts); chat's prompt is the reference formatter's (Llama 3) and its
 answer the reference's answer; a streamed completion adds up to the whole one. A tool round
@@ -23,13 +25,15 @@ from tests.ray.serving import check_chat, check_completions, served
 pytest.importorskip("llama_models")
 
 MODEL = "llama-tiny"
-LAYOUTS = [(3, 4, 2), (3, 2, 4), (2, 4, 2), (2, 2, 4)]  # (Llama version, files, model-parallel size)
+# (Llama version, files, model-parallel size, pipeline stages)
+LAYOUTS = [(3, 4, 2, 1), (3, 2, 4, 1), (2, 4, 2, 1), (2, 2, 4, 1), (3, 4, 2, 2)]
 
 
-@pytest.fixture(scope="module", params=LAYOUTS, ids=[f"llama{v}-{n}files-mp{m}" for v, n, m in LAYOUTS])
+@pytest.fixture(scope="module", params=LAYOUTS,
+                ids=[f"llama{v}-{n}files-mp{m}" + (f"-pp{p}" if p > 1 else "") for v, n, m, p in LAYOUTS])
 def served_layout(request, meta_files, meta_references, ray_local):
-    version, n, mp = request.param
-    with served(meta_files[version, n], MODEL, mp, max_seq_len=512) as client:  # room for the tools' prompt
+    version, n, mp, pp = request.param
+    with served(meta_files[version, n], MODEL, mp, max_seq_len=512, pp=pp) as client:  # room for the tools' prompt
         yield client, meta_references[version]
 
 
@@ -41,6 +45,16 @@ def test_completions_give_the_reference_tokens_and_logprobs(served_layout):
 def test_chat_prompt_is_the_reference_formatters_and_the_answer_the_reference_answer(served_layout):
     client, (prompts, want) = served_layout
     check_chat(client, MODEL, META_DIALOG, META_MAX_GEN, prompts[-1], want[-1][0])
+
+
+def test_cluster_shows_each_ranks_stage_and_its_layers(served_layout, request):
+    _, _, mp, pp = request.node.callspec.params["served_layout"]
+    client, _ = served_layout
+    info = httpx.get(str(client.base_url).removesuffix("/v1/") + "/cluster", timeout=30).json()
+    assert (info["world_size"], info["pipeline_parallel_size"], info["model_parallel_size"]) == (mp * pp, pp, mp)
+    layers = [[0, 2]] if pp == 1 else [[0, 1], [1, 2]]  # the model's 2 layers, split evenly
+    assert [(r["stage"], r["tp_rank"], r["layers"]) for r in info["ranks"]] == [
+        (s, t, layers[s]) for s in range(pp) for t in range(mp)]
 
 
 def test_a_streamed_completion_adds_up_to_the_whole_one(served_layout):
@@ -67,8 +81,8 @@ def test_a_tool_round_trip_in_metas_format(served_layout, request):
     from tests.tokenizer_files import llama3_tokenizer_model
 
     client, _ = served_layout
-    if request.node.callspec.params["served_layout"][2] == 4:
-        pytest.skip("the prompt and the parser do not depend on the model-parallel size: run at size 2 only")
+    if request.node.callspec.params["served_layout"][2:] != (2, 1):
+        pytest.skip("the prompt and the parser do not depend on the ranks: run at model-parallel size 2 only")
     kw = dict(model=MODEL, tools=[WEATHER], temperature=0, max_tokens=80)
     named = {"type": "function", "function": {"name": "get_weather"}}
     if client.models.list().data[0].model_extra["capabilities"]["chat_format"] == "llama2":

@@ -46,6 +46,10 @@ def test_the_defaults_are_valid():
     ("threads_per_rank", True),
     ("shared_memory", "yes"),
     ("autoscaling", 1),
+    ("pipeline_parallel_size", 0),
+    ("pipeline_parallel_size", True),
+    ("pipeline_layers", [2, 2]),  # one count per stage: the default is 1 stage
+    ("pipeline_layers", "2,2"),
 ])
 def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
     with pytest.raises(ValueError, match=f"parallel settings: {setting} must be"):
@@ -54,7 +58,7 @@ def test_parallel_config_refuses_a_bad_value_by_name(setting, value):
 
 @pytest.mark.parametrize("setting,value", [("device", "cuda"), ("dtype", "bf16"), ("backend", "gloo"),
                                            ("placement_strategy", "STRICT_SPREAD"), ("model_parallel_size", 64),
-                                           ("shared_memory", False)])
+                                           ("shared_memory", False), ("pipeline_parallel_size", 4)])
 def test_parallel_config_accepts_the_documented_choices(setting, value):
     assert getattr(ParallelConfig(**{setting: value}), setting) == value
 

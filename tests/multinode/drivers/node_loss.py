@@ -1,6 +1,7 @@
-"""Serve the golden model (MP=2, PACK over the three nodes); while a request streams, have a node
-that holds a rank killed (the test kills it when asked through files in WORKDIR), then time
-how long the stream takes to end with an error and how long until answers are right again."""
+"""Serve the golden model (MP=2, PACK over the three nodes; or the parallel settings in argv[3],
+JSON); while a request streams, have a node that holds a rank killed (the test kills it when
+asked through files in WORKDIR), then time how long the stream takes to end with an error and
+how long until answers are right again."""
 import json
 import sys
 import time
@@ -14,10 +15,11 @@ from tests.conftest import GOLDEN_DIR
 from tests.multinode.drivers.serving import serve_golden, wait_ready
 
 address, workdir = sys.argv[1], Path(sys.argv[2])
+settings = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 host = address.split(":")[0]
 ray.init(address=address, log_to_driver=False)
 c = json.loads((GOLDEN_DIR / "reference.json").read_text())["completions"]
-base = serve_golden(host)
+base = serve_golden(host, **settings)
 body = {"model": "golden", "prompt": c["prompt_token_ids"], "max_tokens": c["max_gen_len"], "temperature": 0,
         "return_token_ids": True}
 
@@ -33,6 +35,7 @@ with httpx.Client(timeout=60) as http:
     assert right(http)
     cluster = http.get(base + "/cluster").json()
     out["rank_ips_before"] = [r["node_ip"] for r in cluster["ranks"]]
+    out["stages_before"] = [r["stage"] for r in cluster["ranks"]]
     out["replica_ip_before"] = cluster["replica_node_ip"]
     # A machine with a rank on it but not the replica: the gang breaks, the replica lives to say so.
     victim = next(ip for ip in out["rank_ips_before"] if ip not in (host, cluster["replica_node_ip"]))

@@ -43,3 +43,13 @@ def test_the_fix_names_the_machine_and_the_path():
     (bad,) = [r for r in rows if not r.ok]
     assert "198.51.100.2" in bad.fix and "/ckpt" in bad.fix and "10:cc here, 10:aa on rank 0" in bad.detail
     assert "fix: " in render(rows) and render(rows).endswith("11 checks ok, 1 failed")
+
+
+def test_in_a_pipeline_each_stage_link_is_a_row_on_its_sending_rank():
+    """Two stages of one rank: rank 0 hands its hidden states to rank 1, whose echo must be its own rank."""
+    link = {"to": 1, "round_trip_ms": 0.3, "gbps": 8.0, "echo": 1.0}
+    rows = compare([probe(0), probe(1)], {0: {**GOOD, "stage_link": link}, 1: GOOD}, "/ckpt")
+    (row,) = [r for r in rows if r.check == "stage link"]
+    assert (row.rank, row.ok) == (0, True) and "to rank 1 (198.51.100.2): round trip 0.30 ms, 8.00 Gbit/s" in row.detail
+    assert failures([probe(0), probe(1)], {0: {**GOOD, "stage_link": {**link, "echo": 0.0}}, 1: GOOD}) == {
+        (0, "stage link")}

@@ -6,7 +6,7 @@ import ray
 import torch
 
 from cluster.config import ParallelConfig
-from cluster.placement import plan_bundles, settle_device
+from cluster.placement import plan_bundles, rank_bundles, settle_device
 
 
 def test_the_replica_bundle_comes_first_then_one_cpu_bundle_per_rank():
@@ -28,6 +28,17 @@ def test_the_rank_bundles_are_separate_dicts():
     bundles = plan_bundles(ParallelConfig(model_parallel_size=2, device="cpu"))
     bundles[0]["CPU"] = 99
     assert bundles[1] == {"CPU": 1.0}
+
+
+def test_pipeline_stages_take_a_bundle_each_holding_their_ranks():
+    """Each stage's ranks share one bundle, so one machine; the strategy places the stages."""
+    parallel = ParallelConfig(model_parallel_size=2, pipeline_parallel_size=3, device="cuda", cpus_per_rank=4.0)
+    assert plan_bundles(parallel, replica_cpus=1.0) == [{"CPU": 1.0}] + [{"CPU": 8.0, "GPU": 2}] * 3
+    assert rank_bundles(parallel, first_bundle=1) == [1, 1, 2, 2, 3, 3]
+    one_rank_stages = ParallelConfig(pipeline_parallel_size=2, device="cpu", cpus_per_rank=0.5)
+    assert plan_bundles(one_rank_stages) == [{"CPU": 0.5}] * 2 and rank_bundles(one_rank_stages) == [0, 1]
+    # without a pipeline, a bundle per rank as before (ranks of one stage may spread over machines)
+    assert rank_bundles(ParallelConfig(model_parallel_size=3, device="cpu"), first_bundle=1) == [1, 2, 3]
 
 
 def test_an_unsettled_device_is_refused():
