@@ -130,5 +130,8 @@ def _pool_tokens(engine: EngineConfig, checkpoint: CheckpointInfo, parallel: Par
         return None
     element = resolve_dtype(parallel.dtype if parallel.dtype != "auto" or parallel.device == "cpu" else "bfloat16",
                             torch.device(parallel.device)).itemsize
-    blocks = pool_blocks(engine, checkpoint.args, parallel.model_parallel_size, element, parallel.device)
+    largest = max(map(len, split_layers(checkpoint.args.n_layers, parallel.pipeline_parallel_size,
+                                        parallel.pipeline_layers)))  # a pipeline's ranks hold one stage's layers
+    blocks = pool_blocks(engine, checkpoint.args, parallel.model_parallel_size, element, parallel.device,
+                         layers=largest)
     return None if blocks is None else blocks * engine.block_size

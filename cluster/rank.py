@@ -258,7 +258,8 @@ class RankActor:
         else:
             load_into(model, ckpt, self.tp_rank, self.tp_size, self.progress)
         self.progress.finish()
-        num_blocks = engine_blocks(model, eng)
+        par_layers = split_layers(ckpt.args.n_layers, par.pipeline_parallel_size, par.pipeline_layers)
+        num_blocks = engine_blocks(model, eng, max(map(len, par_layers)))  # the same on every stage
         if self.device.type == "cuda" and eng.kv_cache_memory_gb is None:
             # Sized by each GPU's free memory: all take the smallest, so every table fits every
             # pool (at the point where the decode's graph captures line the ranks up anyway).

@@ -49,11 +49,13 @@ from llama.tokenizers.detokenizer import TextStream
 log = logging.getLogger(__name__)
 
 
-def engine_blocks(model: Transformer, config: EngineConfig) -> int:
-    """The KV pool this rank's shard can hold (llama/engine/kv_memory.py), in blocks."""
+def engine_blocks(model: Transformer, config: EngineConfig, layers: int | None = None) -> int:
+    """The KV pool this rank's shard can hold (llama/engine/kv_memory.py), in blocks; in a
+    pipeline, of `layers` layers (its largest stage's, the same on every rank)."""
     element = torch.empty((), dtype=model.dtype).element_size()
     mp = model.args.n_kv_heads // model.layers[0].attention.n_local_kv_heads
-    blocks = pool_blocks(config, model.args, mp, element, model.device.type, free_device_bytes(model.device))
+    blocks = pool_blocks(config, model.args, mp, element, model.device.type, free_device_bytes(model.device),
+                         layers or len(model.layers))
     if not blocks:
         raise ValueError(f"the KV cache has room for no block of {config.block_size} positions on {model.device}: "
                          f"set engine.kv_cache_memory_gb, or free memory for it.")

@@ -4,7 +4,9 @@ Set: that many GiB per rank. Null on CUDA: 90% of the memory free once the weigh
 less 2 GiB kept for activations and the decode's CUDA graphs (which are captured after the
 pool is made). Null on the CPU: 4 GiB (vLLM's CPU default), or less when max_batch_size
 sequences of max_seq_len need less, as a test's tiny model does. The ranks of a gang each
-compute it and take the smallest (cluster/rank.py), so they all hold the same pool.
+compute it and take the smallest (cluster/rank.py), so they all hold the same pool. In a
+pipeline a rank holds only its stage's layers, so a pool is sized by the layers of the largest
+stage (`layers`), the same on every rank.
 """
 from __future__ import annotations
 
@@ -19,16 +21,18 @@ CUDA_FREE_FRACTION = 0.9
 CUDA_MARGIN_GB = 2.0
 
 
-def token_nbytes(args: ModelArgs, model_parallel_size: int, element_size: int) -> int:
-    """Bytes of keys and values one position takes on one rank, over every layer."""
-    return 2 * args.n_layers * (args.n_kv_heads // model_parallel_size) * args.head_dim * element_size
+def token_nbytes(args: ModelArgs, model_parallel_size: int, element_size: int, layers: int | None = None) -> int:
+    """Bytes of keys and values one position takes on one rank, over every layer it holds
+    (`layers`; None: all of the model's)."""
+    return 2 * (layers or args.n_layers) * (args.n_kv_heads // model_parallel_size) * args.head_dim * element_size
 
 
 def pool_blocks(config: EngineConfig, args: ModelArgs, model_parallel_size: int, element_size: int,
-                device_type: str, free_bytes: int | None = None) -> int | None:
-    """Blocks in each rank's pool; None on CUDA with the default when free_bytes is not known
-    (before the weights are loaded)."""
-    per_block = config.block_size * token_nbytes(args, model_parallel_size, element_size)
+                device_type: str, free_bytes: int | None = None, layers: int | None = None) -> int | None:
+    """Blocks in each rank's pool, of `layers` layers (a pipeline's largest stage; None: the
+    whole model); None on CUDA with the default when free_bytes is not known (before the
+    weights are loaded)."""
+    per_block = config.block_size * token_nbytes(args, model_parallel_size, element_size, layers)
     if config.kv_cache_memory_gb is not None:
         nbytes = config.kv_cache_memory_gb * GIB
     elif device_type == "cuda":

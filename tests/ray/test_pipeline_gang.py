@@ -42,7 +42,9 @@ def seeded_at_pp1(ray_local, golden):
 
 @pytest.fixture(scope="module")
 def pp2xtp2(ray_local):
-    g = _start(2, 2)
+    """Overlapped, as on CUDA by default: a decode's input is the token the last step sampled,
+    which the driver hands its stage's other rank on the device."""
+    g = _start(2, 2, async_scheduling=True)
     yield g
     g.shutdown()
 
@@ -52,7 +54,10 @@ def test_stages_give_meta_tokens_and_logprobs_and_sample_as_one_stage_does(reque
                                                                           pp, tp, layers):
     """(tests/unit/test_torchrun.py runs more splits through the library: P=3, an even P=2.)"""
     c = golden["completions"]
-    g = request.getfixturevalue("pp2xtp2") if tp == 2 else _start(pp, tp, pipeline_layers=layers)
+    # The uneven split's pool: 1,000 blocks of its larger stage's 2 layers (512 bytes a position on
+    # the golden model, 2 KV heads of 16), so every stage holds it, the 1-layer driver's included.
+    gb = 1000 * 16 * 512 / 2**30
+    g = request.getfixturevalue("pp2xtp2") if tp == 2 else _start(pp, tp, pipeline_layers=layers, kv_cache_memory_gb=gb)
     try:
         out = g.generate(_greedy(c["prompt_token_ids"], c["max_gen_len"], logprobs=True))  # prefill in chunks of 16
         seeded = g.generate(_seeded(c["prompt_token_ids"]))
@@ -65,6 +70,8 @@ def test_stages_give_meta_tokens_and_logprobs_and_sample_as_one_stage_does(reque
         assert o.text == want["generation"]
         assert max(abs(a - b) for a, b in zip(o.logprobs, want["logprobs"])) < 1e-4
     assert [o.token_ids for o in seeded] == seeded_at_pp1
+    if layers is not None:
+        assert info["engine"]["kv_blocks"] == 1000
     # each rank: its stage, its rank in the stage, its layers; it read only its own slices
     counts = layers or [2, 1]
     starts = [sum(counts[:s]) for s in range(pp)]
