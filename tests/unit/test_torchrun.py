@@ -60,18 +60,18 @@ def test_meta_files_cut_for_any_size_give_the_reference_tokens_at_two_and_four_r
         assert r["match"] and r["max_logprob_diff"] < 1e-4, r
 
 
-@pytest.mark.parametrize("nproc,stages,layers", [(2, 2, "even"), (2, 2, "1,2"), (4, 2, "even"), (3, 3, "even")],
-                         ids=["pp2", "pp2-layers-1-2", "pp2xtp2", "pp3"])
+@pytest.mark.parametrize("nproc,stages,layers", [(4, 2, "even"), (3, 3, "even")], ids=["pp2xtp2", "pp3"])
 def test_pipeline_stages_reproduce_the_reference(tmp_path, nproc, stages, layers):
     """`Llama.build(..., pipeline_parallel_size=P)`: the golden files (cut for 2 ranks) as P
     stages of nproc / P model-parallel ranks each; every rank gets the golden tokens, and their
     logprobs to 1e-4. Each stage holds only its layers, the first the embedding, the last the
-    output; hidden states went forward and logits back."""
+    output; hidden states went forward and logits back. (Two stages of one rank, and an uneven
+    split, run in tests/ray/test_pipeline_gang.py.)"""
     out = tmp_path / "result.json"
     _torchrun("torchrun_pipeline.py", nproc, str(out), str(stages), layers)
     got = [json.loads((tmp_path / f"result.{r}.json").read_text()) for r in range(nproc)]
     tp = nproc // stages
-    counts = [2, 1] if (stages, layers) == (2, "even") else [1, 2] if layers == "1,2" else [1, 1, 1]
+    counts = [2, 1] if stages == 2 else [1, 1, 1]
     for r in got:
         s = r["rank"] // tp
         assert r["match"] and r["max_logprob_diff"] < 1e-4, r
