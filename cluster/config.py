@@ -93,6 +93,10 @@ class ParallelConfig:
         model_parallel_size + its rank within the stage)."""
         return self.pipeline_parallel_size * self.model_parallel_size
 
+    def stage_layers(self, n_layers: int) -> list[range]:
+        """Each pipeline stage's run of a model's n_layers layers (ValueError where they cannot split so)."""
+        return split_layers(n_layers, self.pipeline_parallel_size, self.pipeline_layers)
+
     def bundle_of(self, rank: int) -> int:
         """Which of the gang's rank bundles holds `rank`: its own without a pipeline, its stage's with."""
         return rank if self.pipeline_parallel_size == 1 else rank // self.model_parallel_size
@@ -116,7 +120,7 @@ class GangConfig:
         parallel = parallel or ParallelConfig()
         checkpoint = inspect_checkpoint(ckpt_dir, tokenizer_path, parallel.model_parallel_size)
         try:  # the stages' split, against the model's layers
-            split_layers(checkpoint.args.n_layers, parallel.pipeline_parallel_size, parallel.pipeline_layers)
+            parallel.stage_layers(checkpoint.args.n_layers)
         except ValueError as e:
             raise ValueError(f"parallel settings: {e}") from None
         engine = engine or EngineConfig()
@@ -130,8 +134,7 @@ def _pool_tokens(engine: EngineConfig, checkpoint: CheckpointInfo, parallel: Par
         return None
     element = resolve_dtype(parallel.dtype if parallel.dtype != "auto" or parallel.device == "cpu" else "bfloat16",
                             torch.device(parallel.device)).itemsize
-    largest = max(map(len, split_layers(checkpoint.args.n_layers, parallel.pipeline_parallel_size,
-                                        parallel.pipeline_layers)))  # a pipeline's ranks hold one stage's layers
+    largest = max(map(len, parallel.stage_layers(checkpoint.args.n_layers)))  # a rank holds one stage's layers
     blocks = pool_blocks(engine, checkpoint.args, parallel.model_parallel_size, element, parallel.device,
                          layers=largest)
     return None if blocks is None else blocks * engine.block_size

@@ -38,7 +38,7 @@ from llama.engine.runner import ModelRunner
 from llama.engine.step_plan import StepPlan
 from llama.model.collectives import shared_memory_group, use_shared_memory
 from llama.model.stage_link import StageLink
-from llama.model.stages import Stage, split_layers
+from llama.model.stages import Stage
 from llama.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ class RankActor:
         self.world_size = config.parallel.world_size  # pipeline stages x tensor-parallel ranks
         self.tp_size = config.parallel.model_parallel_size
         self.tp_rank = rank % self.tp_size
-        pp = config.parallel.pipeline_parallel_size
-        self.stage = Stage(rank // self.tp_size, pp,
-                           split_layers(config.checkpoint.args.n_layers, pp, config.parallel.pipeline_layers)[rank // self.tp_size])
+        stages = config.parallel.stage_layers(config.checkpoint.args.n_layers)
+        self.stage = Stage(rank // self.tp_size, len(stages), stages[rank // self.tp_size])
+        self.pool_layers = max(map(len, stages))  # every rank's KV pool is sized for the largest stage
         self.model: Transformer | None = None
         self.engine: Engine | None = None  # rank 0 only
         self.runner: ModelRunner | None = None  # the other ranks: run the driver's plans
@@ -258,8 +258,7 @@ class RankActor:
         else:
             load_into(model, ckpt, self.tp_rank, self.tp_size, self.progress)
         self.progress.finish()
-        par_layers = split_layers(ckpt.args.n_layers, par.pipeline_parallel_size, par.pipeline_layers)
-        num_blocks = engine_blocks(model, eng, max(map(len, par_layers)))  # the same on every stage
+        num_blocks = engine_blocks(model, eng, self.pool_layers)  # the same on every stage
         if self.device.type == "cuda" and eng.kv_cache_memory_gb is None:
             # Sized by each GPU's free memory: all take the smallest, so every table fits every
             # pool (at the point where the decode's graph captures line the ranks up anyway).
