@@ -178,7 +178,8 @@ class RankActor:
         self.collectives, one_machine = self._choose_collectives(backend)
         if self.world_size > 1:
             capacity = StepPlan.capacity(eng.max_batch_size, eng.prefill_chunk, eng.block_size)
-            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s, shared_memory=one_machine)
+            self.channel = PlanChannel(capacity, timeout_s=par.call_timeout_s, shared_memory=one_machine,
+                                       stage=self.stage, rank=self.rank, tp_size=self.tp_size)
         log.info("joined the %s group of %d at %s:%d over %s; the model's collectives through %s", backend,
                  self.world_size, master_addr, master_port,
                  bind.get("GLOO_SOCKET_IFNAME") or os.environ.get("GLOO_SOCKET_IFNAME") or "the default interface",

@@ -15,6 +15,15 @@ sequence's max_tokens or max_seq_len; one that ends on a stop token or stop stri
 step late, and the row it ran in that step is dropped. A request with presence or frequency
 penalties needs its last token on the host for its next draw, so a step in flight is read back
 first while one is running.
+In a pipeline of P stages (a `link`: this rank holds the first stage and samples from the
+logits the last one sends back) the driver keeps up to P steps in flight, each with sequences of
+its own: it plans and runs its stage of step N+1 while the later stages run step N, and reads a
+step's logits, samples and emits only once P steps are out (or nothing else can run). A
+sequence waiting for its token (`awaiting`) is not planned again until it has it; a prompt's
+next chunk may be, since it needs no token. The scheduler gives each step at most its share of
+the sequences (llama/engine/scheduler.py), so that P steps find work. Every stage runs the
+steps in the driver's order, so a row or block freed and given out again in a later plan is
+never touched by an earlier step still running on a later stage.
 Requests, cancellations and deadlines enter between steps, so every rank sees them at the same
 step boundary. `submit` and `abort` may be called from any thread; `step` and
 `run` belong to the engine's own thread.
@@ -25,6 +34,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
@@ -69,6 +79,7 @@ class EngineFailedError(RuntimeError):
 @dataclass
 class EngineStats:
     steps: int = 0
+    overlapped: int = 0  # steps launched while an earlier one was not yet read back (overlap, pipeline)
     decode_tokens: int = 0  # decode inputs run (one per decoding sequence per step)
     prefill_tokens: int = 0  # prompt tokens run (those found in the prefix cache are not)
     generated_tokens: int = 0
@@ -92,6 +103,9 @@ class Launched:
     prompt_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (seq, row, n, start): echo logprobs
     logits: torch.Tensor | None = None  # kept for prompt_rows only
     scored: list[Sequence] = field(default_factory=list)  # scoring requests whose prompt ended here
+    rows: int = 0  # logits rows the step computes
+    deferred: bool = False  # a pipeline's: drawn from when read back, every rank at the same point
+    stage_logits: torch.Tensor | None = None  # deferred, on the last stage: its own logits (else sent to it)
 
 
 class Engine:
@@ -119,9 +133,13 @@ class Engine:
                                                          config.block_size), share_sampled=publish is not None,
                                   link=link)
         self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
-        self.overlap = model.device.type == "cuda" if config.async_scheduling is None else config.async_scheduling
+        # Steps in flight: one per pipeline stage; else with overlap (on CUDA by default) two.
+        self.depth = link.stage.count if link is not None else 1
+        self.overlap = self.depth == 1 and (model.device.type == "cuda" if config.async_scheduling is None
+                                            else config.async_scheduling)
         self.pool = BlockPool(num_blocks, config.block_size, config.prefix_caching)
-        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len, self.pool)
+        self.scheduler = Scheduler(config.max_batch_size, config.prefill_chunk, config.max_seq_len, self.pool,
+                                   self.depth)
         self.stats = EngineStats()
         self.failure: BaseException | None = None
         self._rng = random.Random(config.seed)
@@ -130,7 +148,7 @@ class Engine:
         self._aborts: set[str] = set()
         self._wake = threading.Event()
         self._by_id: dict[str, Sequence] = {}  # engine thread only
-        self._in_flight: Launched | None = None  # a step launched but not yet read back (overlap)
+        self._launched: deque[Launched] = deque()  # steps launched and not yet read back, oldest first
 
     # ------------------------------------------------------------------ any thread
     def submit(self, request_id: str, request: GenerationRequest, sink: Sink) -> None:
@@ -191,29 +209,30 @@ class Engine:
                 self._send(StepPlan((), (), stop=True))
 
     def step(self) -> bool:
-        """One iteration: plan, send and launch a step, then read back the step before it (with
-        overlap) or this one. Returns False when there was nothing to run or read."""
+        """One iteration: plan, send and launch a step, then read back the oldest step in flight
+        once as many are out as may be (one per pipeline stage; with overlap, two; else this
+        one). Returns False when there was nothing to run or read."""
         self._intake()
-        if self._in_flight is not None and self._needs_history():
-            self._complete(self._take_in_flight())  # a penalty counts the token in flight: read it first
+        if self._launched and self._needs_history():
+            self._complete(self._launched.popleft())  # a penalty counts the token in flight: read it first
         scheduled = self.scheduler.schedule()
         work = scheduled.work
         if not work and not scheduled.table:
-            if self._in_flight is None:
+            if not self._launched:
                 return False
-            self._complete(self._take_in_flight())
+            self._complete(self._launched.popleft())  # its tokens let its sequences run again
             return True
         t0 = time.perf_counter()
         plan = self._plan(work, scheduled.table, scheduled.freed)
         self._send(plan)
         t1 = time.perf_counter()
-        launched = self._launch(work, plan)
+        self.stats.overlapped += bool(self._launched)
+        self._launched.append(self._launch(work, plan))
         t2 = time.perf_counter()
-        previous, self._in_flight = self._in_flight, launched
-        if previous is not None:
-            self._complete(previous)  # its host work overlaps this step on the device
-        if not self.overlap:
-            self._complete(self._take_in_flight())
+        # With overlap the step before this one is read back while this one computes.
+        keep = self.depth - 1 if self.depth > 1 else int(self.overlap)
+        while len(self._launched) > keep:
+            self._complete(self._launched.popleft())
         t3 = time.perf_counter()
         s = self.stats
         s.steps += 1
@@ -247,10 +266,6 @@ class Engine:
         """Whether a running sequence with a token in flight counts its generated tokens in its
         draw (presence, frequency or repetition penalty): its next draw needs that token on the host."""
         return any(s.in_flight and s.params.counts_history for s in self.scheduler.running)
-
-    def _take_in_flight(self) -> Launched:
-        launched, self._in_flight = self._in_flight, None
-        return launched
 
     def _send(self, plan: StepPlan) -> None:
         if self.publish is not None:
@@ -287,8 +302,9 @@ class Engine:
 
     def _launch(self, work: list[tuple[Sequence, int]], plan: StepPlan) -> Launched:
         """Run the plan and draw the step's tokens, on the device; start their read-back. Nothing
-        here waits for the device."""
-        logits = self.runner.execute(plan)  # (R, vocab)
+        here waits for the device. In a pipeline the draw waits for the last stage's logits
+        (_complete)."""
+        logits = self.runner.execute(plan)  # (R, vocab); None: they come later from the last stage
         out = Launched()
         row = 0
         for (seq, n), seg in zip(work, plan.segments):
@@ -302,10 +318,21 @@ class Engine:
                     out.scored.append(seq)  # scoring: its prompt's logprobs are all it asked for
                 else:
                     out.due.append((seq, row - 1))
+        out.rows = row
+        if self.depth > 1:  # under torchrun the last stage's ranks defer too: every rank plans alike
+            out.deferred, out.stage_logits = True, logits
+            for seq, _ in out.due:
+                seq.awaiting += 1  # not planned again until this step's token is drawn and read
+            return out
+        self._draw(out, logits)
+        return out
+
+    def _draw(self, out: Launched, logits: torch.Tensor) -> None:
+        """Draw the step's tokens from its logits, on the device, and start their read-back."""
         if out.prompt_rows:
             out.logits = logits
         if not out.due:
-            return out
+            return
         due = out.due
         # Every choice, logprob and alternative stays on the device until one read-back.
         rows = to_device([r for _, r in due], logits.device)
@@ -329,7 +356,6 @@ class Engine:
             chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], out.k)
             parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
         out.readback = Readback(torch.cat(parts))  # the step's one read-back, collected by _complete
-        return out
 
     def _adjusted(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
         """One row's logits as the request's penalties, bias and masks leave them for its draw.
@@ -369,7 +395,13 @@ class Engine:
     def _complete(self, step: Launched) -> None:
         """A launched step's results on the host: prompt logprobs, then each sampled token, its
         stop and length checks, and its delta. A sequence that ended meanwhile (a stop found in
-        the step before, an abort, a deadline) drops its row."""
+        the step before, an abort, a deadline) drops its row. A pipeline's step draws here, from
+        the logits the last stage sent back."""
+        if step.deferred:
+            for seq, _ in step.due:
+                seq.awaiting -= 1
+            logits = step.stage_logits
+            self._draw(step, self.runner.receive_logits(step.rows) if logits is None else logits)
         for seq, row, n, start in step.prompt_rows:
             if not seq.finished:
                 self._prompt_logprobs(seq, step.logits[row : row + n], start)
@@ -429,7 +461,7 @@ class Engine:
         with self._lock:
             self.failure = e
             new, self._new = self._new, []
-        self._in_flight = None
+        self._launched.clear()
         err = EngineFailedError(f"the engine failed: {type(e).__name__}: {e}")
         log.error("engine failed: %r", e)
         for seq in list(self._by_id.values()) + new:

@@ -135,8 +135,9 @@ class ModelRunner:
         """Driver: the tokens this step sampled (R,), on the device, for the next plan to use."""
         self.sampled[: tokens.shape[0]].copy_(tokens)
 
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order."""
+    def execute(self, plan: StepPlan) -> torch.Tensor | None:
+        """Run the plan; return the logits it asks for, (R, vocab) float32, in segment order; in a
+        pipeline, None where they come later from the last stage (receive_logits)."""
         t0 = time.monotonic()
         try:
             with self.busy():
@@ -158,7 +159,7 @@ class ModelRunner:
             self.busy_since = None
 
     @torch.inference_mode()
-    def _execute(self, plan: StepPlan) -> torch.Tensor:
+    def _execute(self, plan: StepPlan) -> torch.Tensor | None:
         for row in plan.freed:
             self.cache.clear(row)
             self.active.discard(row)
@@ -217,10 +218,11 @@ class ModelRunner:
                 row += n
         return torch.cat(parts) if parts else torch.empty((0, self.model.args.vocab_size), device=self.model.device)
 
-    def _stage(self, plan: StepPlan) -> torch.Tensor:
+    def _stage(self, plan: StepPlan) -> torch.Tensor | None:
         """One pipeline stage's part of the plan: the tokens (the first stage) or the previous
-        stage's hidden states through this stage's layers, on to the next stage; the logits back
-        from the last stage where this rank takes them (empty elsewhere)."""
+        stage's hidden states through this stage's layers, on to the next stage. Returns the last
+        stage's logits; None where this rank takes them later (receive_logits), once the stages
+        after it have run the step; an empty tensor elsewhere."""
         model, link = self.model, self.link
         batch = pack(plan, self.cache, model.device)
         hidden = None
@@ -232,7 +234,14 @@ class ModelRunner:
         else:
             hidden = link.receive_hidden(len(plan.tokens), model.args.dim, model.dtype, model.device)
         out = model(batch, self.cache, hidden)
-        if not model.stage.last:
-            link.send_hidden(out)
-            out = None
-        return link.logits(out, batch.logit_index.numel(), model.args.vocab_size, model.device)
+        if model.stage.last:
+            link.send_logits(out)
+            return out
+        link.send_hidden(out)
+        return None if link.takes_logits else torch.empty((0, model.args.vocab_size), device=model.device)
+
+    def receive_logits(self, rows: int) -> torch.Tensor:
+        """In a pipeline, on a rank that samples outside the last stage: a step's logits (rows,
+        vocab), in the order the steps were run (execute returned None for each)."""
+        with self.busy():
+            return self.link.receive_logits(rows, self.model.args.vocab_size, self.model.device)

@@ -20,6 +20,11 @@ queue, to be recomputed, mostly from the prefix cache, when there is room again;
 sees nothing but time. A sequence is admitted only if it could run to its end alone (checked
 at submission), so the oldest one always makes progress.
 
+In a pipeline of P stages the driver keeps P steps in flight (llama/engine/core.py): a sequence
+awaiting its token from one of them is skipped (a prompt's next chunk needs none, so it can
+run), and each step takes at most 1/P of the sequences (rounded up), so the next steps find
+sequences of their own.
+
 Block tables reach the other ranks as changes (the plan's TableRun), at most `table_budget`
 ids per step; a sequence whose table is not all sent (a long cached prefix) waits a step.
 """
@@ -43,12 +48,14 @@ class Scheduled:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int, prefill_chunk: int, max_seq_len: int, pool: BlockPool):
+    def __init__(self, max_batch_size: int, prefill_chunk: int, max_seq_len: int, pool: BlockPool, depth: int = 1):
+        """depth: the steps in flight a pipeline keeps (its stages); each step takes its share of the sequences."""
         # EngineConfig has checked them (>= 1)
         self.max_batch_size = max_batch_size  # table rows
         self.prefill_chunk = prefill_chunk
         self.max_seq_len = max_seq_len
         self.pool = pool
+        self.depth = depth
         self.block_size = pool.block_size
         self.table_budget = table_budget(max_batch_size, prefill_chunk, pool.block_size)
         self.waiting: deque[Sequence] = deque()
@@ -88,10 +95,13 @@ class Scheduler:
         budget, ids = self.prefill_chunk, self.table_budget
         for s in self.running:
             self._register(s)
+        share = -(-(len(self.running) + len(self.waiting)) // self.depth)  # sequences this step may run
         i = 0
         while i < len(self.running):
             s = self.running[i]
-            if s.prefilling:
+            if s.awaiting or len(out.work) >= share:
+                n = 0  # its token is still on its way (a pipeline), or the step has its share
+            elif s.prefilling:
                 n = min(s.target - s.computed, budget)
             else:  # a sequence whose token in flight is its last (by count) is read back, not run again
                 n = 1 if s.can_grow(self.max_seq_len) else 0
@@ -111,9 +121,9 @@ class Scheduler:
                 budget -= n if s.prefilling else 0
             i += 1
         deferred: list[Sequence] = []
-        while self.waiting and self._rows and budget > 0:
+        while self.waiting and self._rows and budget > 0 and len(out.work) < share:
             s = self.waiting[0]
-            if s.in_flight:
+            if s.in_flight or s.awaiting:
                 break  # preempted with a token on its way back: admitted once it has arrived
             admitted = self._admit(s, budget)
             if admitted is None:

@@ -46,6 +46,7 @@ class Sequence:
         self.target = self.prompt_len
         self.in_flight = 0  # tokens sampled on the device and not yet read back (llama/engine/core.py's overlap)
         self.last_row = 0  # the newest of them: its row among the tokens its step sampled
+        self.awaiting = 0  # steps in a pipeline that will give it a token, not yet drawn (core.py)
         self.finished = False  # its last delta is out; a row still in flight for it is dropped
         self.slot: int | None = None  # its block-table row while it runs
         self.blocks: list[int] = []  # its KV blocks, position p in blocks[p // block_size]

@@ -7,27 +7,63 @@ pipeline): rank = stage * TP + tp_rank. Tensor-parallel rank t of stage s sends 
 send per boundary and TP rank a step, over the default process group (NCCL on GPUs, gloo on
 CPUs). The last stage's first rank sends the step's logits (R, vocab) to each rank in
 `logits_to` (the driver of a gang; under torchrun, where every rank samples for itself, every
-rank before the last stage). Both ends know every shape from the plan, so nothing else travels.
+rank before the last stage), over a group of their own, so on a GPU they travel on a stream of
+their own and never queue behind the next step's hidden states. Both ends know every shape from
+the plan, so nothing else travels.
+
+Every send is asynchronous: a stage hands its step on and goes to the next while the receiver
+is still busy with an earlier one (the driver keeps a step in flight per stage:
+llama/engine/core.py). Each stage receives in the order it was sent to, so no tag is needed.
 """
 from __future__ import annotations
+
+from collections import deque
 
 import torch
 import torch.distributed as dist
 
 from llama.model.stages import Stage
 
+class Sends:
+    """Asynchronous point-to-point sends, each tensor kept alive until its send is done. Up to
+    `unwaited` are left unwaited before the oldest is waited for: more than a pipe of steps in
+    flight can owe, so the waiting never holds up the pipe."""
+
+    def __init__(self, unwaited: int):
+        self.unwaited = unwaited
+        self.sent_bytes = 0
+        self._works: deque[tuple[dist.Work, torch.Tensor]] = deque()
+
+    def send(self, t: torch.Tensor, dst: int, group=None) -> None:
+        self._works.append((dist.isend(t, dst=dst, group=group), t))
+        self.sent_bytes += t.numel() * t.element_size()
+        while self._works and (len(self._works) > self.unwaited or self._works[0][0].is_completed()):
+            self._works.popleft()[0].wait()
+
 
 class StageLink:
     def __init__(self, stage: Stage, rank: int, tp_size: int, logits_to: tuple[int, ...]):
         """rank: this process's global rank; logits_to: the global ranks outside the last stage
-        that take the logits."""
+        that take the logits. Collective: every rank of the world makes its link at the same point
+        (the logits' group is made here)."""
         self.stage = stage
         self.rank = rank
         self.prev = None if stage.first else rank - tp_size
         self.next = None if stage.last else rank + tp_size
         self.logits_from = (stage.count - 1) * tp_size  # the last stage's first rank
         self.logits_to = tuple(r for r in logits_to if r < self.logits_from)
-        self.sent_bytes = 0  # hidden states and logits this rank has sent (for /cluster, bench)
+        self.back = dist.new_group(backend=dist.get_backend())  # the logits' way back
+        self._sends = Sends(2 * stage.count + 2)
+
+    @property
+    def sent_bytes(self) -> int:
+        """Hidden states and logits this rank has sent (for /cluster, bench)."""
+        return self._sends.sent_bytes
+
+    @property
+    def takes_logits(self) -> bool:
+        """Whether this rank samples from logits the last stage sends (receive_logits)."""
+        return self.rank in self.logits_to
 
     def receive_hidden(self, tokens: int, dim: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         h = torch.empty((tokens, dim), dtype=dtype, device=device)
@@ -35,22 +71,18 @@ class StageLink:
         return h
 
     def send_hidden(self, h: torch.Tensor) -> None:
-        h = h.contiguous()
-        dist.send(h, dst=self.next)
-        self.sent_bytes += h.numel() * h.element_size()
+        self._sends.send(h.contiguous(), self.next)
 
-    def logits(self, local: torch.Tensor | None, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """The step's logits (rows, vocab) float32 where this rank takes them (the last stage's own
-        `local`; received from it in `logits_to`), else an empty (0, vocab)."""
-        if self.stage.last:
-            if self.rank == self.logits_from and rows:
-                local = local.contiguous()
-                for dst in self.logits_to:
-                    dist.send(local, dst=dst)
-                    self.sent_bytes += local.numel() * local.element_size()
-            return local
-        if self.rank not in self.logits_to or not rows:
-            return torch.empty((0, vocab), device=device)
+    def send_logits(self, local: torch.Tensor) -> None:
+        """The last stage: its logits (R, vocab) to every rank that takes them (from its first rank)."""
+        if self.rank == self.logits_from and local.shape[0]:
+            local = local.contiguous()
+            for dst in self.logits_to:
+                self._sends.send(local, dst, self.back)
+
+    def receive_logits(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """A step's logits (rows, vocab) float32 from the last stage, in the order of its steps."""
         out = torch.empty((rows, vocab), dtype=torch.float32, device=device)
-        dist.recv(out, src=self.logits_from)
+        if rows:
+            dist.recv(out, src=self.logits_from, group=self.back)
         return out

@@ -42,8 +42,8 @@ def seeded_at_pp1(ray_local, golden):
 
 @pytest.fixture(scope="module")
 def pp2xtp2(ray_local):
-    """Overlapped, as on CUDA by default: a decode's input is the token the last step sampled,
-    which the driver hands its stage's other rank on the device."""
+    """Asked to overlap, as on CUDA by default: in a pipeline the steps in flight, one per stage,
+    take overlap's place (a sequence runs again once its token is back)."""
     g = _start(2, 2, async_scheduling=True)
     yield g
     g.shutdown()
@@ -83,13 +83,20 @@ def test_stages_give_meta_tokens_and_logprobs_and_sample_as_one_stage_does(reque
     assert all(r["load"]["done_bytes"] == r["load"]["total_bytes"] < whole for r in info["ranks"])
 
 
-def test_concurrent_streams_give_the_tokens_each_gives_alone(pp2xtp2, golden):
+def test_concurrent_streams_give_the_tokens_each_gives_alone_with_a_step_in_flight_per_stage(pp2xtp2, golden):
+    import ray
+
     c = golden["completions"]
     prompts = [(p + p[1:] * k)[:60] for k, p in enumerate(c["prompt_token_ids"])]  # 2..60 tokens
     reqs = [_greedy([p], 6 + 4 * i)[0] for i, p in enumerate(prompts)]
+    before = ray.get(pp2xtp2.actors[0].load.remote())
     together = pp2xtp2.generate(reqs)
+    after = ray.get(pp2xtp2.actors[0].load.remote())
     alone = [pp2xtp2.generate([r])[0] for r in reqs]
     assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    # together, the driver launched most steps while the one before was still on the second stage
+    steps, overlapped = after["steps"] - before["steps"], after["overlapped"] - before["overlapped"]
+    assert overlapped > steps / 2, (steps, overlapped)
 
 
 def test_a_dropped_stream_frees_its_slot_on_every_stage(pp2xtp2, golden):

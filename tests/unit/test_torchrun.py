@@ -65,7 +65,7 @@ def test_pipeline_stages_reproduce_the_reference(tmp_path, nproc, stages, layers
     """`Llama.build(..., pipeline_parallel_size=P)`: the golden files (cut for 2 ranks) as P
     stages of nproc / P model-parallel ranks each; every rank gets the golden tokens, and their
     logprobs to 1e-4. Each stage holds only its layers, the first the embedding, the last the
-    output; hidden states went forward and logits back. (Two stages of one rank, and an uneven
+    output; hidden states went forward and logits back, with a step in flight per stage. (Two stages of one rank, and an uneven
     split, run in tests/ray/test_pipeline_gang.py.)"""
     out = tmp_path / "result.json"
     _torchrun("torchrun_pipeline.py", nproc, str(out), str(stages), layers)
@@ -79,3 +79,6 @@ def test_pipeline_stages_reproduce_the_reference(tmp_path, nproc, stages, layers
             s, counts[s], s == 0, s == stages - 1), r
         if s < stages - 1 or r["rank"] == (stages - 1) * tp:
             assert r["sent_bytes"] > 0, r  # hidden states forward; logits back from the last stage's first rank
+    # P steps in flight, each with its own prompts (6 golden prompts: P shares): every rank made
+    # the same steps, nearly all launched while an earlier one was still in the pipe
+    assert len({r["steps"] for r in got}) == 1 and all(r["overlapped"] > 0.9 * r["steps"] for r in got), got

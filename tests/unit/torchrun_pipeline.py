@@ -25,7 +25,8 @@ result = {"world_size": dist.get_world_size(), "rank": dist.get_rank(),
           "match": [g["tokens"] for g in got] == [w["tokens"] for w in want] and len(got) == len(want),
           "max_logprob_diff": diff, "layers": len(model.layers), "stage": model.stage.index,
           "holds_embedding": hasattr(model, "tok_embeddings"), "holds_output": hasattr(model, "output"),
-          "sent_bytes": generator.engine.runner.link.sent_bytes}
+          "sent_bytes": generator.engine.runner.link.sent_bytes, "steps": generator.engine.stats.steps,
+          "overlapped": generator.engine.stats.overlapped}
 out = Path(sys.argv[1])
 out.with_name(f"{out.stem}.{dist.get_rank()}.json").write_text(json.dumps(result))
 assert result["match"] and diff < 1e-4, f"rank {result['rank']}: {result}"

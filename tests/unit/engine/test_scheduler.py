@@ -393,3 +393,84 @@ def test_preemption_under_a_random_load_keeps_the_pools_counts_and_finishes_ever
             break
     assert done == len(seqs) and sched.preemptions > 0
     assert sched.pool.used == 0 and sched.pool.available == 14
+
+
+# ---------------------------------------------------------------- a pipeline's steps in flight
+
+
+def launch(sched: Scheduler) -> list[tuple[Sequence, int]]:
+    """A pipeline's launch (llama/engine/core.py): the tokens run are cached, and a sequence whose
+    tokens are all cached awaits its sampled token until its step is read back (land)."""
+    work = sched.schedule().work
+    for seq, n in work:
+        seq.computed += n
+        seq.awaiting += seq.computed == len(seq.tokens)
+    sched.pool.check()
+    return work
+
+
+def land(work: list[tuple[Sequence, int]]) -> None:
+    for seq, _ in work:
+        if seq.awaiting:
+            seq.awaiting -= 1
+            seq.tokens.append(GENERATED)
+
+
+def ids(work: list[tuple[Sequence, int]]) -> list[tuple[str, int]]:
+    return [(s.request_id, n) for s, n in work]
+
+
+def test_a_pipeline_of_two_runs_half_the_sequences_a_step_and_each_again_once_its_token_is_back(make):
+    sched = Scheduler(8, 64, 512, BlockPool(512, BS), depth=2)
+    seqs = [make(f"s{i}", 3) for i in range(5)]
+    for s in seqs:
+        sched.add(s)
+    first = launch(sched)  # 3 of the 5 (its share, rounded up); the other 2 wait for the next step
+    assert ids(first) == [("s0", 3), ("s1", 3), ("s2", 3)] and len(sched.waiting) == 2
+    second = launch(sched)
+    assert ids(second) == [("s3", 3), ("s4", 3)]
+    assert ids(launch(sched)) == []  # every sequence awaits a token: nothing runs until a step lands
+    land(first)
+    third = launch(sched)  # the first step's sequences decode while the second step is still out
+    assert ids(third) == [("s0", 1), ("s1", 1), ("s2", 1)]
+    land(second)
+    assert ids(launch(sched)) == [("s3", 1), ("s4", 1)]
+    # depth 1 (no pipeline): every sequence, every step, as before
+    plain = Scheduler(8, 64, 512, BlockPool(512, BS))
+    for i in range(5):
+        plain.add(make(f"p{i}", 3))
+    assert len(plain.schedule().work) == 5
+
+
+def test_a_prompts_next_chunk_runs_while_its_last_is_still_in_the_pipe(make):
+    sched = Scheduler(4, 4, 512, BlockPool(512, BS), depth=2)
+    p = make("p", 10)
+    sched.add(p)
+    chunks = [launch(sched) for _ in range(3)]  # 4 + 4 + 2: no token awaited until the last chunk
+    assert [ids(w) for w in chunks] == [[("p", 4)], [("p", 4)], [("p", 2)]] and p.awaiting == 1
+    assert ids(launch(sched)) == []
+    land(chunks[2])
+    assert ids(launch(sched)) == [("p", 1)]
+
+
+def test_a_pipeline_under_a_random_load_preempts_sequences_in_flight_and_finishes_everyone(make):
+    rng = random.Random(1)
+    sched = Scheduler(6, 12, 64, BlockPool(14, BS), depth=3)
+    seqs = [make(f"s{i}", rng.randint(2, 20), max_tokens=rng.randint(1, 30)) for i in range(30)]
+    for s in seqs:
+        sched.add(s)
+    pipe: list[list[tuple[Sequence, int]]] = []
+    done = 0
+    for _ in range(3000):
+        pipe.append(launch(sched))
+        if len(pipe) == 3 or not pipe[-1]:
+            land(pipe.pop(0))
+        for s in list(sched.running):
+            if s.generated >= s.params.max_tokens and not s.awaiting:
+                sched.remove(s)
+                done += 1
+        if done == len(seqs):
+            break
+    assert done == len(seqs) and sched.preemptions > 0
+    assert all(s.generated == s.params.max_tokens for s in seqs)
+    assert sched.pool.used == 0 and sched.pool.available == 14
