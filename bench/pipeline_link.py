@@ -18,8 +18,9 @@ model's shape and the code:
 - tensor parallel: 2 all-reduces a layer (attention's output and the MLP's w2, B x dim each),
   the embedding's all-gather (B x dim), the output layer's (B x vocab), and the plan's broadcast:
   2L + 3 collectives, each a round trip on gloo's two-rank ring;
-- pipeline: the plan's broadcast, the hidden states (B x dim) forward, the logits (B x vocab)
-  back: 3 messages, in sequence.
+- pipeline: the plan, the hidden states (B x dim) forward, the greedy tokens back (the last
+  stage takes them: B x 4 bytes, not B x vocab logits): 3 messages, in sequence. With a step in
+  flight per stage, B sequences run as two steps of B/2 (one where B is 1), so that is per B/2.
 and what a 1 ms and a 10 us round trip would make of a step of each: the step measured here plus
 half a round trip for each one-way hop the step waits on in turn (the links here add about
 0.1 ms a round trip of their own, which the measured step already holds). Stops everything it
@@ -112,7 +113,7 @@ def crossings(layout: str, batch: int, vocab: int) -> tuple[int, int, int]:
     hidden, logits = batch * DIM * 4, batch * vocab * 4
     if layout == "tensor":
         return 2 * LAYERS + 3, 2 * (2 * LAYERS) + 3, 2 * LAYERS * hidden + hidden // 2 + logits // 2
-    return 3, 3, hidden + logits
+    return 3, 3, hidden + batch * 4  # the greedy tokens back, as float32
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ class EngineConfig:
     # Plan and send step N+1 while the device runs step N, reading step N's tokens back after
     # (null: on CUDA). A sequence that ends on a stop token or string then runs one more row, which
     # is dropped. On the CPU, where nothing runs beside the host, overlapping only delays each
-    # token by a step.
+    # token by a step. A pipeline keeps a step in flight per stage instead (llama/engine/core.py).
     async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:

@@ -36,21 +36,23 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from llama.engine.block_pool import BlockPool
 from llama.engine.config import EngineConfig, check_request
-from llama.engine.device_io import Readback, to_device
+from llama.engine.device_io import to_device
+from llama.engine.draw import Drawer, Launched
 from llama.engine.grammar import GrammarCompiler
 from llama.engine.kv_memory import free_device_bytes, pool_blocks
-from llama.engine.request import EndToken, FinishReason, GenerationRequest, SamplingParams
+from llama.engine.request import EndToken, FinishReason, GenerationRequest
 from llama.engine.runner import ModelRunner
-from llama.engine.sampling import adjust_logits, logprobs_of, logprobs_on_device, sample
+from llama.engine.sampling import logprobs_of
 from llama.engine.scheduler import Scheduler
 from llama.engine.sequence import Sequence, Sink
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun, sampled_token
+from llama.engine.step_plan import (LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, LOGITS_TOKEN, Segment, StepPlan, TableRun,
+                                     logit_rows, sampled_token)
 from llama.model.stage_link import StageLink
 from llama.model.transformer import Transformer
 from llama.tokenizers.base import Tokenizer
@@ -92,22 +94,6 @@ class EngineStats:
     sample_s: float = 0.0  # of which: reading a step's tokens back, detokenising, emitting
 
 
-@dataclass
-class Launched:
-    """A step queued on the device whose results the host has not read yet."""
-
-    due: list[tuple[Sequence, int]] = field(default_factory=list)  # sequences that get a token, their logits rows
-    wants: list[int] = field(default_factory=list)  # indices into due that asked for logprobs
-    k: int = 0  # alternatives read back per logprobs row
-    readback: Readback | None = None  # tokens, then the logprobs of `wants`, flat
-    prompt_rows: list[tuple[Sequence, int, int, int]] = field(default_factory=list)  # (seq, row, n, start): echo logprobs
-    logits: torch.Tensor | None = None  # kept for prompt_rows only
-    scored: list[Sequence] = field(default_factory=list)  # scoring requests whose prompt ended here
-    rows: int = 0  # logits rows the step computes
-    deferred: bool = False  # a pipeline's: drawn from when read back, every rank at the same point
-    stage_logits: torch.Tensor | None = None  # deferred, on the last stage: its own logits (else sent to it)
-
-
 class Engine:
     def __init__(
         self,
@@ -132,6 +118,7 @@ class Engine:
         self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len, num_blocks,
                                                          config.block_size), share_sampled=publish is not None,
                                   link=link)
+        self._drawer = Drawer(tokenizer, self.runner)
         self.capture_s = self.runner.warm_up()  # CUDA graphs, at the same point on every rank
         # Steps in flight: one per pipeline stage; else with overlap (on CUDA by default) two.
         self.depth = link.stage.count if link is not None else 1
@@ -254,6 +241,10 @@ class Engine:
             else:
                 mode = LOGITS_LAST
                 self.stats.decode_tokens += 1
+            p = seq.params
+            if mode == LOGITS_LAST and self.depth > 1 and p.temperature == 0 and not p.adjusts_logits \
+                    and p.logprobs is None:
+                mode = LOGITS_TOKEN  # in a pipeline the last stage sends back its token, not its row
             segments.append(Segment(seq.slot, seq.computed, n, mode))
             if seq.in_flight:
                 tokens.append(sampled_token(seq.last_row))
@@ -310,87 +301,20 @@ class Engine:
         for (seq, n), seg in zip(work, plan.segments):
             if seg.logits == LOGITS_ALL:
                 out.prompt_rows.append((seq, row, n, seg.start))
-                row += n
-            elif seg.logits == LOGITS_LAST:
-                row += 1
+            row += logit_rows(seg)
             if seg.logits != LOGITS_NONE and not seq.prefilling:
                 if seq.params.max_tokens == 0:
                     out.scored.append(seq)  # scoring: its prompt's logprobs are all it asked for
                 else:
                     out.due.append((seq, row - 1))
-        out.rows = row
+        out.plan = plan
         if self.depth > 1:  # under torchrun the last stage's ranks defer too: every rank plans alike
             out.deferred, out.stage_logits = True, logits
             for seq, _ in out.due:
                 seq.awaiting += 1  # not planned again until this step's token is drawn and read
             return out
-        self._draw(out, logits)
+        self._drawer.draw(out, logits)
         return out
-
-    def _draw(self, out: Launched, logits: torch.Tensor) -> None:
-        """Draw the step's tokens from its logits, on the device, and start their read-back."""
-        if out.prompt_rows:
-            out.logits = logits
-        if not out.due:
-            return
-        due = out.due
-        # Every choice, logprob and alternative stays on the device until one read-back.
-        rows = to_device([r for _, r in due], logits.device)
-        picked = torch.argmax(logits[rows], dim=-1)  # greedy rows, all at once
-        for i, (s, r) in enumerate(due):
-            p = s.params
-            if p.temperature > 0 or p.adjusts_logits:
-                # Penalties, bias and masks on this row only, and only for the draw (logprobs below
-                # read the model's own logits); requests without them skip this.
-                row_logits = self._adjusted(logits[r], s) if p.adjusts_logits else logits[r]
-                picked[i] = sample(row_logits, p.temperature, p.top_p, p.top_k, s.generator, p.min_p)
-        self.runner.record_sampled(picked)  # the next plan's decodes read their inputs here
-        for i, (s, _) in enumerate(due):
-            s.in_flight += 1
-            s.last_row = i
-        out.wants = [i for i, (s, _) in enumerate(due) if s.params.logprobs is not None]
-        parts = [picked.double()]  # float64 holds every token id and float32 logprob exactly
-        out.k = max((due[i][0].params.logprobs for i in out.wants), default=0)
-        if out.wants:
-            want = to_device(out.wants, logits.device)
-            chosen_lp, top_lp, top_id = logprobs_on_device(logits[rows[want]], picked[want], out.k)
-            parts += [chosen_lp.double(), top_lp.double().flatten(), top_id.double().flatten()]
-        out.readback = Readback(torch.cat(parts))  # the step's one read-back, collected by _complete
-
-    def _adjusted(self, row: torch.Tensor, s: Sequence) -> torch.Tensor:
-        """One row's logits as the request's penalties, bias and masks leave them for its draw.
-        A token still in flight counts toward min_tokens (only their number matters there)."""
-        p = s.params
-        generated = s.tokens[s.prompt_len :]
-        banned = self._end_ids(p) if len(generated) + s.in_flight < p.min_tokens else frozenset()
-        if p.bad_words:
-            banned = banned | {w[-1] for w in p.bad_words if len(w) <= len(generated) + 1
-                               and tuple(generated[len(generated) - len(w) + 1 :]) == w[:-1]}
-        mask = None
-        if s.grammar is not None:
-            mask = s.grammar.allowed()
-            if mask.shape[0] != row.shape[0]:  # a model vocabulary padded past the tokenizer's: never those ids
-                mask = torch.cat([mask, mask.new_zeros(max(0, row.shape[0] - mask.shape[0]))])[: row.shape[0]]
-            if not mask.any():  # it refused a token (s.grammar.failed): only its end token, so the sequence ends
-                mask[sorted(self.tokenizer.stop_ids)] = True
-        out = adjust_logits(row, generated, p.presence_penalty, p.frequency_penalty, p.logit_bias,
-                            seen=s.tokens if p.repetition_penalty != 1 else (),
-                            repetition_penalty=p.repetition_penalty, banned=banned, allowed=p.allowed_token_ids,
-                            mask=mask)
-        # Bans (min_tokens, bad_words) that leave no token the caller allows, or allowed tokens the
-        # grammar never takes: the caller's allowed set, then the grammar, win; never a draw from nothing.
-        if bool(torch.isinf(out).all()):
-            out = adjust_logits(row, [], 0.0, 0.0, (), allowed=p.allowed_token_ids, mask=mask)
-        if bool(torch.isinf(out).all()):
-            out = adjust_logits(row, [], 0.0, 0.0, (), mask=mask)
-        return out
-
-    def _end_ids(self, p: SamplingParams) -> frozenset[int] | tuple[int, ...]:
-        """The tokens that end a sequence: the tokenizer's end tokens (unless ignore_eos) and the
-        request's stop_token_ids."""
-        if not p.ignore_eos and not p.stop_token_ids:
-            return self.tokenizer.stop_ids
-        return frozenset(p.stop_token_ids) | (frozenset() if p.ignore_eos else frozenset(self.tokenizer.stop_ids))
 
     def _complete(self, step: Launched) -> None:
         """A launched step's results on the host: prompt logprobs, then each sampled token, its
@@ -400,8 +324,10 @@ class Engine:
         if step.deferred:
             for seq, _ in step.due:
                 seq.awaiting -= 1
-            logits = step.stage_logits
-            self._draw(step, self.runner.receive_logits(step.rows) if logits is None else logits)
+            if step.stage_logits is not None:  # the last stage's own (under torchrun)
+                self._drawer.draw(step, step.stage_logits)
+            else:
+                self._drawer.draw(step, *self.runner.receive_logits(step.plan))
         for seq, row, n, start in step.prompt_rows:
             if not seq.finished:
                 self._prompt_logprobs(seq, step.logits[row : row + n], start)
@@ -428,7 +354,7 @@ class Engine:
             lp, top = ([lps[i][0]], [lps[i][1]]) if i in lps else (None, None)
             # An end token (EOS, <|eot_id|>, stop_token_ids) is not in the output. A grammar's end tokens (the
             # tokenizer's; it allows them only once it is complete) end its sequence even with ignore_eos.
-            if tok in self._end_ids(seq.params) or (seq.grammar is not None and tok in self.tokenizer.stop_ids):
+            if tok in self._drawer.end_ids(seq.params) or (seq.grammar is not None and tok in self.tokenizer.stop_ids):
                 end = EndToken(tok, lp[0], top[0]) if lp is not None and top is not None else EndToken(tok)
                 self._finish(seq, "stop", end_token=end)
                 continue

@@ -18,7 +18,7 @@ import torch
 
 from llama.engine.decode_step import DecodeStep
 from llama.engine.device_io import to_device
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun
+from llama.engine.step_plan import LOGITS_NONE, Segment, StepPlan, TableRun, logit_rows
 from llama.model.collectives import broadcast_
 from llama.model.kv_cache import KVCache
 from llama.model.linear import pack_for_cpu
@@ -66,10 +66,7 @@ def pack(plan: StepPlan, cache: KVCache, device: torch.device) -> PackedBatch:
     for s in plan.segments:
         positions.extend(range(s.start, s.start + s.length))
         write_index.append(cache.write_index(s.slot, s.start, s.length))
-        if s.logits == LOGITS_ALL:
-            logit_index.extend(range(off, off + s.length))
-        elif s.logits == LOGITS_LAST:
-            logit_index.append(off + s.length - 1)
+        logit_index.extend(range(off + s.length - logit_rows(s), off + s.length))  # its last rows
         (decodes if s.length == 1 else prefills).append((off, s.slot, s.start, s.length))
         off += s.length
     groups = [_group(g, cache, device) for g in (decodes, prefills) if g]
@@ -213,7 +210,7 @@ class ModelRunner:
                     parts.append(one[i : i + 1])
                 i += 1
             else:
-                n = {LOGITS_NONE: 0, LOGITS_LAST: 1, LOGITS_ALL: s.length}[s.logits]
+                n = logit_rows(s)
                 parts.append(many[row : row + n])
                 row += n
         return torch.cat(parts) if parts else torch.empty((0, self.model.args.vocab_size), device=self.model.device)
@@ -235,13 +232,15 @@ class ModelRunner:
             hidden = link.receive_hidden(len(plan.tokens), model.args.dim, model.dtype, model.device)
         out = model(batch, self.cache, hidden)
         if model.stage.last:
-            link.send_logits(out)
+            link.send_logits(out, plan.token_rows())
             return out
         link.send_hidden(out)
         return None if link.takes_logits else torch.empty((0, model.args.vocab_size), device=model.device)
 
-    def receive_logits(self, rows: int) -> torch.Tensor:
-        """In a pipeline, on a rank that samples outside the last stage: a step's logits (rows,
-        vocab), in the order the steps were run (execute returned None for each)."""
+    def receive_logits(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a pipeline, on a rank that samples outside the last stage: a step's logits, in the
+        order the steps were run (execute returned None for each), and the greedy tokens of its
+        LOGITS_TOKEN rows (llama/model/stage_link.py)."""
         with self.busy():
-            return self.link.receive_logits(rows, self.model.args.vocab_size, self.model.device)
+            rows = sum(logit_rows(s) for s in plan.segments)
+            return self.link.receive_logits(rows, plan.token_rows(), self.model.args.vocab_size, self.model.device)

@@ -18,6 +18,14 @@ import torch
 LOGITS_NONE = 0  # a prefill chunk that is not the prompt's last: nothing to sample yet
 LOGITS_LAST = 1  # sample the next token from the segment's last position
 LOGITS_ALL = 2  # every position (prompt logprobs for echo) and sample from the last
+# As LOGITS_LAST, but the driver only takes the row's greedy token (no logprobs, no penalty, bias
+# or mask): in a pipeline the last stage sends that token back instead of the row.
+LOGITS_TOKEN = 3
+
+
+def logit_rows(s: "Segment") -> int:
+    """The logits rows a segment's forward computes."""
+    return {LOGITS_NONE: 0, LOGITS_LAST: 1, LOGITS_TOKEN: 1, LOGITS_ALL: s.length}[s.logits]
 
 
 def sampled_token(j: int) -> int:
@@ -43,7 +51,7 @@ class Segment:
     slot: int  # the block-table row this sequence owns
     start: int  # position of the segment's first token; positions < start are already cached
     length: int  # tokens in this segment: 1 for a decode, up to the chunk budget for a prefill
-    logits: int  # LOGITS_NONE | LOGITS_LAST | LOGITS_ALL
+    logits: int  # LOGITS_NONE | LOGITS_LAST | LOGITS_TOKEN | LOGITS_ALL
 
 
 @dataclass(frozen=True)
@@ -67,6 +75,15 @@ class StepPlan:
     @property
     def idle(self) -> bool:
         return not self.segments
+
+    def token_rows(self) -> list[int]:
+        """The logits rows (in segment order) whose greedy token is all the driver takes."""
+        out, row = [], 0
+        for s in self.segments:
+            if s.logits == LOGITS_TOKEN:
+                out.append(row)
+            row += logit_rows(s)
+        return out
 
     @property
     def takes_sampled(self) -> bool:

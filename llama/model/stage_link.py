@@ -6,7 +6,7 @@ pipeline): rank = stage * TP + tp_rank. Tensor-parallel rank t of stage s sends 
 (T, dim), whole after the stage's last all-reduce, to rank t of stage s + 1: one point-to-point
 send per boundary and TP rank a step, over the default process group (NCCL on GPUs, gloo on
 CPUs). The last stage's first rank sends the step's logits (R, vocab) to each rank in
-`logits_to` (the driver of a gang; under torchrun, where every rank samples for itself, every
+`logits_to` (of a row whose greedy token is all the driver takes, LOGITS_TOKEN, only that token) (the driver of a gang; under torchrun, where every rank samples for itself, every
 rank before the last stage), over a group of their own, so on a GPU they travel on a stream of
 their own and never queue behind the next step's hidden states. Both ends know every shape from
 the plan, so nothing else travels.
@@ -73,16 +73,37 @@ class StageLink:
     def send_hidden(self, h: torch.Tensor) -> None:
         self._sends.send(h.contiguous(), self.next)
 
-    def send_logits(self, local: torch.Tensor) -> None:
-        """The last stage: its logits (R, vocab) to every rank that takes them (from its first rank)."""
-        if self.rank == self.logits_from and local.shape[0]:
-            local = local.contiguous()
-            for dst in self.logits_to:
-                self._sends.send(local, dst, self.back)
+    def send_logits(self, local: torch.Tensor, token_rows: list[int]) -> None:
+        """The last stage: its logits (R, vocab) to every rank that takes them (from its first
+        rank), in one message: the rows not in token_rows whole, then the greedy token of each
+        row in token_rows (as float32: exact below 2**24)."""
+        if self.rank != self.logits_from or not local.shape[0] or not self.logits_to:
+            return
+        if token_rows:
+            index = torch.tensor(token_rows, device=local.device)
+            keep = torch.ones(local.shape[0], dtype=torch.bool, device=local.device)
+            keep[index] = False
+            local = torch.cat([local[keep].flatten(), local[index].argmax(dim=-1).float()])
+        local = local.contiguous()
+        for dst in self.logits_to:
+            self._sends.send(local, dst, self.back)
 
-    def receive_logits(self, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-        """A step's logits (rows, vocab) float32 from the last stage, in the order of its steps."""
-        out = torch.empty((rows, vocab), dtype=torch.float32, device=device)
-        if rows:
-            dist.recv(out, src=self.logits_from, group=self.back)
-        return out
+    def receive_logits(self, rows: int, token_rows: list[int], vocab: int,
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """A step's message from the last stage, in the order of its steps: its logits (rows,
+        vocab) float32, zero in token_rows, and the tokens (rows,) long known already (-1 elsewhere)."""
+        logits = torch.zeros((rows, vocab), dtype=torch.float32, device=device)
+        known = torch.full((rows,), -1, dtype=torch.long, device=device)
+        if not rows:
+            return logits, known
+        full = rows - len(token_rows)
+        msg = torch.empty(full * vocab + len(token_rows), dtype=torch.float32, device=device)
+        dist.recv(msg, src=self.logits_from, group=self.back)
+        if not token_rows:
+            return msg.view(rows, vocab), known
+        index = torch.tensor(token_rows, device=device)
+        keep = torch.ones(rows, dtype=torch.bool, device=device)
+        keep[index] = False
+        logits[keep] = msg[: full * vocab].view(full, vocab)
+        known[index] = msg[full * vocab :].long()
+        return logits, known

@@ -99,6 +99,22 @@ def test_concurrent_streams_give_the_tokens_each_gives_alone_with_a_step_in_flig
     assert overlapped > steps / 2, (steps, overlapped)
 
 
+def test_rows_that_take_the_last_stages_token_and_rows_that_take_logits_share_steps(pp2xtp2, golden, seeded_at_pp1):
+    """Greedy rows without logprobs come back from the last stage as their token alone
+    (LOGITS_TOKEN); rows with logprobs or a draw as logits, in the same message."""
+    c = golden["completions"]
+    prompts = c["prompt_token_ids"]
+    greedy, with_logprobs = _greedy(prompts, c["max_gen_len"]), _greedy(prompts, c["max_gen_len"], logprobs=True)
+    seeded = _seeded(prompts)
+    reqs = [(greedy, with_logprobs, seeded)[i % 3][i] for i in range(len(prompts))]
+    out = pp2xtp2.generate(reqs)
+    for i, o in enumerate(out):
+        want = seeded_at_pp1[i] if i % 3 == 2 else c["generated_token_ids"][i]
+        assert o.token_ids == want, i
+        if i % 3 == 1:
+            assert max(abs(a - b) for a, b in zip(o.logprobs, c["results"][i]["logprobs"])) < 1e-4
+
+
 def test_a_dropped_stream_frees_its_slot_on_every_stage(pp2xtp2, golden):
     import ray
 

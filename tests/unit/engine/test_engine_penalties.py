@@ -109,12 +109,12 @@ def test_seeded_penalised_requests_are_the_same_alone_and_in_a_batch_of_8(golden
 
 
 def test_requests_without_penalties_or_bias_never_adjust_logits(golden_model, monkeypatch):
-    import llama.engine.core
+    import llama.engine.draw
 
     model, tok = golden_model
     calls = []
-    real = llama.engine.core.adjust_logits
-    monkeypatch.setattr(llama.engine.core, "adjust_logits", lambda *a, **k: calls.append(a) or real(*a, **k))
+    real = llama.engine.draw.adjust_logits
+    monkeypatch.setattr(llama.engine.draw, "adjust_logits", lambda *a, **k: calls.append(a) or real(*a, **k))
     p = random_prompts(3, tok.n_words, seed=33)
     plain = [greedy(p[0], 5, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=()),
              GenerationRequest(tuple(p[1]), SamplingParams(max_tokens=5, temperature=0.8, seed=1))]

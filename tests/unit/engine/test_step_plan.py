@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llama.engine.step_plan import LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, Segment, StepPlan, TableRun, table_budget
+from llama.engine.step_plan import (LOGITS_ALL, LOGITS_LAST, LOGITS_NONE, LOGITS_TOKEN, Segment, StepPlan, TableRun,
+                                     logit_rows, table_budget)
 
 
 def test_step_plan_round_trips_through_its_tensor():
@@ -16,6 +17,15 @@ def test_step_plan_round_trips_through_its_tensor():
     assert StepPlan.from_tensor(StepPlan((), (), stop=True).to_tensor(cap)).stop
     with pytest.raises(AssertionError):
         StepPlan((Segment(0, 0, 400, 1),), tuple(range(400))).to_tensor(cap)
+
+
+def test_a_pipelines_token_rows_are_counted_among_the_logits_rows_and_travel_with_the_plan():
+    segs = (Segment(0, 4, 1, LOGITS_TOKEN), Segment(1, 0, 3, LOGITS_ALL), Segment(2, 0, 2, LOGITS_NONE),
+            Segment(3, 9, 1, LOGITS_LAST), Segment(4, 2, 2, LOGITS_TOKEN))
+    plan = StepPlan(segs, (5, 1, 2, 3, 1, 2, 8, 6, 7))
+    assert [logit_rows(s) for s in segs] == [1, 3, 0, 1, 1]
+    assert plan.token_rows() == [0, 5]  # rows 1-3 are the echo's, row 4 the sampled one's
+    assert StepPlan.from_tensor(plan.to_tensor(StepPlan.capacity(8, 16, 16))).token_rows() == [0, 5]
 
 
 def _worst_case(max_batch_size: int, prefill_chunk: int, block_size: int) -> StepPlan:
