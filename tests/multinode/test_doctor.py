@@ -47,7 +47,8 @@ def test_a_machine_whose_checkpoint_differs_is_named_with_the_fix(nodes, tmp_pat
 
 
 def test_collectives_on_an_interface_the_others_cannot_reach_fail_with_the_fix(nodes):
-    rows, _ = _doctor(nodes, env={"GLOO_SOCKET_IFNAME": "lo"})  # an operator's wrong setting
+    # An operator's wrong setting; the collectives then wait out the doctor's timeout (6 s here).
+    rows, _ = _doctor(nodes, env={"GLOO_SOCKET_IFNAME": "lo"}, timeout_s=6)
     failed = [r for r in rows if not r["ok"]]
     assert {(r["rank"], r["check"]) for r in failed} == {(k, c) for k in (0, 1) for c in ("interface", "collectives")}
     assert all("GLOO_SOCKET_IFNAME" in r["fix"] for r in failed)

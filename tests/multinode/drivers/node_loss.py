@@ -1,7 +1,8 @@
 """Serve the golden model (MP=2, PACK over the three nodes; or the parallel settings in argv[3],
-JSON); while a request streams, have a node that holds a rank killed (the test kills it when
-asked through files in WORKDIR), then time how long the stream takes to end with an error and
-how long until answers are right again."""
+JSON); note the start stages GET /health named until ready and what GET /cluster shows; while a
+request streams, have a node that holds a rank killed (the test kills it when asked through files
+in WORKDIR), then time how long the stream takes to end with an error and how long until answers
+are right again."""
 import json
 import sys
 import time
@@ -31,9 +32,11 @@ def right(http: httpx.Client) -> bool:
 
 out = {}
 with httpx.Client(timeout=60) as http:
-    wait_ready(http, base)
+    out["stages_seen"] = wait_ready(http, base)
     assert right(http)
     cluster = http.get(base + "/cluster").json()
+    out["collectives"], out["start"] = cluster["collectives"], cluster["start"]
+    out["loads"] = [r["load"] for r in cluster["ranks"]]
     out["rank_ips_before"] = [r["node_ip"] for r in cluster["ranks"]]
     out["stages_before"] = [r["stage"] for r in cluster["ranks"]]
     out["replica_ip_before"] = cluster["replica_node_ip"]

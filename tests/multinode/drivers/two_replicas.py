@@ -50,6 +50,26 @@ def replica_ips(http: httpx.Client, want: int, timeout_s: float) -> set[str]:
     return seen
 
 
+def replaced(http: httpx.Client, victim: str, timeout_s: float) -> set[str]:
+    """After the kill: the machines of ready replicas answering GET /cluster, polled until two
+    not the victim's have answered and the survivor has taken traffic a while (at least 10 s and
+    20 requests sent after the kill)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            info = http.get(base + "/cluster", timeout=10).json()
+            if info.get("ready"):
+                seen.add(info["replica_node_ip"])
+        except (httpx.HTTPError, ValueError):
+            pass  # a request Serve routed to the dead replica before it knew
+        after = sum(1 for o in list(outcomes) if o["sent"] is not None and o["sent"] >= 0)
+        if len(seen - {victim}) >= 2 and time.monotonic() - t_kill[0] >= 10 and after >= 20:
+            break
+        time.sleep(0.2)
+    return seen
+
+
 outcomes: list[dict] = []
 stop = threading.Event()
 t_kill = [None]
@@ -88,12 +108,14 @@ try:
         while not (workdir / "killed").exists():
             time.sleep(0.05)
         t_kill[0] = time.monotonic()
-        time.sleep(45)  # Serve notices, replaces the gang elsewhere; the survivor answers meanwhile
+        # Serve notices, replaces the gang elsewhere; the survivor answers meanwhile
+        after = replaced(http, victim, 150)
+        out["replaced_s"] = round(time.monotonic() - t_kill[0], 1)
         stop.set()
         for t in clients:
             t.join()
         out["victim"] = victim
-        out["replicas_after"] = sorted(replica_ips(http, 2, 120))
+        out["replicas_after"] = sorted(after)
 finally:
     stop.set()
     server.send_signal(signal.SIGINT)  # as Ctrl-C: `serve run` shuts Serve down and exits
