@@ -18,17 +18,20 @@ def test_two_ranks_on_two_nodes_match_the_reference(nodes, golden):
 
 def test_machines_without_the_checkpoint_get_their_slices_through_the_object_store(nodes, golden):
     # Only the head has the checkpoint: the three machines that run ranks have an empty directory
-    # mounted over it (in their own mount namespace), so every rank's slices travel.
+    # mounted over it (in their own mount namespace), so every rank's slices travel: two pipeline
+    # stages of two ranks, a machine each, so each rank's are its stage's layers, cut for its rank.
     hidden = (1, 2, 3)
     for i in hidden:
         nodes.node_shell(i, f"mount -t tmpfs tmpfs {GOLDEN_CKPT}")
     try:
-        got = nodes.run("gang_golden.py")
+        got = nodes.run("gang_golden.py", json.dumps({"pipeline_parallel_size": 2, "cpus_per_rank": 0.5}))
     finally:
         for i in hidden:
             nodes.node_shell(i, f"umount {GOLDEN_CKPT}")
     assert got["tokens"] == golden["completions"]["generated_token_ids"]
-    assert len(got["weights_from"]) == 2 and all(w.startswith("object store from node") for w in got["weights_from"])
+    ips = got["rank_ips"]
+    assert got["stages"] == [0, 0, 1, 1] and ips[0] == ips[1] != ips[2] == ips[3]
+    assert len(got["weights_from"]) == 4 and all(w.startswith("object store from node") for w in got["weights_from"])
 
 
 def test_a_gang_the_cluster_can_never_hold_fails_at_once_saying_what_to_do(nodes, tiny_ckpts):
