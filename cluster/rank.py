@@ -189,7 +189,8 @@ class RankActor:
     def _choose_collectives(self, backend: str) -> tuple[str, bool]:
         """How the model's collectives go: shared memory where every rank of this one's stage is
         on this machine's CPU (parallel.shared_memory), else the group's backend; and whether the
-        whole gang is on this machine's CPU (the plans then go through shared memory too).
+        whole gang is on this machine's CPU (the plans then go through shared memory too, except in
+        a pipeline, where they travel down the pipe: cluster/lockstep.py).
         Collective: every rank of a stage takes the same way."""
         if self.device.type != "cpu" or self.world_size == 1 or not self.config.parallel.shared_memory:
             return backend, False

@@ -1,8 +1,8 @@
 """Meta's checkpoints cut for several ranks, served through Ray Serve with another cut: Llama 3.1
 (the embedding cut by its vocabulary, the real tokenizer, scaled rope) and Llama 2 (cut by its
-width), each as 4 files at model-parallel size 2 and as 2 files at size 4, and Llama 3.1's 4
-files in two pipeline stages of 2 ranks (GET /cluster names each rank's stage and layers; the
-library's and the gang's tiers run more splits). Completions give
+width): Llama 3.1 as 4 files at model-parallel size 2 and in two pipeline stages of 2 ranks,
+Llama 2's 4 files in two stages of 1 rank, and each as 2 files at size 4 (GET /cluster names
+each rank's stage and layers; the library's and the gang's tiers run more splits). Completions give
 Meta's reference's greedy tokens and logprobs (to 1e-4; tests/meta_reference.py, computed in
 this process before Ray starts); chat's prompt is the reference formatter's (Llama 3) and its
 answer the reference's answer; a streamed completion adds up to the whole one. A tool round
@@ -26,7 +26,7 @@ pytest.importorskip("llama_models")
 
 MODEL = "llama-tiny"
 # (Llama version, files, model-parallel size, pipeline stages)
-LAYOUTS = [(3, 4, 2, 1), (3, 2, 4, 1), (2, 4, 2, 1), (2, 2, 4, 1), (3, 4, 2, 2)]
+LAYOUTS = [(3, 4, 2, 1), (3, 2, 4, 1), (2, 4, 1, 2), (2, 2, 4, 1), (3, 4, 2, 2)]
 
 
 @pytest.fixture(scope="module", params=LAYOUTS,
@@ -81,8 +81,8 @@ def test_a_tool_round_trip_in_metas_format(served_layout, request):
     from tests.tokenizer_files import llama3_tokenizer_model
 
     client, _ = served_layout
-    if request.node.callspec.params["served_layout"][2:] != (2, 1):
-        pytest.skip("the prompt and the parser do not depend on the ranks: run at model-parallel size 2 only")
+    if request.node.callspec.params["served_layout"][2:] not in ((2, 1), (1, 2)):  # Llama 3's, Llama 2's
+        pytest.skip("the prompt and the parser do not depend on the ranks: run once for each Llama")
     kw = dict(model=MODEL, tools=[WEATHER], temperature=0, max_tokens=80)
     named = {"type": "function", "function": {"name": "get_weather"}}
     if client.models.list().data[0].model_extra["capabilities"]["chat_format"] == "llama2":
