@@ -61,7 +61,8 @@ class PlanChannel:
                        if shared_memory and not pipeline else None)
 
     def publish(self, plan: StepPlan) -> None:
-        """Driver: send the plan to every other rank (returns once they all have it)."""
+        """Driver: send the plan to every other rank (returns once they all have it); in a pipeline,
+        to its own stage's ranks, and on down the pipe without waiting."""
         t0 = time.perf_counter()
         t = plan.to_tensor(self.capacity)
         self._broadcast(t)
