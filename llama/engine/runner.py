@@ -237,7 +237,7 @@ class ModelRunner:
         link.send_hidden(out)
         return None if link.takes_logits else torch.empty((0, model.args.vocab_size), device=model.device)
 
-    def receive_logits(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def receive_logits(self, plan: StepPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
         """In a pipeline, on a rank that samples outside the last stage: a step's logits, in the
         order the steps were run (execute returned None for each), and the greedy tokens of its
         LOGITS_TOKEN rows (llama/model/stage_link.py)."""

@@ -89,18 +89,18 @@ class StageLink:
             self._sends.send(local, dst, self.back)
 
     def receive_logits(self, rows: int, token_rows: list[int], vocab: int,
-                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A step's message from the last stage, in the order of its steps: its logits (rows,
-        vocab) float32, zero in token_rows, and the tokens (rows,) long known already (-1 elsewhere)."""
-        logits = torch.zeros((rows, vocab), dtype=torch.float32, device=device)
-        known = torch.full((rows,), -1, dtype=torch.long, device=device)
-        if not rows:
-            return logits, known
+        vocab) float32, zero in token_rows, and the tokens (rows,) long known already (-1 elsewhere;
+        None where no row is a token row)."""
         full = rows - len(token_rows)
         msg = torch.empty(full * vocab + len(token_rows), dtype=torch.float32, device=device)
-        dist.recv(msg, src=self.logits_from, group=self.back)
+        if rows:
+            dist.recv(msg, src=self.logits_from, group=self.back)
         if not token_rows:
-            return msg.view(rows, vocab), known
+            return msg.view(rows, vocab), None
+        logits = torch.zeros((rows, vocab), dtype=torch.float32, device=device)
+        known = torch.full((rows,), -1, dtype=torch.long, device=device)
         index = torch.tensor(token_rows, device=device)
         keep = torch.ones(rows, dtype=torch.bool, device=device)
         keep[index] = False
