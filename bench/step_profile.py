@@ -74,7 +74,7 @@ class Timers:
 def instrument(engine, timers: Timers) -> None:
     import torch.nn.functional as F
 
-    import llama.engine.core as core
+    import llama.engine.draw as draw
     import llama.engine.runner as runner
     import llama.model.transformer as tr
     from llama.engine.decode_step import DecodeStep
@@ -107,7 +107,7 @@ def instrument(engine, timers: Timers) -> None:
     timers.wrap(runner, "pack", "pack (prefill batch)")
     timers.wrap(DecodeStep, "run", "decode inputs")
     timers.wrap(engine.runner, "execute", "runner, the rest")
-    timers.wrap(core, "sample", "sampling")
+    timers.wrap(draw, "sample", "sampling")
     timers.wrap(Scheduler, "schedule", "planning (scheduler)")
     timers.wrap(engine, "_plan", "planning (plan)")
     timers.wrap(TextStream, "push", "detokenising")
