@@ -11,7 +11,7 @@ def test_with_two_replicas_the_survivor_answers_while_the_lost_gang_is_replaced(
     failed = [o for o in got["outcomes"] if o["outcome"] != "right"]
     print(f"\ntwo replicas, machine {got['victim']} killed: {len(after_kill)} requests sent after the kill, "
           f"{len(failed)} failed: {failed}; replicas before {got['replicas_before']}, after {got['replicas_after']} "
-          f"(both answering {got['replaced_s']} s after the kill)")
+          f"(both answering {got['replaced_s']} s after the kill; serve run stopped in {got['shutdown_s']} s)")
     assert all(o["outcome"] != "WRONG" for o in got["outcomes"])
     assert len(after_kill) >= 20  # the survivor kept answering
     # Only requests the dead gang held fail: each was sent before the first failure came back

@@ -2,6 +2,7 @@
 a reference's greedy tokens and logprobs: shared by the checkpoint-format modules."""
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,21 +12,34 @@ import openai
 from llama.distributed import free_port
 
 
+_SERVE_PORTS: dict[str, int] = {}  # Ray instance (its node's id) -> the port of the Serve started in it
+
+
 @contextmanager
 def serving(args: dict) -> Iterator[str]:
     """build_app(args) served by Serve on a free loopback port: its base URL. The gang starts in
-    the background; requests wait for it."""
+    the background; requests wait for it. Afterwards the application is deleted (its replica
+    drains and its gang stops; the next call in this Ray waits for that) but Serve's controller
+    and proxy stay for the module's next application: starting them again took about 7 s each
+    time. Ray's shutdown stops them."""
+    import ray
     from ray import serve
 
     from deploy.app import build_app
 
-    port = free_port("127.0.0.1")
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    ray_id = ray.get_runtime_context().get_node_id()
+    if ray_id not in _SERVE_PORTS:
+        _SERVE_PORTS[ray_id] = free_port("127.0.0.1")
+        serve.start(http_options={"host": "127.0.0.1", "port": _SERVE_PORTS[ray_id]})
+    deadline = time.monotonic() + 120
+    while "llama" in serve.status().applications:  # the last one still deleting
+        assert time.monotonic() < deadline, "the module's last application was not deleted within 120 s"
+        time.sleep(0.2)
     serve.run(build_app(args), name="llama", route_prefix="/")
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{_SERVE_PORTS[ray_id]}"
     finally:
-        serve.shutdown()
+        serve.delete("llama", _blocking=False)
 
 
 def golden_args(model: str) -> dict:

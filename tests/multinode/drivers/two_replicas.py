@@ -30,8 +30,12 @@ config = {
 }
 (workdir / "serve.yaml").write_text(yaml.safe_dump(config))
 serve_cli = str(Path(sys.executable).with_name("serve"))
+# SIGINT as a terminal would deliver it: a process started in the background of a shell that
+# has no job control (CI's, a setsid'd run) inherits SIGINT ignored, and `serve run` would then
+# sit out the whole wait below before being killed.
 server = subprocess.Popen([serve_cli, "run", str(workdir / "serve.yaml"), "--address", address],
-                          stdout=open(workdir / "serve.log", "w"), stderr=subprocess.STDOUT)
+                          stdout=open(workdir / "serve.log", "w"), stderr=subprocess.STDOUT,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 c = json.loads((GOLDEN_DIR / "reference.json").read_text())["completions"]
 body = {"model": "golden", "prompt": c["prompt_token_ids"], "max_tokens": c["max_gen_len"], "temperature": 0,
         "return_token_ids": True}
@@ -118,10 +122,12 @@ try:
         out["replicas_after"] = sorted(after)
 finally:
     stop.set()
+    t_stop = time.monotonic()
     server.send_signal(signal.SIGINT)  # as Ctrl-C: `serve run` shuts Serve down and exits
     try:
         server.wait(60)
     except subprocess.TimeoutExpired:
         server.kill()
+    out["shutdown_s"] = round(time.monotonic() - t_stop, 1)
 out["outcomes"] = outcomes
 print(json.dumps(out))
