@@ -16,8 +16,10 @@ packing the batch, sampling, planning, reading back and emitting (detokenising i
 Prints output tokens/s and, per concurrency, each part's share of the time in steps and its ms
 per step. A second figure times the same loop unwrapped, so the wrappers' own cost shows.
 
---matmuls: first, each of the model's linear shapes at 1, 16 and 256 rows through MKL's F.linear
-and through oneDNN over a packed weight (llama/model/linear.py), ms and GFLOPS.
+--matmuls: first, each of the model's linear shapes at 1, 4, 16 and 256 rows through MKL's F.linear,
+through oneDNN over a packed weight (llama/model/linear.py: the blocked layout oneDNN picks with no
+batch hint) and through oneDNN over the weight packed for one row (a batch hint of 1, which gives
+the plain row-major layout), ms and GFLOPS; each on more weights than the caches hold.
 --unfused: pack q, k, v and w1, w3 each on its own (the A/B of fusing them).
 --unpacked: no packing at all, every linear layer on MKL's F.linear (the A/B of oneDNN).
 --split-threads: build the engine on one thread and step it on another, as a rank did before
@@ -181,17 +183,20 @@ def matmuls(threads: int, dtype: torch.dtype = torch.float32) -> None:
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
-    print(f"matmuls, {dtype}, {threads} threads: ms per call (GFLOPS), MKL F.linear against oneDNN packed")
+    print(f"matmuls, {dtype}, {threads} threads: ms per call (GFLOPS), MKL F.linear / oneDNN packed (blocked) / "
+          "oneDNN packed for one row (plain)")
     for out_f, in_f, what in ((1536, 1024, "q/k/v fused"), (1024, 1024, "attention o"), (5632, 1024, "w1/w3 fused"),
                               (1024, 2816, "w2"), (32000, 1024, "output")):
         ws = [torch.randn(out_f, in_f, dtype=dtype) for _ in range(max(2, 64 * 2**20 // (out_f * in_f * 4)))]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, None) for w in ws]  # more weights than the caches hold
+        plain = [torch.ops.mkldnn._reorder_linear_weight(w, 1) for w in ws]
         row = []
-        for m in (1, 16, 256):
+        for m in (1, 4, 16, 256):
             x = torch.randn(m, in_f, dtype=dtype)
             took = []
             for call in (lambda: [F.linear(x, w) for w in ws],
-                         lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed]):
+                         lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in packed],
+                         lambda: [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in plain]):
                 call()
                 t0 = time.perf_counter()
                 for _ in range(3):
@@ -207,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--requests", type=int, default=32, help="answered per concurrency (at least the concurrency)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", default=str(REPO / "bench" / ".peer"))
-    p.add_argument("--matmuls", action="store_true", help="first, the linear shapes through MKL and oneDNN")
+    p.add_argument("--matmuls", action="store_true", help="first, the linear shapes through MKL and oneDNN (two layouts)")
     p.add_argument("--split-threads", action="store_true", help="build on one thread, step on another")
     p.add_argument("--unfused", action="store_true", help="pack each linear layer's weight on its own")
     p.add_argument("--unpacked", action="store_true", help="no oneDNN packing: fairscale's F.linear (MKL), dense weights")
