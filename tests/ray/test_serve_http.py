@@ -20,6 +20,12 @@ MODEL = "llama-golden"
 @pytest.fixture(scope="module", params=["direct", "prefix_routing"])
 def base_url(ray_local, request):
     with serving({**golden_args(MODEL), "prefix_routing": request.param == "prefix_routing"}) as url:
+        # The gang starts in the background: wait for it, so that each test (run alone, too) finds
+        # GET /cluster's engine section, as the ones after a completion always did.
+        deadline = time.monotonic() + 120
+        while httpx.get(url + "/health", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the gang did not start within 120 s"
+            time.sleep(0.2)
         yield url
 
 
