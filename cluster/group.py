@@ -9,6 +9,8 @@ replaced, never repaired in place.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import logging
 import time
 import uuid
@@ -34,6 +36,14 @@ log = logging.getLogger(__name__)
 _RemoteRank = ray.remote(concurrency_groups={"control": 4})(RankActor)
 
 
+def _send_abort(driver, request_id: str) -> None:
+    """Ask the driver to abort request_id, from an empty context. A call made in the context of a
+    request that Serve is cancelling (its client left) is that request's child, and Ray's recursive
+    cancellation can cancel it before the driver runs it: the abort is lost and the request runs
+    to its end (Ray does the same for its own calls on cancellation: ray-project/ray#52476)."""
+    contextvars.Context().run(driver.abort.remote, request_id)
+
+
 class RankGroup:
     def __init__(self, config: GangConfig, actors: list, states: list[RankState], infos: list[RankInfo],
                  placement: PlacementGroup, owns_placement: bool, progress: StartProgress):
@@ -50,6 +60,9 @@ class RankGroup:
         # Each request in the engine (its id) and whether it has started (a delta came back): what
         # a drain ends. draining is the replica's shutdown, once Serve has begun it.
         self._live: dict[str, bool] = {}
+        # Requests whose submit call is on its way to the driver: an abort must follow it there,
+        # since one that overtakes it (the driver's control calls run beside its submits) is lost.
+        self._submitting: dict[str, concurrent.futures.Future] = {}
         self.draining: str | None = None
         self._deltas: DeltaReader | None = None  # the driver's stream of deltas, on the serving loop
 
@@ -150,8 +163,13 @@ class RankGroup:
 
     def _abort(self, request_ids: list[str]) -> int:
         if self.actors:  # none once shut down
+            driver = self.actors[0]
             for rid in request_ids:
-                self.actors[0].abort.remote(rid)
+                submitting = self._submitting.get(rid)
+                if submitting is None:
+                    _send_abort(driver, rid)
+                else:  # sent once the driver has the request (at once if it has it already)
+                    submitting.add_done_callback(lambda _, rid=rid: _send_abort(driver, rid))
         return len(request_ids)
 
     async def stream(self, request: GenerationRequest, admission: Admission | None = None
@@ -213,7 +231,9 @@ class RankGroup:
         finished = False
         try:
             try:
-                await driver.submit.remote(reader.id, request_id, request)
+                submitted = driver.submit.remote(reader.id, request_id, request)
+                self._submitting[request_id] = submitted.future()
+                await submitted
             except Exception as e:
                 finished = True  # refused, or the driver is gone: nothing to abort
                 raise self._classify(e) from e
@@ -229,7 +249,8 @@ class RankGroup:
             reader.close(request_id)
             del self._live[request_id]
             if not finished:
-                driver.abort.remote(request_id)
+                self._abort([request_id])
+            self._submitting.pop(request_id, None)
 
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationOutput]:
         """Every request's output, in order, run concurrently in the engine: `stream`, collected,
