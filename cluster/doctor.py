@@ -235,7 +235,8 @@ def diagnose(config: GangConfig, timeout_s: float = 30.0) -> list[Row]:
     try:
         pg = acquire(plan_bundles(par), par.placement_strategy, min(par.placement_timeout_s, 60.0), par.autoscaling)
     except Exception as e:  # noqa: BLE001 - the verdict is the row
-        return [Row("-", "-", "placement", False, str(e), "add nodes, or lower model_parallel_size")]
+        return [Row("-", "-", "placement", False, str(e),
+                    "add nodes, or lower model_parallel_size or pipeline_parallel_size")]
     remote = ray.remote(DoctorProbe)
     bundles = rank_bundles(par)
     probes_actors = [remote.options(**rank_options(par, pg, b, bundles)).remote(config, r) for r, b in enumerate(bundles)]

@@ -98,7 +98,8 @@ def acquire(bundles: list[dict[str, float]], strategy: str, timeout_s: float,
         raise PlacementTimeoutError(
             f"the cluster could not place the gang within {timeout_s:.0f}s: {describe_need(bundles, strategy)}; "
             f"{describe_nodes(ray.nodes())}; free now, in all: {_brief(ray.available_resources())}. Other work holds "
-            f"the rest: free it, add nodes, lower model_parallel_size, or use a looser strategy than {strategy}."
+            f"the rest: free it, add nodes, lower model_parallel_size or pipeline_parallel_size, or use a looser "
+            f"strategy than {strategy}."
         )
     log.info("placement group of %d bundles ready in %.2fs", len(bundles), time.perf_counter() - t0)
     return pg
@@ -112,9 +113,9 @@ def check_possible(bundles: list[dict[str, float]], strategy: str, nodes: list[d
     if not fits(bundles, strategy, capacities):
         raise PlacementImpossibleError(
             f"this cluster can never place the gang: {describe_need(bundles, strategy)}; {describe_nodes(nodes)}. "
-            f"Add nodes, lower model_parallel_size or the CPUs per bundle (parallel.cpus_per_rank, replica_cpus), "
-            f"or use a looser strategy than {strategy}. On a cluster that adds nodes on demand, set "
-            f"parallel.autoscaling: true to wait for them instead."
+            f"Add nodes, lower model_parallel_size, pipeline_parallel_size or the CPUs per bundle "
+            f"(parallel.cpus_per_rank, replica_cpus), or use a looser strategy than {strategy}. On a cluster that "
+            f"adds nodes on demand, set parallel.autoscaling: true to wait for them instead."
         )
 
 

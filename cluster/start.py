@@ -25,8 +25,8 @@ STAGE_WAITS = {
     "ready": "the first engine step (a one-token warm-up) through the whole gang",
 }
 STAGE_FIXES = {
-    "placement": "add nodes or free their resources, lower model_parallel_size, or use a looser placement_strategy "
-                 "(`ray status` shows what the cluster has)",
+    "placement": "add nodes or free their resources, lower model_parallel_size or pipeline_parallel_size, or use a "
+                 "looser placement_strategy (`ray status` shows what the cluster has)",
     "actors": "check `ray status` and the node's logs (/tmp/ray/session_latest/logs); a runtime_env that installs "
               "packages may need a longer parallel.actors_timeout_s",
     "rendezvous": "the machines must reach each other on all TCP ports from their Ray addresses; run "
