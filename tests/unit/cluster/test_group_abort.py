@@ -72,6 +72,11 @@ class Reader:
     def close(self, request_id: str) -> None:
         self.queues.pop(request_id, None)
 
+    def deliver(self, delta: StreamDelta) -> None:
+        """The driver's next delta for the one request open."""
+        (queue,) = self.queues.values()
+        queue.put_nowait(delta)
+
 
 def group_with(driver: Driver) -> RankGroup:
     config = SimpleNamespace(engine=SimpleNamespace(max_batch_size=4, max_waiting=4))
@@ -117,8 +122,7 @@ def test_a_drain_before_the_driver_has_the_request_aborts_it_after_it_has():
         assert driver.log == ["submit"]
         driver.answer()
         assert driver.log == ["submit", "queued", "abort"]
-        rid = next(iter(group._deltas.queues))
-        group._deltas.queues[rid].put_nowait(StreamDelta(token_ids=[], text="", finish_reason="abort"))
+        group._deltas.deliver(StreamDelta(token_ids=[], text="", finish_reason="abort"))
         assert (await first).finish_reason == "abort"
         with contextlib.suppress(StopAsyncIteration):
             await anext(stream)
@@ -142,8 +146,7 @@ def test_a_client_leaving_mid_stream_is_aborted_at_once_and_not_as_the_requests_
         task = asyncio.ensure_future(request())
         await settle()
         driver.answer()
-        rid = next(iter(group._deltas.queues))
-        group._deltas.queues[rid].put_nowait(StreamDelta(token_ids=[5], text="a"))
+        group._deltas.deliver(StreamDelta(token_ids=[5], text="a"))
         await settle()
         assert [d.token_ids for d in arrived] == [[5]]
         task.cancel()  # the client leaves after its first token
