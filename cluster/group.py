@@ -9,7 +9,6 @@ replaced, never repaired in place.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextvars
 import logging
 import time
@@ -60,9 +59,9 @@ class RankGroup:
         # Each request in the engine (its id) and whether it has started (a delta came back): what
         # a drain ends. draining is the replica's shutdown, once Serve has begun it.
         self._live: dict[str, bool] = {}
-        # Requests whose submit call is on its way to the driver: an abort must follow it there,
-        # since one that overtakes it (the driver's control calls run beside its submits) is lost.
-        self._submitting: dict[str, concurrent.futures.Future] = {}
+        # Requests whose submit call is on its way to the driver (its ref): an abort must follow it
+        # there, since one that overtakes it (the driver's control calls run beside its submits) is lost.
+        self._submitting: dict[str, ray.ObjectRef] = {}
         self.draining: str | None = None
         self._deltas: DeltaReader | None = None  # the driver's stream of deltas, on the serving loop
 
@@ -168,8 +167,8 @@ class RankGroup:
                 submitting = self._submitting.get(rid)
                 if submitting is None:
                     _send_abort(driver, rid)
-                else:  # sent once the driver has the request (at once if it has it already)
-                    submitting.add_done_callback(lambda _, rid=rid: _send_abort(driver, rid))
+                else:  # sent once the driver has the request
+                    submitting.future().add_done_callback(lambda _, rid=rid: _send_abort(driver, rid))
         return len(request_ids)
 
     async def stream(self, request: GenerationRequest, admission: Admission | None = None
@@ -231,9 +230,9 @@ class RankGroup:
         finished = False
         try:
             try:
-                submitted = driver.submit.remote(reader.id, request_id, request)
-                self._submitting[request_id] = submitted.future()
+                self._submitting[request_id] = submitted = driver.submit.remote(reader.id, request_id, request)
                 await submitted
+                del self._submitting[request_id]  # the driver has it: an abort now goes at once
             except Exception as e:
                 finished = True  # refused, or the driver is gone: nothing to abort
                 raise self._classify(e) from e
