@@ -271,7 +271,8 @@ class RankActor:
         link = StageLink(self.stage, self.rank, self.tp_size, logits_to=(0,)) if pipeline else None
         if self.rank == 0:
             publish = self.channel.publish if self.channel is not None else None
-            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish, num_blocks=num_blocks, link=link)
+            self.engine = Engine(model, ckpt.tokenizer(), eng, publish=publish, num_blocks=num_blocks, link=link,
+                                 flush=self._flush_outboxes)
         else:
             cache = model.new_cache(eng.max_batch_size, eng.max_seq_len, num_blocks, eng.block_size)
             self.runner = ModelRunner(model, cache, share_sampled=True, link=link)
@@ -332,6 +333,10 @@ class RankActor:
         if box is None:
             box = self._outboxes[stream_id] = Outbox(asyncio.get_running_loop())
         return box
+
+    def _flush_outboxes(self) -> None:  # the engine thread, after each step
+        for box in list(self._outboxes.values()):  # copied: the event loop adds and removes boxes
+            box.flush()
 
     async def deltas(self, stream_id: str) -> AsyncIterator[Batch]:
         """The deltas of every request submitted under stream_id, as lists of (request id, delta

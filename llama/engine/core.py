@@ -103,10 +103,13 @@ class Engine:
         publish: Callable[[StepPlan], None] | None = None,
         num_blocks: int | None = None,
         link: StageLink | None = None,
+        flush: Callable[[], None] | None = None,
     ):
         """num_blocks: the KV pool's size, agreed by a gang's ranks (cluster/rank.py); None:
         this rank's own (llama/engine/kv_memory.py), as a single-process engine has. link: the
-        model is one stage of a pipeline, and this rank takes the last stage's logits through it."""
+        model is one stage of a pipeline, and this rank takes the last stage's logits through it.
+        flush: called by `run` on the engine thread once each step's deltas are all in their
+        sinks, so that a caller who batches them sends a step's as one message (cluster/outbox.py)."""
         if num_blocks is None:
             num_blocks = engine_blocks(model, config)
         config = config.for_model(model.args, num_blocks * config.block_size)
@@ -115,6 +118,7 @@ class Engine:
         self._grammars = GrammarCompiler(tokenizer)  # structured outputs: each grammar compiled once
         self.config = config
         self.publish = publish
+        self.flush = flush or (lambda: None)
         self.runner = ModelRunner(model, model.new_cache(config.max_batch_size, config.max_seq_len, num_blocks,
                                                          config.block_size), share_sampled=publish is not None,
                                   link=link)
@@ -183,7 +187,9 @@ class Engine:
         """Step until `stop` is set, then tell the other ranks to leave their loops too."""
         try:
             while not stop.is_set():
-                if self.step():
+                ran = self.step()
+                self.flush()  # the step's deltas, and those of requests it ended between steps
+                if ran:
                     continue
                 if not self._wake.wait(self.config.heartbeat_s) and self.publish is not None:
                     self._send(StepPlan((), (), tuple(self.scheduler.take_freed())))
@@ -192,6 +198,7 @@ class Engine:
             self._fail(e)
             raise
         finally:
+            self.flush()  # _fail's errors
             if self.failure is None and self.publish is not None:
                 self._send(StepPlan((), (), stop=True))
 

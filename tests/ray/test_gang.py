@@ -144,7 +144,9 @@ def test_concurrent_streams_come_back_on_one_stream_batched_and_it_closes_with_i
     assert during["running"] > 1 and during["delta_streams"] == 1  # one stream for them all
     deltas = after["deltas_sent"] - before["deltas_sent"]
     messages = after["delta_messages"] - before["delta_messages"]
+    steps = after["steps"] - before["steps"]
     assert deltas == sum(len(s) for s in streams) >= 40 * len(prompts) // 2
+    assert messages <= steps  # a step's deltas in one message, never split
     assert messages < deltas / 2  # batched: at most half as many messages as deltas
     for _ in range(100):  # closed with asyncio.run's loop (a message on its way)
         if ray.get(driver.load.remote())["delta_streams"] == 0:
