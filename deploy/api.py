@@ -21,19 +21,17 @@ from deploy.choice_streams import ChoiceStreams
 from deploy.choices import ChoiceShaper, ChoiceSpec, Echo, Piece, total_usage
 from deploy.engine_client import EngineClient
 from deploy.errors import RETRY_AFTER_S, UNAVAILABLE, APIError, error_response, install_error_handlers
-from deploy.schemas import (
+from deploy.responses import (
     AssistantMessage,
     ChatChoice,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
-    CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
-    OpenAIRequest,
 )
+from deploy.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
 from deploy.sse import EventStream, StreamSpec, chat_stream, completion_stream
 from deploy.tool_schemas import FunctionCall, ToolCall
 from deploy.tools import ToolUse, capabilities, tool_use

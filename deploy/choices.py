@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from deploy.logprobs import chat_logprobs, completion_logprobs, joined, prompt_logprobs
-from deploy.schemas import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
+from deploy.responses import ChatLogprobs, CompletionLogprobs, FinishReason, Usage
 from deploy.tool_calls import ToolCallParser
 from deploy.tool_schemas import FunctionCallDelta, ToolCallDelta
 from llama.engine.request import StreamDelta, TopLogprobs, join

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from deploy.schemas import CompletionLogprobs, TokenLogprob, TopLogprob
+from deploy.responses import CompletionLogprobs, TokenLogprob, TopLogprob
 from llama.engine.request import TopLogprobs
 from llama.tokenizers.base import Tokenizer
 

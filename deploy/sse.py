@@ -21,7 +21,7 @@ from starlette.types import Message, Receive, Scope, Send
 from deploy.choice_streams import ChoiceStreams
 from deploy.choices import ChoiceShaper, total_usage
 from deploy.errors import as_api_error
-from deploy.schemas import ChatChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice, Usage
+from deploy.responses import ChatChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice, Usage
 
 DONE = "data: [DONE]\n\n"
 

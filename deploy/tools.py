@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deploy.errors import APIError
-from deploy.schemas import Capabilities
+from deploy.responses import Capabilities
 from deploy.tool_calls import ToolCallParser
 from deploy.tool_schemas import NamedToolChoice, Tool, ToolChoice
 from llama.engine.grammar import JSON_OPTIONS, Grammar, check_grammar
