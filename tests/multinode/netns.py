@@ -212,7 +212,9 @@ class NetnsCluster:
         # TCPStore then waits ~6 s for each reverse lookup of a peer's address.
         resolv = self.workdir / "resolv.conf"
         resolv.write_text("nameserver 127.0.0.1\n")
-        mounts = ["mkdir -p /run/sshd", "mount -t tmpfs tmpfs /tmp/ray", f"mount --bind {resolv} /etc/resolv.conf"]
+        # /tmp/ray must exist to be mounted over: on a machine where Ray never ran, it does not.
+        mounts = ["mkdir -p /run/sshd /tmp/ray", "mount -t tmpfs tmpfs /tmp/ray",
+                  f"mount --bind {resolv} /etc/resolv.conf"]
         if home is not None:
             real = pwd.getpwuid(os.getuid()).pw_dir
             (home.parent / "overlay-work").mkdir()
@@ -227,6 +229,9 @@ class NetnsCluster:
         ))
         deadline = time.monotonic() + 30
         while _child_of(self.nodes[-1].pid) is None and time.monotonic() < deadline:
+            if self.nodes[-1].poll() is not None:  # its setup failed: say how, not "no nodes" later
+                raise RuntimeError(f"node {i} exited ({self.nodes[-1].returncode}) as it started:\n"
+                                   f"{_tail((self.workdir / f'node{i}.log').read_text())}")
             time.sleep(0.1)
 
     # ---------------------------------------------------------------- ssh mode
