@@ -19,12 +19,12 @@ import pytest
 from llama.distributed import free_port
 
 MODEL = "llama-demo"
-ENGINE = {"max_batch_size": 2, "max_waiting": 2, "max_seq_len": 1024}
+ENGINE = {"max_batch_size": 2, "max_waiting": 2, "max_seq_len": 8192}
 # EOS is banned so that each answer runs to max_tokens: 100 tokens take a few seconds at MP=2 on
-# a CPU, 900 take far longer than the grace period.
+# a CPU, 8,000 far longer than the grace period (900 did not on a fast CPU: 1,632 came in 10 s).
 SHORT = {"model": MODEL, "prompt": "Q: What is a llama?\nA:", "max_tokens": 100, "temperature": 0,
          "logit_bias": {"2": -100}, "return_token_ids": True}
-LONG = {**SHORT, "prompt": "Q: Where do llamas live?\nA:", "max_tokens": 900}
+LONG = {**SHORT, "prompt": "Q: Where do llamas live?\nA:", "max_tokens": 8000}
 
 
 class Reader(threading.Thread):
@@ -151,7 +151,7 @@ def test_a_deleted_application_refuses_what_it_has_not_started_finishes_what_it_
     assert (short.token_ids, short.finish_reason, short.done, short.broken) == (undisturbed, "length", True, None)
     assert short.ended_at > waiting["at"]  # it ran on after the drain had begun
     # Still running when the grace period is nearly spent: an error event, then a clean end.
-    assert long.broken is None and not long.done and 0 < len(long.token_ids) < 900
+    assert long.broken is None and not long.done and 0 < len(long.token_ids) < LONG["max_tokens"]
     assert (long.error["code"], long.error["type"]) == ("replica_draining", "service_unavailable_error")
     assert "grace period ended before your request finished" in long.error["message"]
     assert long.ended_at - stopped < grace_s

@@ -131,11 +131,19 @@ def test_concurrent_streams_come_back_on_one_stream_batched_and_it_closes_with_i
     prompts = golden["completions"]["prompt_token_ids"]
 
     async def go():
-        async def one(r):
-            return [d async for d in golden_mp2.stream(r)]
+        started = [asyncio.Event() for _ in prompts]
 
-        tasks = [asyncio.ensure_future(one(r)) for r in _greedy(prompts, 40)]
-        await asyncio.sleep(0.2)
+        async def one(r, started):
+            out = []
+            async for d in golden_mp2.stream(r):
+                out.append(d)
+                started.set()
+            return out
+
+        tasks = [asyncio.ensure_future(one(r, e)) for r, e in zip(_greedy(prompts, 40), started)]
+        # Asked once every request has its first token (not after a fixed wait, by which a fast
+        # CPU had finished all of them): 40 tokens are far more steps than one Ray call takes.
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 60)
         during = await driver.load.remote()
         return await asyncio.gather(*tasks), during
 
