@@ -21,7 +21,9 @@ VLLM_CPU_OMP_THREADS_BIND). --mp 2 runs our model_parallel_size 2 against vLLM's
 Prints one table: output tokens/s, TTFT and TPOT p50/p99 for each server and the ratio
 ours/vLLM per concurrency (tokens/s: the median of the rounds; latencies over every request of
 every round), each server's start-up (launch to first answer) and resident memory (its process
-tree after the load), and how many requests gave the same greedy tokens on both. Everything it
+tree after the load), the cores its processes beside the engine used during the load (its tree's
+CPU time over the load's wall time, less the `--mp` busiest processes: our ranks, vLLM's workers),
+and how many requests gave the same greedy tokens on both. Everything it
 starts runs in a process group of its own and is stopped by its id, even on failure. Loopback only.
 """
 from __future__ import annotations
@@ -141,6 +143,10 @@ class Server:
             return 0.0
         return sum(_rss_kb(pid) for pid in _tree(self.proc.pid)) / 1024
 
+    def cpu_s(self) -> dict[int, float]:
+        """CPU seconds (user + system) each process of the server's tree has used so far."""
+        return {} if self.proc is None else {pid: _cpu_s(pid) for pid in _tree(self.proc.pid)}
+
     def stop(self) -> None:
         """SIGTERM to its group, then SIGKILL to whatever of its tree is left: by id, never by name."""
         if self.proc is None:
@@ -184,6 +190,22 @@ def _tree(root: int) -> set[int]:
             seen.add(pid)
             todo.extend(kids.get(pid, []))
     return seen
+
+
+def _cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cores(before: dict[int, float], after: dict[int, float], wall: float, ranks: int) -> tuple[float, float]:
+    """Cores the `ranks` busiest processes used over `wall` seconds (the engine: our ranks, vLLM's
+    workers) and cores all the others used (HTTP, Ray's and Serve's processes, vLLM's API server
+    and engine core), from two cpu_s() readings."""
+    used = sorted(((after[p] - before.get(p, 0.0)) / wall for p in after), reverse=True)
+    return sum(used[:ranks]), sum(used[ranks:])
 
 
 def _rss_kb(pid: int) -> int:
@@ -314,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     rss: dict[str, list[float]] = {n: [] for n in servers}
     tps: dict[tuple[str, int], list[float]] = {}
     lat: dict[tuple[str, int], list[Result]] = {}
+    cpu: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(a.rounds):
         for name in [n for n in (["ours", "vLLM"] if r % 2 == 0 else ["vLLM", "ours"]) if a.only in (None, n)]:
             server = servers[name]
@@ -321,18 +344,22 @@ def main(argv: list[str] | None = None) -> None:
                 startup[name].append(server.start(work / f"{name}-mp{a.mp}-round{r}.log"))
                 print(f"round {r + 1}: {name} answered {startup[name][-1]:.1f} s after its launch", flush=True)
                 for c in a.concurrency:
+                    before = server.cpu_s()
                     results, wall = asyncio.run(load(server.url, prompts, c, c * a.requests_per_worker))
+                    engine, rest = cores(before, server.cpu_s(), wall, a.mp)
                     tps.setdefault((name, c), []).append(sum(len(x.tokens) for x in results) / wall)
                     lat.setdefault((name, c), []).extend(results)
-                    print(f"  concurrency {c}: {tps[name, c][-1]:.1f} output tok/s", flush=True)
+                    cpu.setdefault((name, c), []).append((engine, rest))
+                    print(f"  concurrency {c}: {tps[name, c][-1]:.1f} output tok/s; cores: {engine:.2f} in the "
+                          f"engine's process(es), {rest:.2f} in the others", flush=True)
                 rss[name].append(server.rss_mb())
             finally:
                 server.stop()
     if a.only is None:
-        report(a, threads, startup, rss, tps, lat)
+        report(a, threads, startup, rss, tps, lat, cpu)
 
 
-def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: dict, lat: dict) -> None:
+def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: dict, lat: dict, cpu: dict) -> None:
     def ms(v: float) -> str:
         return f"{1e3 * v:,.0f}"
 
@@ -340,8 +367,8 @@ def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: d
           f"{a.rounds} rounds alternating; {PROMPT_LEN}-token prompts, {MAX_TOKENS} greedy tokens, at most {MAX_SEQS} "
           f"sequences, prefill budget {PREFILL}, model length {MODEL_LEN}, {a.dtype}")
     print("| concurrency | output tok/s ours / vLLM | ratio | TTFT p50 ms ours / vLLM | TTFT p99 | TPOT p50 ms "
-          "ours / vLLM | TPOT p99 | same greedy tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+          "ours / vLLM | TPOT p99 | cores beside the engine ours / vLLM | same greedy tokens |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in a.concurrency:
         ours_tps, peer_tps = statistics.median(tps["ours", c]), statistics.median(tps["vLLM", c])
         row = [f"{c}", f"{ours_tps:.1f} / {peer_tps:.1f}", f"{ours_tps / peer_tps:.2f}"]
@@ -349,6 +376,7 @@ def report(a: argparse.Namespace, threads: int, startup: dict, rss: dict, tps: d
             o = [getattr(x, what) for x in lat["ours", c] if getattr(x, what) is not None]
             v = [getattr(x, what) for x in lat["vLLM", c] if getattr(x, what) is not None]
             row.append(f"{ms(pct(o, q))} / {ms(pct(v, q))}")
+        row.append(" / ".join(f"{statistics.median(r for _, r in cpu[n, c]):.2f}" for n in ("ours", "vLLM")))
         theirs = {x.prompt: x.tokens for x in lat["vLLM", c]}
         same = sum(x.tokens == theirs.get(x.prompt) for x in lat["ours", c])
         row.append(f"{same} of {len(lat['ours', c])}")

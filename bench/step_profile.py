@@ -1,6 +1,6 @@
 """Where the engine's step time goes, on the peer benchmark's model and workload, in one process.
 
-    .venv/bin/python bench/step_profile.py [--concurrency 1 16] [--requests 32] [--threads 2]
+    .venv/bin/python bench/step_profile.py [--concurrency 1 16] [--requests 32] [--threads 2] [--ops]
 
 The model is bench/peer.py's Hugging Face folder (written on first use with this venv's
 transformers: dim 1024, 8 layers, 16 heads over 4 KV heads, FFN 2816, vocab 32,000, float32,
@@ -216,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split-threads", action="store_true", help="build on one thread, step on another")
     p.add_argument("--unfused", action="store_true", help="pack each linear layer's weight on its own")
     p.add_argument("--unpacked", action="store_true", help="no oneDNN packing: fairscale's F.linear (MKL), dense weights")
+    p.add_argument("--ops", action="store_true", help="then each concurrency again under torch's profiler, op by "
+                                                      "op (bench/op_profile.py; compare bench/peer_engine.py --ops)")
     a = p.parse_args(argv)
     import peer
 
@@ -268,6 +270,12 @@ def profile(engine, a: argparse.Namespace) -> None:
               f"timed parts {total:.2f} s of {wall:.2f} s")
         for label, s in sorted(timers.total.items(), key=lambda kv: -kv[1]):
             print(f"  {label:34s} {100 * s / total:5.1f}%  {1000 * s / steps:7.2f} ms/step")
+        if a.ops:
+            import op_profile
+
+            with op_profile.recording() as prof:
+                tokens, wall, steps = closed_loop(engine, c, n, vocab, seed=2000 + c)
+            print(f"op by op: {tokens / wall:.1f} output tok/s, {steps} steps\n{op_profile.table(prof, steps, wall)}")
 
 
 if __name__ == "__main__":
